@@ -1,0 +1,22 @@
+"""sparseopt: sparse training as a two-line change to any PyTorch training script.
+
+>>> import sparseopt
+>>> sorted(sparseopt.available_methods())
+['rigl', 'set', 'static']
+"""
+
+from .methods import SparsityMethod, available_methods, get_method, register_method
+from .metrics import SparsityReport
+from .optimizer import SparseOptimizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SparseOptimizer",
+    "SparsityMethod",
+    "SparsityReport",
+    "__version__",
+    "available_methods",
+    "get_method",
+    "register_method",
+]

@@ -1,0 +1,96 @@
+"""The registry of sparse-training methods.
+
+>>> from sparseopt.methods import available_methods
+>>> available_methods()
+['rigl', 'set', 'static']
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from .base import SparseLayer, SparsityMethod
+from .rigl import RigL
+from .set import SET
+from .static import Static
+
+__all__ = [
+    "SET",
+    "RigL",
+    "SparseLayer",
+    "SparsityMethod",
+    "Static",
+    "available_methods",
+    "get_method",
+    "register_method",
+]
+
+_REGISTRY: dict[str, Callable[..., SparsityMethod]] = {}
+
+
+def register_method(
+    name: str, factory: Callable[..., SparsityMethod], *, overwrite: bool = False
+) -> None:
+    """Register a method under ``name`` (lower-cased) so that ``method=name`` finds it.
+
+    Args:
+        name (str): the registry name.
+        factory (Callable): a ``SparsityMethod`` subclass, or any callable taking the method's
+            keyword options and returning a ``SparsityMethod``.
+        overwrite (bool): replace an existing entry (with a warning). Default: False.
+
+    Raises:
+        ValueError: if ``name`` is taken and ``overwrite`` is False.
+        TypeError: if ``name`` is not a string or ``factory`` is not callable.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"Expected name to be a non-empty str, but got {name!r}")
+    if not callable(factory):
+        raise TypeError(f"Expected factory to be callable, but got {factory!r}")
+    key = name.lower()
+    if key in _REGISTRY:
+        if not overwrite:
+            raise ValueError(
+                f"method {key!r} is already registered; pass overwrite=True to replace it"
+            )
+        warnings.warn(f"replacing registered method {key!r}", UserWarning, stacklevel=2)
+    _REGISTRY[key] = factory
+
+
+def available_methods() -> list[str]:
+    """The registered method names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_method(method: str | SparsityMethod, **options: Any) -> SparsityMethod:
+    """Resolve ``method`` (a registered name or an instance) to a ``SparsityMethod`` instance.
+
+    Raises:
+        ValueError: for an unknown name; the message lists the registered ones.
+        TypeError: for anything else, or options given together with an instance.
+    """
+    if isinstance(method, SparsityMethod):
+        if options:
+            raise TypeError(
+                f"method options {sorted(options)} were given with a method instance; "
+                "configure the instance instead"
+            )
+        return method
+    if not isinstance(method, str):
+        raise TypeError(
+            f"Expected method to be a registered name or a SparsityMethod, but got {method!r}"
+        )
+    factory = _REGISTRY.get(method.lower())
+    if factory is None:
+        raise ValueError(
+            f"Unknown method {method!r}; available methods are {available_methods()}. "
+            "Register a new one with sparseopt.register_method(name, cls)."
+        )
+    return factory(**options)
+
+
+for _cls in (Static, SET, RigL):
+    register_method(_cls.name, _cls)
+del _cls

@@ -1,0 +1,573 @@
+"""``SparseOptimizer``: sparse training as a wrapper around any ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import _compat
+from .distributions import exact_counts, layer_densities
+from .masks import apply_masks_, random_mask
+from .methods import SparseLayer, SparsityMethod, get_method
+from .metrics import SparsityReport
+from .schedules import PRUNE_SCHEDULES, TopologySchedule
+
+__all__ = ["SparseOptimizer"]
+
+_FORMAT = 1
+
+# Optimizers that, given a zero gradient and zero state at a position where the weight is 0, keep
+# weight and state exactly 0 there (checked line by line against torch 2.13's update rules; the
+# invariant tests run every one of them). For these the steady-state step only masks gradients.
+_ZERO_PRESERVING: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Adadelta,
+)
+
+
+def _keeps_zeros(optimizer: torch.optim.Optimizer) -> bool:
+    kind = type(optimizer)
+    if kind in _ZERO_PRESERVING:
+        return True
+    if kind is torch.optim.Adagrad:  # a nonzero initial accumulator is nonzero state
+        return all(g.get("initial_accumulator_value", 0) == 0 for g in optimizer.param_groups)
+    return False
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+class SparseOptimizer(torch.optim.Optimizer):
+    r"""Sparse training around any optimizer: masks, exact counts, and topology updates.
+
+    ``SparseOptimizer`` keeps a bool mask per sparse weight tensor in its own state. Inside
+    :meth:`step` it masks the gradients, runs the inner optimizer, keeps inactive weights and
+    every inner state tensor of the weight's shape at exactly 0, and every ``update_every`` steps
+    moves the topology with the chosen method (drop the smallest ``|w|``, grow by the method's
+    criterion). Counts are exact: each layer holds the number of active weights its distribution
+    assigns, and the total is ``round((1 - sparsity) * N)``.
+
+    Which tensors are sparse: every parameter with ``ndim >= 2`` (conv and linear weights) in a
+    param group that does not say ``"sparse": False``. Biases and norm parameters stay dense.
+
+    Args:
+        optimizer (torch.optim.Optimizer): the inner optimizer (any, foreach or fused).
+        method (str | SparsityMethod): ``"static"``, ``"set"``, ``"rigl"``, a name registered with
+            :func:`sparseopt.register_method`, or an instance. Default: ``"set"``.
+        sparsity (float): target fraction of zeros over all sparse parameters, in [0, 1).
+            Default: 0.9.
+        distribution (str | Mapping[str, float]): ``"erk"``, ``"er"``, ``"uniform"``, or a mapping
+            parameter name -> density (unnamed layers share the rest uniformly). Default: ``"erk"``.
+        update_every (int): optimizer steps between topology updates (ΔT). Default: 100.
+        prune_rate (float): drop fraction of the first update. Default: 0.3 (RigL, SET).
+        prune_schedule (str | None): ``"cosine"`` (decays to 0 at the stop step, as RigL) or
+            ``"constant"``. Default: ``"cosine"`` when ``total_steps`` is known, else constant.
+        stop_fraction (float): periodic updates stop after ``stop_fraction * total_steps`` steps.
+            Default: 0.75 (RigL). Ignored without ``total_steps``.
+        total_steps (int | None): the length of training in optimizer steps. A
+            :class:`~sparseopt.SupTicketsScheduler` fills it in when it is ``None``. Default: None.
+        model (nn.Module | None): gives layer names (reports, a distribution mapping) and the
+            BatchNorm buffers that Sup-tickets superposes. Default: None.
+        seed (int | None): seeds the optimizer's own ``torch.Generator`` (initial masks, random
+            growth). ``None`` takes ``torch.initial_seed()``, which follows ``torch.manual_seed``.
+            Give the same value on every rank. Default: None.
+        remask (str): ``"auto"`` masks only gradients on steady-state steps when the inner
+            optimizer provably keeps zeros (SGD, Adam, AdamW, NAdam, RAdam, RMSprop, Adadelta,
+            Adagrad without initial accumulator) and re-masks weights and state after every step
+            otherwise; ``"always"`` always re-masks. Default: ``"auto"``.
+        **method_options: passed to the method's constructor.
+
+    Example:
+        >>> import torch
+        >>> from sparseopt import SparseOptimizer
+        >>> nn = torch.nn
+        >>> model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+        >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.9, seed=0)
+        >>> loss = model(torch.randn(8, 32)).square().mean()
+        >>> loss.backward(); opt.step(); opt.zero_grad()
+        >>> [int(m.sum()) for m in opt.masks.values()], round(opt.density, 4)
+        ([152, 117], 0.1001)
+
+    Note:
+        The masks are drawn when the optimizer is built and applied to the weights at the first
+        :meth:`step` (or by :meth:`apply_masks`). Building the optimizer never changes the model,
+        so a checkpoint can be loaded into the model before or after the optimizer is built.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        method: str | SparsityMethod = "set",
+        sparsity: float = 0.9,
+        *,
+        distribution: str | Mapping[str, float] = "erk",
+        update_every: int = 100,
+        prune_rate: float = 0.3,
+        prune_schedule: str | None = None,
+        stop_fraction: float = 0.75,
+        total_steps: int | None = None,
+        model: nn.Module | None = None,
+        seed: int | None = None,
+        remask: str = "auto",
+        **method_options: Any,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "Expected optimizer to be a torch.optim.Optimizer, "
+                f"but got {type(optimizer).__name__}"
+            )
+        if isinstance(optimizer, SparseOptimizer):
+            raise TypeError("optimizer is already a SparseOptimizer; wrap the inner optimizer once")
+        if not _is_number(sparsity):
+            raise TypeError(f"Expected sparsity to be a float, but got {sparsity!r}")
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"Expected sparsity in [0, 1), but got {sparsity}")
+        if not isinstance(distribution, (str, Mapping)):
+            raise TypeError(
+                "Expected distribution to be 'erk', 'er', 'uniform' or a mapping name -> density, "
+                f"but got {distribution!r}"
+            )
+        if not _is_number(stop_fraction) or not 0.0 < stop_fraction <= 1.0:
+            raise ValueError(f"Expected stop_fraction in (0, 1], but got {stop_fraction!r}")
+        if prune_schedule is not None and prune_schedule not in PRUNE_SCHEDULES:
+            raise ValueError(
+                f"Expected prune_schedule in {PRUNE_SCHEDULES} or None, but got {prune_schedule!r}"
+            )
+        if remask not in ("auto", "always"):
+            raise ValueError(f"Expected remask to be 'auto' or 'always', but got {remask!r}")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"Expected model to be an nn.Module or None, but got {model!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"Expected seed to be an int or None, but got {seed!r}")
+
+        _compat.init_optimizer_hooks(self)
+        self.optimizer = optimizer
+        self.method = get_method(method, **method_options)
+        self.sparsity = float(sparsity)
+        self.distribution = (
+            dict(distribution) if isinstance(distribution, Mapping) else distribution
+        )
+        self.model = model
+        self.remask = remask
+        self._update_every = update_every
+        self._prune_rate = prune_rate
+        self._prune_schedule = prune_schedule
+        self._stop_fraction = float(stop_fraction)
+        self._total_steps: int | None = None
+        self._schedule = self._make_schedule(total_steps)
+        self._total_steps = total_steps
+
+        self.seed = torch.initial_seed() if seed is None else seed
+        self._generator = torch.Generator().manual_seed(self.seed)
+        self._layers: list[SparseLayer] = []
+        self._num_params = 0
+        self._step = 0
+        self._masks_applied = False
+        self._pending_exploration: float | None = None
+        self.periodic_updates = True
+        self._stats: dict[str, Any] = {
+            "updates": 0,
+            "skipped": 0,
+            "last_update_step": None,
+            "last_rate": None,
+            "last_exchanged": 0,
+            "exchanged": 0,
+        }
+        self._keeps_zeros = remask == "auto" and _keeps_zeros(optimizer)
+        self._register_groups(self.optimizer.param_groups)
+
+    # --- views of the inner optimizer (live; never cached, see notes/style.md P3) -----------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    # --- public read-only views -----------------------------------------------------------------
+    @property
+    def masks(self) -> Mapping[Tensor, Tensor]:
+        """Read-only mapping parameter -> bool mask (``True`` = active). Do not modify the masks."""
+        return MappingProxyType({layer.param: layer.mask for layer in self._layers})
+
+    @property
+    def density(self) -> float:
+        """The current fraction of active weights over all sparse parameters."""
+        total = sum(layer.numel for layer in self._layers)
+        return sum(layer.count for layer in self._layers) / total if total else 1.0
+
+    @property
+    def layers(self) -> tuple[SparseLayer, ...]:
+        """The sparse layers, in the optimizer's packing order."""
+        return tuple(self._layers)
+
+    @property
+    def step_count(self) -> int:
+        """The number of optimizer steps taken (steps a ``GradScaler`` skipped are not counted)."""
+        return self._step
+
+    @property
+    def total_steps(self) -> int | None:
+        """Length of training in optimizer steps; setting it rebuilds the update schedule."""
+        return self._total_steps
+
+    @total_steps.setter
+    def total_steps(self, value: int | None) -> None:
+        self._schedule = self._make_schedule(value)
+        self._total_steps = value
+
+    @property
+    def schedule(self) -> TopologySchedule:
+        """The periodic topology-update schedule."""
+        return self._schedule
+
+    def _make_schedule(self, total_steps: int | None) -> TopologySchedule:
+        if total_steps is not None and (
+            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
+        ):
+            raise ValueError(f"Expected total_steps to be a positive int, but got {total_steps!r}")
+        decay = self._prune_schedule or ("cosine" if total_steps is not None else "constant")
+        end = None if total_steps is None else math.floor(self._stop_fraction * total_steps)
+        if decay == "cosine" and total_steps is None:
+            raise ValueError("prune_schedule='cosine' needs total_steps to know where it ends")
+        return TopologySchedule(self._update_every, self._prune_rate, decay, end)
+
+    # --- parameters and masks -------------------------------------------------------------------
+    def _param_names(self) -> dict[int, str]:
+        names: dict[int, str] = {}
+        for group in self.optimizer.param_groups:
+            for p, name in zip(group["params"], group.get("param_names", ()), strict=False):
+                names[id(p)] = name
+        if self.model is not None:
+            names.update({id(p): n for n, p in self.model.named_parameters()})
+        return names
+
+    def _register_groups(self, groups: Iterable[dict[str, Any]]) -> None:
+        names = self._param_names()
+        new: list[tuple[Tensor, str, int]] = []
+        for group in groups:
+            for p in group["params"]:
+                index = self._num_params
+                self._num_params += 1
+                if group.get("sparse", True) and p.ndim >= 2:
+                    new.append((p, names.get(id(p), f"param{index}"), index))
+        if not new:
+            return
+        shapes = [tuple(p.shape) for p, _, _ in new]
+        density = 1.0 - self.sparsity
+        densities = layer_densities(self.distribution, shapes, density, [n for _, n, _ in new])
+        counts = exact_counts(densities, [p.numel() for p, _, _ in new], density)
+        for (p, name, index), count in zip(new, counts, strict=True):
+            mask = random_mask(p.shape, count, self._generator).to(p.device)
+            self._layers.append(SparseLayer(p, name, index, mask, count))
+        if self._masks_applied:
+            self._mask_weights_and_state(self._layers[-len(new) :])
+
+    def _state_tensors(self, layer: SparseLayer) -> list[Tensor]:
+        """The inner state tensors of the layer's shape (momentum, exp_avg, ...)."""
+        state = self.optimizer.state.get(layer.param)
+        if not state:
+            return []
+        out = []
+        for key, value in state.items():
+            if not isinstance(value, Tensor) or value.ndim == 0:
+                continue
+            if value.shape != layer.param.shape:
+                raise ValueError(
+                    f"cannot mask inner optimizer state {key!r} of shape {tuple(value.shape)} for "
+                    f"{layer.name} of shape {tuple(layer.param.shape)}; SparseOptimizer masks "
+                    "state tensors of the parameter's shape only"
+                )
+            out.append(value)
+        return out
+
+    def _mask_weights_and_state(self, layers: Iterable[SparseLayer]) -> None:
+        tensors, masks = [], []
+        for layer in layers:
+            for t in (layer.param.detach(), *self._state_tensors(layer)):
+                tensors.append(t)
+                masks.append(layer.mask)
+        with torch.no_grad():
+            apply_masks_(tensors, masks)
+
+    def apply_masks(self) -> None:
+        """Zero the weights (and any existing inner state) at inactive positions now.
+
+        :meth:`step` does this on its first call; call it earlier to evaluate or count the sparse
+        model before training starts.
+        """
+        self._mask_weights_and_state(self._layers)
+        self._masks_applied = True
+
+    # --- the step -------------------------------------------------------------------------------
+    def explore(self, rate: float) -> None:
+        """Ask for one drop-and-grow exploration at drop fraction ``rate`` inside the next step.
+
+        It runs inside the next :meth:`step`, where the method's growth criterion sees the dense
+        gradient of that step's batch. Sup-tickets calls it at the start of each cycle.
+        """
+        if not _is_number(rate) or not 0.0 <= rate <= 1.0:
+            raise ValueError(f"Expected rate in [0, 1], but got {rate!r}")
+        self._pending_exploration = float(rate)
+
+    def _due_update(self, step: int) -> float | None:
+        if self._pending_exploration is not None:
+            return self._pending_exploration
+        if self.periodic_updates and self.method.periodic and self._schedule.is_update_step(step):
+            return self._schedule.rate(step)
+        return None
+
+    def _grads_finite(self) -> bool:
+        flags = [
+            torch.isfinite(layer.param.grad).all()
+            for layer in self._layers
+            if layer.param.grad is not None
+        ]
+        return bool(torch.stack(flags).all()) if flags else True
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Mask gradients, run the inner step, keep masked positions at 0, update the topology.
+
+        Args:
+            closure (Callable | None): re-evaluates the model and returns the loss.
+
+        Returns:
+            The closure's loss, if a closure was given.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._masks_applied:
+            self.apply_masks()
+        step = self._step + 1
+        rate = self._due_update(step)
+        scores = None
+        if rate is not None:
+            if self._grads_finite():
+                scores = [
+                    self.method.grow_scores(layer, layer.param.grad, self._generator)
+                    for layer in self._layers
+                ]
+            else:
+                warnings.warn(
+                    f"non-finite gradients at step {step}: the topology update was skipped "
+                    "and the masks are unchanged",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                self._stats["skipped"] += 1
+                rate = None
+
+        grads, masks = [], []
+        for layer in self._layers:
+            if layer.param.grad is not None:
+                grads.append(layer.param.grad)
+                masks.append(layer.mask)
+        apply_masks_(grads, masks)
+        self.optimizer.step()
+        if not self._keeps_zeros:
+            self._mask_weights_and_state(self._layers)
+        if scores is not None:
+            self._update_topology(step, rate, scores)
+            self._pending_exploration = None
+        self._step = step
+        return loss
+
+    def _update_topology(self, step: int, rate: float, scores: list[Tensor]) -> None:
+        exchanged = []
+        for layer, grow in zip(self._layers, scores, strict=True):
+            new_mask, dropped, grown = self.method.update_layer(layer, rate, grow)
+            changed = dropped | grown
+            for t in (layer.param.detach(), *self._state_tensors(layer)):
+                t.masked_fill_(changed, 0)
+            layer.mask.copy_(new_mask)
+            exchanged.append(grown.sum())
+        self._stats["updates"] += 1
+        self._stats["last_update_step"] = step
+        self._stats["last_rate"] = rate
+        self._stats["last_exchanged"] = int(torch.stack(exchanged).sum()) if exchanged else 0
+        self._stats["exchanged"] += self._stats["last_exchanged"]
+
+    # --- the rest of the Optimizer API ----------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forward to the inner optimizer's ``zero_grad``."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group to the inner optimizer; its sparse tensors get masks.
+
+        The new group's sparse tensors get their own distribution at the target sparsity.
+        """
+        self.optimizer.add_param_group(param_group)
+        self._register_groups(self.optimizer.param_groups[-1:])
+
+    def report(self) -> SparsityReport:
+        """Per-layer name, shape, numel, nnz (active connections) and density; totals; updates."""
+        rows = [
+            {
+                "name": layer.name,
+                "shape": tuple(layer.param.shape),
+                "numel": layer.numel,
+                "nnz": int(layer.mask.sum()),
+                "density": int(layer.mask.sum()) / layer.numel,
+            }
+            for layer in self._layers
+        ]
+        return SparsityReport(rows, dict(self._stats, step=self._step))
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def _sparse_state(self) -> dict[str, Any]:
+        return {
+            "format": _FORMAT,
+            "method": self.method.name,
+            "method_options": self.method.options(),
+            "method_state": self.method.state_dict(),
+            "sparsity": self.sparsity,
+            "step": self._step,
+            "masks_applied": self._masks_applied,
+            "periodic_updates": self.periodic_updates,
+            "pending_exploration": self._pending_exploration,
+            "generator": self._generator.get_state(),
+            "num_params": self._num_params,
+            "names": {layer.index: layer.name for layer in self._layers},
+            "shapes": {layer.index: list(layer.param.shape) for layer in self._layers},
+            "counts": {layer.index: layer.count for layer in self._layers},
+            "masks": {layer.index: layer.mask.clone() for layer in self._layers},
+            "stats": dict(self._stats),
+        }
+
+    @torch._disable_dynamo
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict plus one ``"sparseopt"`` entry of plain data.
+
+        It loads with ``torch.load(path, weights_only=True)``. Masks are bool tensors keyed by the
+        parameter's index in packing order, as torch keys optimizer state.
+        """
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        sd = self.optimizer.state_dict()
+        sd["sparseopt"] = self._sparse_state()
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            out = hook(self, sd)
+            if out is not None:
+                sd = out
+        return sd
+
+    def _check_fits(self, saved: Mapping[str, Any]) -> None:
+        problems = []
+        if saved.get("format") != _FORMAT:
+            problems.append(f"format {saved.get('format')!r} (expected {_FORMAT})")
+        if saved.get("method") != self.method.name:
+            problems.append(
+                f"method {saved.get('method')!r} vs this optimizer's {self.method.name!r}"
+            )
+        if saved.get("num_params") != self._num_params:
+            problems.append(
+                f"{saved.get('num_params')} parameters vs this optimizer's {self._num_params}"
+            )
+        if saved.get("sparsity") != self.sparsity:
+            problems.append(f"sparsity {saved.get('sparsity')} vs this optimizer's {self.sparsity}")
+        mine = {layer.index: list(layer.param.shape) for layer in self._layers}
+        theirs = {int(k): list(v) for k, v in saved.get("shapes", {}).items()}
+        if set(mine) != set(theirs):
+            problems.append(
+                f"sparse parameter indices {sorted(theirs)} vs this optimizer's {sorted(mine)}"
+            )
+        else:
+            problems += [
+                f"parameter {i} has shape {theirs[i]} vs this optimizer's {mine[i]}"
+                for i in sorted(mine)
+                if mine[i] != theirs[i]
+            ]
+        if problems:
+            raise ValueError("state dict does not fit this SparseOptimizer: " + "; ".join(problems))
+
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict made by :meth:`state_dict`, inner optimizer state included.
+
+        Raises:
+            ValueError: if the state dict has no ``"sparseopt"`` entry, or was made by an optimizer
+                with another method, sparsity, number of parameters or sparse shapes; the message
+                lists every difference.
+        """
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        if "sparseopt" not in state_dict:
+            raise ValueError(
+                "state dict has no 'sparseopt' entry: it was not made by "
+                "SparseOptimizer.state_dict(); load a plain optimizer's state with "
+                "opt.optimizer.load_state_dict(...)"
+            )
+        saved = state_dict["sparseopt"]
+        self._check_fits(saved)
+        self.optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "sparseopt"})
+        by_index = {layer.index: layer for layer in self._layers}
+        for key, mask in saved["masks"].items():
+            layer = by_index[int(key)]
+            layer.mask = mask.to(device=layer.param.device, dtype=torch.bool, copy=True)
+            layer.count = int(saved["counts"][key])
+        self.method.load_state_dict(saved["method_state"])
+        self._generator.set_state(saved["generator"])
+        self._step = int(saved["step"])
+        self.periodic_updates = bool(saved["periodic_updates"])
+        self._pending_exploration = saved["pending_exploration"]
+        self._stats = dict(saved["stats"])
+        self._masks_applied = bool(saved["masks_applied"])
+        if self._masks_applied:
+            self._mask_weights_and_state(self._layers)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    # --- pickling and printing ------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = _compat.drop_unpicklable(self.__dict__)
+        state["_generator"] = self._generator.get_state()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator = torch.Generator()
+        generator.set_state(state.pop("_generator"))
+        self.__dict__.update(state)
+        self._generator = generator
+        _compat.init_optimizer_hooks(self)
+
+    def __repr__(self) -> str:
+        inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
+        return (
+            f"SparseOptimizer(method={self.method!r}, sparsity={self.sparsity}, "
+            f"density={self.density:.4f}, layers={len(self._layers)}, {self._schedule!r})\n{inner}"
+        )

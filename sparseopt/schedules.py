@@ -1,0 +1,74 @@
+"""Schedules of topology updates: when they happen and which fraction of connections they move."""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["PRUNE_SCHEDULES", "TopologySchedule", "cubic_density"]
+
+PRUNE_SCHEDULES = ("constant", "cosine")
+
+
+class TopologySchedule:
+    """When periodic topology updates run, and the drop fraction ("prune rate") of each.
+
+    An update runs after optimizer step ``t`` (counted from 1) when ``t % update_every == 0`` and,
+    if ``end_step`` is set, ``t <= end_step``. The drop fraction is ``prune_rate`` (``"constant"``)
+    or ``prune_rate * (1 + cos(pi * t / end_step)) / 2`` (``"cosine"``, as in RigL), so it reaches
+    0 at ``end_step``.
+
+    Args:
+        update_every (int): optimizer steps between updates (ΔT).
+        prune_rate (float): drop fraction at step 0, in [0, 1].
+        decay (str): ``"constant"`` or ``"cosine"``.
+        end_step (int | None): last step that may update; ``None`` for no end (constant only).
+    """
+
+    def __init__(
+        self, update_every: int, prune_rate: float, decay: str, end_step: int | None
+    ) -> None:
+        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(
+                f"Expected update_every to be a positive int, but got {update_every!r}"
+            )
+        if not isinstance(prune_rate, (int, float)) or not 0.0 <= prune_rate <= 1.0:
+            raise ValueError(f"Expected prune_rate in [0, 1], but got {prune_rate!r}")
+        if decay not in PRUNE_SCHEDULES:
+            raise ValueError(f"Expected prune_schedule in {PRUNE_SCHEDULES}, but got {decay!r}")
+        if decay == "cosine" and end_step is None:
+            raise ValueError("prune_schedule='cosine' needs total_steps to know where it ends")
+        self.update_every = update_every
+        self.prune_rate = float(prune_rate)
+        self.decay = decay
+        self.end_step = end_step
+
+    def is_update_step(self, step: int) -> bool:
+        """Whether a periodic update runs after optimizer step ``step`` (1-based)."""
+        if step % self.update_every:
+            return False
+        return self.end_step is None or step <= self.end_step
+
+    def rate(self, step: int) -> float:
+        """The drop fraction at optimizer step ``step``."""
+        if self.decay == "constant":
+            return self.prune_rate
+        t = min(step, self.end_step)
+        return self.prune_rate * 0.5 * (1.0 + math.cos(math.pi * t / self.end_step))
+
+    def __repr__(self) -> str:
+        return (
+            f"TopologySchedule(update_every={self.update_every}, prune_rate={self.prune_rate}, "
+            f"decay={self.decay!r}, end_step={self.end_step})"
+        )
+
+
+def cubic_density(
+    step: int, start: int, end: int, initial_density: float, final_density: float
+) -> float:
+    """Zhu & Gupta's cubic schedule: density ``initial`` at ``start``, ``final`` from ``end`` on."""
+    if step <= start:
+        return initial_density
+    if step >= end:
+        return final_density
+    frac = 1.0 - (step - start) / (end - start)
+    return final_density + (initial_density - final_density) * frac**3
