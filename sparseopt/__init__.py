@@ -8,6 +8,7 @@
 from .methods import SparsityMethod, available_methods, get_method, register_method
 from .metrics import SparsityReport
 from .optimizer import SparseOptimizer
+from .scheduler import SupTicketsScheduler, cyclic_lr
 
 __version__ = "0.1.0"
 
@@ -15,8 +16,10 @@ __all__ = [
     "SparseOptimizer",
     "SparsityMethod",
     "SparsityReport",
+    "SupTicketsScheduler",
     "__version__",
     "available_methods",
+    "cyclic_lr",
     "get_method",
     "register_method",
 ]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from types import MappingProxyType
 from typing import Any
 
@@ -17,6 +18,7 @@ from .masks import apply_masks_, random_mask
 from .methods import SparseLayer, SparsityMethod, get_method
 from .metrics import SparsityReport
 from .schedules import PRUNE_SCHEDULES, TopologySchedule
+from .superposition import Superposition, check_superposition_args
 
 __all__ = ["SparseOptimizer"]
 
@@ -186,6 +188,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             "exchanged": 0,
         }
         self._keeps_zeros = remask == "auto" and _keeps_zeros(optimizer)
+        self._superposition: Superposition | None = None
         self._register_groups(self.optimizer.param_groups)
 
     # --- views of the inner optimizer (live; never cached, see notes/style.md P3) -----------------
@@ -419,6 +422,147 @@ class SparseOptimizer(torch.optim.Optimizer):
         self._stats["last_exchanged"] = int(torch.stack(exchanged).sum()) if exchanged else 0
         self._stats["exchanged"] += self._stats["last_exchanged"]
 
+    # --- Sup-tickets: the superposed ticket ------------------------------------------------------
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _bn_buffers(self) -> dict[str, Tensor]:
+        """The running statistics of the model's BatchNorm layers, by qualified name."""
+        if self.model is None:
+            return {}
+        out = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+                for key in ("running_mean", "running_var", "num_batches_tracked"):
+                    buf = getattr(module, key, None)
+                    if buf is not None:
+                        out[f"{name}.{key}" if name else key] = buf
+        return out
+
+    @property
+    def tickets(self) -> int:
+        """The number of cheap tickets superposed so far."""
+        return 0 if self._superposition is None else self._superposition.tickets
+
+    @torch.no_grad()
+    def consolidate(
+        self, *, averaging: str = "cia", beta: float = 0.8, reprune: str = "layer"
+    ) -> None:
+        r"""Add the live weights as one cheap ticket to the superposed copy, then re-prune it.
+
+        The first call allocates ONE copy of every parameter (and of the BatchNorm running
+        statistics of ``model=``); each call folds the live ticket ``T_t`` in with the averaging
+        rule and magnitude-prunes the copy back to the target count:
+
+        .. math::
+            S_1 = \mathrm{prune}(T_1), \qquad S_t = \mathrm{prune}(\mathrm{rule}(S_{t-1}, T_t))
+
+        ``cia``: :math:`((t-1) S_{t-1} + T_t) / t` (Eq. 4); ``caa``: the same per weight with
+        :math:`t` replaced by the number of tickets in which the weight was active; ``cima``:
+        :math:`\beta S_{t-1} + (1-\beta) T_t`. Training continues from the live ticket; the
+        model is not changed. :meth:`finalize` writes the copy into the model.
+
+        Args:
+            averaging (str): ``"cia"``, ``"caa"`` or ``"cima"``. Default: ``"cia"`` (the paper's
+                best, §4.2).
+            beta (float): the CIMA decay in [0, 1). Default: 0.8 (the paper's tuned value).
+            reprune (str): ``"layer"`` keeps each layer's count (default); ``"global"`` keeps the
+                global top ``K`` over all sparse layers, as the official code does.
+
+        Raises:
+            ValueError: for a bad argument, or one that differs from the first ticket's.
+        """
+        check_superposition_args(averaging, beta, reprune)
+        sup = self._superposition
+        if sup is None:
+            if self.model is None:
+                warnings.warn(
+                    "consolidate() without model=: BatchNorm running statistics are not "
+                    "superposed; pass model= to SparseOptimizer to superpose them",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            sup = Superposition(averaging, beta, reprune)
+        elif (sup.averaging, sup.beta, sup.reprune) != (averaging, float(beta), reprune):
+            raise ValueError(
+                f"consolidate(averaging={averaging!r}, beta={beta}, reprune={reprune!r}) differs "
+                f"from the first ticket's (averaging={sup.averaging!r}, beta={sup.beta}, "
+                f"reprune={sup.reprune!r})"
+            )
+        if not self._masks_applied:
+            self.apply_masks()
+        sup.add(
+            self._all_params(),
+            [layer.index for layer in self._layers],
+            [layer.mask for layer in self._layers],
+            [layer.count for layer in self._layers],
+            self._bn_buffers(),
+        )
+        self._superposition = sup
+
+    def _require_tickets(self, what: str) -> Superposition:
+        if self._superposition is None:
+            raise ValueError(f"{what} needs at least one ticket: call consolidate() first")
+        return self._superposition
+
+    def _write_superposed(self, sup: Superposition) -> None:
+        for p, s in zip(self._all_params(), sup.params, strict=True):
+            p.detach().copy_(s)
+        buffers = self._bn_buffers()
+        for key, s in sup.buffers.items():
+            buf = buffers[key]
+            buf.copy_(s.round() if not buf.is_floating_point() else s)
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Write the superposed ticket into the model: the "ultimate ticket".
+
+        The parameters and BatchNorm buffers take the superposed values in place, and the masks
+        become the superposed copy's support, so the model holds exactly the target count of
+        active weights. Inner optimizer state at the now-inactive positions is zeroed, so training
+        could go on from here with every invariant intact.
+
+        Raises:
+            ValueError: if no ticket was consolidated.
+        """
+        sup = self._require_tickets("finalize()")
+        sparse = [layer.index for layer in self._layers]
+        masks = sup.masks(sparse, [layer.count for layer in self._layers])
+        self._write_superposed(sup)
+        for layer, mask in zip(self._layers, masks, strict=True):
+            layer.mask.copy_(mask)
+            layer.count = int(mask.sum())
+        self._mask_weights_and_state(self._layers)
+
+    @contextmanager
+    def superposed(self) -> Iterator[None]:
+        """Temporarily swap the superposed ticket into the model, e.g. to evaluate it.
+
+        The live weights and BatchNorm buffers are restored bit-exactly on exit, also when the
+        body raises.
+
+        Example:
+            >>> with opt.superposed():  # doctest: +SKIP
+            ...     accuracy = evaluate(model)
+
+        Raises:
+            ValueError: if no ticket was consolidated.
+        """
+        sup = self._require_tickets("superposed()")
+        params = self._all_params()
+        buffers = self._bn_buffers()
+        with torch.no_grad():
+            saved_params = [p.detach().clone() for p in params]
+            saved_buffers = {k: buffers[k].clone() for k in sup.buffers}
+            try:
+                self._write_superposed(sup)
+                yield
+            finally:
+                for p, s in zip(params, saved_params, strict=True):
+                    p.detach().copy_(s)
+                for k, s in saved_buffers.items():
+                    buffers[k].copy_(s)
+
     # --- the rest of the Optimizer API ----------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forward to the inner optimizer's ``zero_grad``."""
@@ -465,6 +609,9 @@ class SparseOptimizer(torch.optim.Optimizer):
             "counts": {layer.index: layer.count for layer in self._layers},
             "masks": {layer.index: layer.mask.clone() for layer in self._layers},
             "stats": dict(self._stats),
+            "superposition": None
+            if self._superposition is None
+            else self._superposition.state_dict(),
         }
 
     @torch._disable_dynamo
@@ -547,6 +694,17 @@ class SparseOptimizer(torch.optim.Optimizer):
         self._pending_exploration = saved["pending_exploration"]
         self._stats = dict(saved["stats"])
         self._masks_applied = bool(saved["masks_applied"])
+        sup = saved.get("superposition")
+        self._superposition = (
+            None
+            if sup is None
+            else Superposition.from_state_dict(
+                sup,
+                self._all_params(),
+                [layer.index for layer in self._layers],
+                self._bn_buffers(),
+            )
+        )
         if self._masks_applied:
             self._mask_weights_and_state(self._layers)
         for hook in self._optimizer_load_state_dict_post_hooks.values():

@@ -1,0 +1,260 @@
+"""``SupTicketsScheduler``: the Sup-tickets booster (Yin et al., UAI 2022) as an ``LRScheduler``."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+
+from .optimizer import SparseOptimizer
+from .superposition import check_superposition_args
+
+__all__ = ["SupTicketsScheduler", "cyclic_lr"]
+
+
+def cyclic_lr(i: int, cycle_steps: int, lr_low: float, lr_high: float) -> float:
+    r"""Eq. 3 of the paper: the triangular rate of phase-2 iteration ``i`` (counted from 1).
+
+    With :math:`t(i) = (\mathrm{mod}(i - 1, C) + 1) / C`, the rate rises linearly from ``lr_low``
+    to ``lr_high`` at :math:`t = 1/2` and falls back to ``lr_low`` at :math:`t = 1`, the last
+    iteration of each cycle, where the ticket is taken.
+    """
+    t = ((i - 1) % cycle_steps + 1) / cycle_steps
+    if t <= 0.5:
+        return (1.0 - 2.0 * t) * lr_low + 2.0 * t * lr_high
+    return (2.0 - 2.0 * t) * lr_high + (2.0 * t - 1.0) * lr_low
+
+
+def _positive_per_group(name: str, value: Any, groups: int) -> list[float]:
+    values = list(value) if isinstance(value, Sequence) else None
+    if values is not None and len(values) != groups:
+        raise ValueError(
+            f"{name} must have the same length as optimizer.param_groups. "
+            f"{name} has {len(values)} values, param_groups has {groups}."
+        )
+    for v in values if values is not None else [value]:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"Expected {name} to be positive, but got {v!r}")
+    return [float(v) for v in values] if values is not None else [float(value)]
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"Expected {name} to be a positive int, but got {value!r}")
+    return value
+
+
+class SupTicketsScheduler(LRScheduler):
+    r"""Sup-tickets: cheap tickets in the last cycles of training, superposed into one.
+
+    Step it once per optimizer step, after ``optimizer.step()``, like any per-iteration
+    ``LRScheduler``. Training is split in two phases:
+
+    - **Phase 1**, the first ``total_steps - M * cycle_steps`` steps, where
+      ``M = floor(superpose_fraction * total_steps / cycle_steps)``: the ``base`` scheduler (any
+      per-iteration ``LRScheduler``; a constant rate when ``None``) sets the learning rate and the
+      sparse method trains as usual.
+    - **Phase 2**, ``M`` cycles of ``cycle_steps``: periodic topology updates stop; each cycle
+      starts with one exploration (drop and grow at ``explore_rate`` with the method's own growth
+      criterion, on the dense gradient of the cycle's first batch); the rate follows Eq. 3
+      (:func:`cyclic_lr`: ``lr_low`` -> ``lr_high`` at mid-cycle -> ``lr_low``); each cycle ends
+      with ``optimizer.consolidate()``. After the last step it calls ``optimizer.finalize()``:
+      the model then holds the superposed "ultimate ticket" at exactly the target sparsity.
+
+    Per-group rates: a scalar ``lr_low``/``lr_high`` is the first group's; the other groups scale
+    it by their initial-rate ratio to the first group, as torch schedulers scale by ``base_lrs``.
+    A list gives one value per group.
+
+    Args:
+        optimizer (SparseOptimizer): the sparse optimizer.
+        total_steps (int): the length of training in optimizer steps. Fills in the optimizer's
+            ``total_steps`` if it has none, and must equal it otherwise.
+        cycle_steps (int): steps per cycle (the paper: 8 epochs on CIFAR, 2 on ImageNet).
+        base (LRScheduler | None): the phase-1 scheduler, built on the same optimizer (or its
+            inner one) before this one. Default: None.
+        superpose_fraction (float): the share of training given to the cycles, in (0, 1).
+            Default: 0.1.
+        lr_low (float | list[float]): the rate at the cycle ends. Default: 0.001.
+        lr_high (float | list[float]): the rate at mid-cycle. Default: 0.005.
+        explore_rate (float): drop fraction of the exploration that opens each cycle, in [0, 1].
+            Default: 0.5.
+        averaging (str): ``"cia"``, ``"caa"`` or ``"cima"``. Default: ``"cia"``.
+        beta (float): the CIMA decay in [0, 1). Default: 0.8.
+        reprune (str): ``"layer"`` or ``"global"``; see :meth:`SparseOptimizer.consolidate`.
+            Default: ``"layer"``.
+        last_epoch (int): as for every ``LRScheduler``. Default: -1.
+
+    Example:
+        >>> import torch
+        >>> from sparseopt import SparseOptimizer, SupTicketsScheduler
+        >>> model = torch.nn.Linear(16, 4)
+        >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.001), "rigl", 0.5)
+        >>> sched = SupTicketsScheduler(opt, total_steps=100, cycle_steps=4)
+        >>> sched.num_tickets, sched.phase1_steps, sched.ticket_steps
+        (2, 92, [96, 100])
+    """
+
+    def __init__(
+        self,
+        optimizer: SparseOptimizer,
+        total_steps: int,
+        cycle_steps: int,
+        *,
+        base: LRScheduler | None = None,
+        superpose_fraction: float = 0.1,
+        lr_low: float | Sequence[float] = 0.001,
+        lr_high: float | Sequence[float] = 0.005,
+        explore_rate: float = 0.5,
+        averaging: str = "cia",
+        beta: float = 0.8,
+        reprune: str = "layer",
+        last_epoch: int = -1,
+    ) -> None:
+        if not isinstance(optimizer, SparseOptimizer):
+            raise TypeError(
+                "Expected optimizer to be a SparseOptimizer, but got "
+                f"{type(optimizer).__name__}; wrap it: SparseOptimizer(optimizer, ...)"
+            )
+        total_steps = _positive_int("total_steps", total_steps)
+        cycle_steps = _positive_int("cycle_steps", cycle_steps)
+        if (
+            isinstance(superpose_fraction, bool)
+            or not isinstance(superpose_fraction, (int, float))
+            or not 0.0 < superpose_fraction < 1.0
+        ):
+            raise ValueError(
+                f"Expected superpose_fraction in (0, 1), but got {superpose_fraction!r}"
+            )
+        groups = len(optimizer.param_groups)
+        lows = _positive_per_group("lr_low", lr_low, groups)
+        highs = _positive_per_group("lr_high", lr_high, groups)
+        if (
+            isinstance(explore_rate, bool)
+            or not isinstance(explore_rate, (int, float))
+            or not 0.0 <= explore_rate <= 1.0
+        ):
+            raise ValueError(f"Expected explore_rate in [0, 1], but got {explore_rate!r}")
+        check_superposition_args(averaging, beta, reprune)
+        if base is not None:
+            if isinstance(base, ReduceLROnPlateau) or not isinstance(base, LRScheduler):
+                raise TypeError(
+                    "Expected base to be an LRScheduler stepped once per iteration without "
+                    f"arguments, but got {type(base).__name__}"
+                )
+            if base.optimizer is not optimizer and base.optimizer is not optimizer.optimizer:
+                raise ValueError("base must be built on the same optimizer as this scheduler")
+        budget = superpose_fraction * total_steps
+        num_tickets = math.floor(budget / cycle_steps + 1e-9)
+        if num_tickets == 0:
+            hint = (
+                f"use cycle_steps <= {math.floor(budget + 1e-9)} for at least one ticket"
+                if budget >= 1
+                else "increase total_steps or superpose_fraction"
+            )
+            raise ValueError(
+                f"cycle_steps={cycle_steps} is longer than superpose_fraction * total_steps = "
+                f"{budget:g}, so there would be no ticket; {hint}"
+            )
+        if optimizer.total_steps is None:
+            optimizer.total_steps = total_steps
+        elif optimizer.total_steps != total_steps:
+            raise ValueError(
+                f"total_steps={total_steps} differs from the optimizer's "
+                f"total_steps={optimizer.total_steps}"
+            )
+
+        # LRScheduler.__init__ ends with a first step(), so every attribute is set before it.
+        self.base = base
+        self.total_steps = total_steps
+        self.cycle_steps = cycle_steps
+        self.superpose_fraction = float(superpose_fraction)
+        self.num_tickets = num_tickets
+        self.phase1_steps = total_steps - num_tickets * cycle_steps
+        self.lr_low = lows
+        self.lr_high = highs
+        self.explore_rate = float(explore_rate)
+        self.averaging = averaging
+        self.beta = float(beta)
+        self.reprune = reprune
+        super().__init__(optimizer, last_epoch)
+
+    @property
+    def ticket_steps(self) -> list[int]:
+        """The optimizer steps after which a ticket is consolidated."""
+        return [self.phase1_steps + k * self.cycle_steps for k in range(1, self.num_tickets + 1)]
+
+    @property
+    def in_phase2(self) -> bool:
+        """Whether the next optimizer step belongs to the cycles."""
+        return self.last_epoch >= self.phase1_steps
+
+    def _phase2_lrs(self, i: int) -> list[float]:
+        ratios = [b / self.base_lrs[0] for b in self.base_lrs]
+        out = []
+        for g in range(len(self.optimizer.param_groups)):
+            low = self.lr_low[g] if len(self.lr_low) > 1 else self.lr_low[0] * ratios[g]
+            high = self.lr_high[g] if len(self.lr_high) > 1 else self.lr_high[0] * ratios[g]
+            done = i > self.num_tickets * self.cycle_steps
+            out.append(low if done else cyclic_lr(i, self.cycle_steps, low, high))
+        return out
+
+    def get_lr(self) -> list[float]:
+        """The rates for the next optimizer step (``last_epoch + 1``, counted from 1)."""
+        step = self.last_epoch + 1
+        groups = self.optimizer.param_groups
+        if step <= self.phase1_steps:
+            if self.base is not None and self.last_epoch > 0:
+                self.base.step()
+            return [group["lr"] for group in groups]
+        lrs = self._phase2_lrs(step - self.phase1_steps)
+        if step == self.phase1_steps + 1:
+            last, low = float(groups[0]["lr"]), self.lr_low[0]
+            if not 0.5 <= last / low <= 2.0:
+                warnings.warn(
+                    f"the learning rate at the end of phase 1 ({last:g}) is far from lr_low "
+                    f"({low:g}): phase 2 starts with a jump that the paper's schedule avoids; "
+                    "let the base schedule end near lr_low",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        return lrs
+
+    def step(self, epoch: int | None = None) -> None:
+        """Advance one optimizer step: set the next rate; explore, consolidate, finalize on time."""
+        if epoch is not None:
+            raise ValueError(
+                "SupTicketsScheduler.step() takes no epoch; step it once per optimizer step"
+            )
+        super().step()
+        done = self.last_epoch
+        opt: SparseOptimizer = self.optimizer  # type: ignore[assignment]
+        if done == self.phase1_steps:
+            opt.periodic_updates = False
+            opt.explore(self.explore_rate)
+        elif done in self.ticket_steps:
+            opt.consolidate(averaging=self.averaging, beta=self.beta, reprune=self.reprune)
+            if done < self.total_steps:
+                opt.explore(self.explore_rate)
+            else:
+                opt.finalize()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scheduler's state, the base scheduler's nested under ``"base"``."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "base")}
+        state["base"] = None if self.base is None else self.base.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` returned (build this scheduler, then load)."""
+        state = dict(state_dict)
+        base = state.pop("base", None)
+        if (base is None) != (self.base is None):
+            saved = "a base scheduler" if base is not None else "no base scheduler"
+            mine = "one" if self.base is not None else "none"
+            raise ValueError(f"the state dict was saved with {saved}; this scheduler has {mine}")
+        self.__dict__.update(state)
+        if self.base is not None:
+            self.base.load_state_dict(base)

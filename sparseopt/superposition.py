@@ -1,0 +1,175 @@
+"""The superposed ticket of Sup-tickets (Yin et al., UAI 2022): one running copy of the weights.
+
+Each call to :meth:`Superposition.add` folds one cheap ticket ``T_t`` (the live weights at the end
+of a cycle) into the superposed copy ``S`` and magnitude-prunes ``S`` back to the target count, as
+Algorithm 1 of the paper does (average, then prune, every cycle)::
+
+    S_1 = prune(T_1)
+    S_t = prune(rule(S_{t-1}, T_t))
+
+with the rules of §3.2.2 and Eq. 4:
+
+- ``"cia"`` (connection-independent): ``rule = ((t - 1) * S_{t-1} + T_t) / t``, Eq. 4.
+- ``"caa"`` (connection-aware): ``rule = (N_{t-1} * S_{t-1} + T_t) / N_t`` per weight, where
+  ``N_t`` counts the tickets in which that weight was active (0 stays 0). Dense tensors and
+  BatchNorm buffers are always "active", so for them CAA equals CIA.
+- ``"cima"`` (moving average): ``rule = beta * S_{t-1} + (1 - beta) * T_t``.
+
+Every parameter the optimizer holds is superposed (biases and norm affines too, which are never
+pruned), and so are the BatchNorm running statistics of ``model=``. ``prune`` keeps, per layer,
+the distribution's count of largest ``|S|`` (``reprune="layer"``, the default: per-layer counts
+and FLOPs stay those of the base method) or the global top ``K`` over all sparse layers
+(``reprune="global"``, what the official code does). Ties go to the lowest index, so the support
+of the pruned copy can be recomputed from its values exactly, and no mask is stored for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .masks import select_largest
+
+__all__ = ["AVERAGING_RULES", "REPRUNE_MODES", "Superposition"]
+
+AVERAGING_RULES = ("cia", "caa", "cima")
+REPRUNE_MODES = ("layer", "global")
+
+
+def check_superposition_args(averaging: Any, beta: Any, reprune: Any) -> None:
+    """Validate the three knobs, naming the argument in the error."""
+    if averaging not in AVERAGING_RULES:
+        raise ValueError(f"Expected averaging in {AVERAGING_RULES}, but got {averaging!r}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+        raise ValueError(f"Expected beta in [0, 1), but got {beta!r}")
+    if reprune not in REPRUNE_MODES:
+        raise ValueError(f"Expected reprune in {REPRUNE_MODES}, but got {reprune!r}")
+
+
+def support_masks(values: Sequence[Tensor], counts: Sequence[int], reprune: str) -> list[Tensor]:
+    """Bool masks of the largest ``|values|``: ``counts[l]`` per tensor, or their sum globally."""
+    if reprune == "layer":
+        return [select_largest(v.abs(), c) for v, c in zip(values, counts, strict=True)]
+    flat = torch.cat([v.detach().abs().reshape(-1).to(values[0].device) for v in values])
+    keep = select_largest(flat, sum(counts))
+    out, start = [], 0
+    for v in values:
+        out.append(keep[start : start + v.numel()].view_as(v).to(v.device))
+        start += v.numel()
+    return out
+
+
+class Superposition:
+    """One superposed copy of the parameters (and BatchNorm buffers), updated ticket by ticket.
+
+    Args:
+        averaging (str): ``"cia"``, ``"caa"`` or ``"cima"``.
+        beta (float): the CIMA decay, in [0, 1).
+        reprune (str): ``"layer"`` or ``"global"``.
+    """
+
+    def __init__(self, averaging: str, beta: float, reprune: str) -> None:
+        check_superposition_args(averaging, beta, reprune)
+        self.averaging = averaging
+        self.beta = float(beta)
+        self.reprune = reprune
+        self.tickets = 0
+        self.params: list[Tensor] = []
+        self.buffers: dict[str, Tensor] = {}
+        self.active: list[
+            Tensor
+        ] = []  # CAA: per sparse layer, tickets in which a weight was active
+
+    def _fold(self, s: Tensor, t: Tensor) -> None:
+        """``s <- rule(s, t)`` for a dense tensor (CAA is CIA there)."""
+        if self.averaging == "cima":
+            s.lerp_(t.to(s.dtype), 1.0 - self.beta)
+        else:
+            s.lerp_(t.to(s.dtype), 1.0 / self.tickets)
+
+    @torch.no_grad()
+    def add(
+        self,
+        params: Sequence[Tensor],
+        sparse: Sequence[int],
+        masks: Sequence[Tensor],
+        counts: Sequence[int],
+        buffers: dict[str, Tensor],
+    ) -> None:
+        """Fold one ticket in and re-prune.
+
+        Args:
+            params: every parameter, in the optimizer's packing order.
+            sparse: positions in ``params`` of the sparse tensors.
+            masks: the live masks of those sparse tensors (for CAA).
+            counts: their target active counts (the re-prune keeps these, or their sum).
+            buffers: BatchNorm buffers by name.
+        """
+        first = self.tickets == 0
+        self.tickets += 1
+        if first:
+            self.params = [p.detach().clone() for p in params]
+            self.buffers = {k: b.detach().to(torch.float64, copy=True) for k, b in buffers.items()}
+            if self.averaging == "caa":
+                self.active = [m.to(torch.uint8) for m in masks]
+        else:
+            sparse_pos = {j: i for i, j in enumerate(sparse)}
+            for j, (s, p) in enumerate(zip(self.params, params, strict=True)):
+                if self.averaging == "caa" and j in sparse_pos:
+                    n = self.active[sparse_pos[j]]
+                    n_new = n + masks[sparse_pos[j]]
+                    s.mul_(n).add_(p.detach()).div_(n_new.clamp(min=1))
+                    self.active[sparse_pos[j]] = n_new
+                else:
+                    self._fold(s, p.detach())
+            if buffers.keys() != self.buffers.keys():
+                raise ValueError(
+                    "the model's BatchNorm buffers changed between tickets: "
+                    f"{sorted(self.buffers)} vs {sorted(buffers)}"
+                )
+            for k, b in buffers.items():
+                self._fold(self.buffers[k], b.detach())
+        values = [self.params[j] for j in sparse]
+        for v, keep in zip(values, support_masks(values, counts, self.reprune), strict=True):
+            v.mul_(keep)
+
+    def masks(self, sparse: Sequence[int], counts: Sequence[int]) -> list[Tensor]:
+        """The support of the pruned copy (exactly what the last re-prune kept)."""
+        return support_masks([self.params[j] for j in sparse], counts, self.reprune)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "averaging": self.averaging,
+            "beta": self.beta,
+            "reprune": self.reprune,
+            "tickets": self.tickets,
+            "params": {i: p.clone() for i, p in enumerate(self.params)},
+            "buffers": {k: b.clone() for k, b in self.buffers.items()},
+            "active": {i: a.clone() for i, a in enumerate(self.active)},
+        }
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state: dict[str, Any],
+        params: Sequence[Tensor],
+        sparse: Sequence[int],
+        buffers: dict[str, Tensor],
+    ) -> Superposition:
+        """Rebuild from :meth:`state_dict` on the devices of the live params and buffers."""
+        sup = cls(state["averaging"], state["beta"], state["reprune"])
+        sup.tickets = int(state["tickets"])
+        sup.params = [state["params"][i].to(p.device, copy=True) for i, p in enumerate(params)]
+        missing = set(state["buffers"]) - set(buffers)
+        if missing:
+            raise ValueError(f"the model has no BatchNorm buffers {sorted(missing)} to superpose")
+        sup.buffers = {k: b.to(buffers[k].device, copy=True) for k, b in state["buffers"].items()}
+        sup.active = [
+            state["active"][i].to(params[j].device, copy=True)
+            for i, j in enumerate(sparse)
+            if i in state["active"]
+        ]
+        return sup
