@@ -444,7 +444,6 @@ class SparseOptimizer(torch.optim.Optimizer):
         """The number of cheap tickets superposed so far."""
         return 0 if self._superposition is None else self._superposition.tickets
 
-    @torch.no_grad()
     def consolidate(
         self, *, averaging: str = "cia", beta: float = 0.8, reprune: str = "layer"
     ) -> None:
@@ -491,13 +490,14 @@ class SparseOptimizer(torch.optim.Optimizer):
             )
         if not self._masks_applied:
             self.apply_masks()
-        sup.add(
-            self._all_params(),
-            [layer.index for layer in self._layers],
-            [layer.mask for layer in self._layers],
-            [layer.count for layer in self._layers],
-            self._bn_buffers(),
-        )
+        with torch.no_grad():
+            sup.add(
+                self._all_params(),
+                [layer.index for layer in self._layers],
+                [layer.mask for layer in self._layers],
+                [layer.count for layer in self._layers],
+                self._bn_buffers(),
+            )
         self._superposition = sup
 
     def _require_tickets(self, what: str) -> Superposition:
