@@ -167,12 +167,17 @@ def exact_counts(densities: Sequence[float], numels: Sequence[int], density: flo
 
     Each layer gets ``floor(d_l * n_l)``; the remaining units go to the layers with the largest
     fractional parts (ties to the earlier layer), never above ``n_l``. This is the largest-
-    remainder method, so each count is within one of ``d_l * n_l``.
+    remainder method, so each count is within one of ``d_l * n_l``. Fractional parts are compared
+    at 1e-9, so float noise never decides a tie. ``round`` is Python's (half to even).
     """
     if len(densities) != len(numels):
         raise ValueError("densities and numels must have the same length")
     target = round(density * sum(numels))
     raw = [d * n for d, n in zip(densities, numels, strict=True)]
+
+    def frac(x: float) -> float:
+        return x - math.floor(x + 1e-9)
+
     counts = [min(n, max(0, math.floor(r + 1e-9))) for r, n in zip(raw, numels, strict=True)]
     missing = target - sum(counts)
     if missing > 0:
@@ -189,7 +194,7 @@ def exact_counts(densities: Sequence[float], numels: Sequence[int], density: flo
             counts[i] += take
             missing -= take
     elif missing < 0:
-        order = sorted(range(len(raw)), key=lambda i: (raw[i] - math.floor(raw[i] + 1e-9), i))
+        order = sorted(range(len(raw)), key=lambda i: (round(frac(raw[i]), 9), i))
         for i in order:
             if missing == 0:
                 break

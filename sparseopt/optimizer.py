@@ -286,12 +286,23 @@ class SparseOptimizer(torch.optim.Optimizer):
         if not new:
             return
         shapes = [tuple(p.shape) for p, _, _ in new]
-        density = 1.0 - self.sparsity
-        densities = layer_densities(self.distribution, shapes, density, [n for _, n, _ in new])
-        counts = exact_counts(densities, [p.numel() for p, _, _ in new], density)
-        for (p, name, index), count in zip(new, counts, strict=True):
+        names = [n for _, n, _ in new]
+        numels = [p.numel() for p, _, _ in new]
+        target = 1.0 - self.sparsity
+        targets = exact_counts(
+            layer_densities(self.distribution, shapes, target, names), numels, target
+        )
+        start = self.method.initial_density(target)
+        counts = (
+            targets
+            if start == target
+            else exact_counts(
+                layer_densities(self.distribution, shapes, start, names), numels, start
+            )
+        )
+        for (p, name, index), count, goal in zip(new, counts, targets, strict=True):
             mask = random_mask(p.shape, count, self._generator).to(p.device)
-            self._layers.append(SparseLayer(p, name, index, mask, count))
+            self._layers.append(SparseLayer(p, name, index, mask, count, goal))
         if self._masks_applied:
             self._mask_weights_and_state(self._layers[-len(new) :])
 
@@ -342,11 +353,12 @@ class SparseOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Expected rate in [0, 1], but got {rate!r}")
         self._pending_exploration = float(rate)
 
-    def _due_update(self, step: int) -> float | None:
+    def _due_update(self, step: int) -> tuple[float, int | None] | None:
+        """``(rate, step)`` of the update due at ``step`` (step ``None`` for an exploration)."""
         if self._pending_exploration is not None:
-            return self._pending_exploration
-        if self.periodic_updates and self.method.periodic and self._schedule.is_update_step(step):
-            return self._schedule.rate(step)
+            return self._pending_exploration, None
+        if self.periodic_updates and self.method.is_update_step(step, self):
+            return self._schedule.rate(step), step
         return None
 
     def _grads_finite(self) -> bool:
@@ -374,10 +386,12 @@ class SparseOptimizer(torch.optim.Optimizer):
         if not self._masks_applied:
             self.apply_masks()
         step = self._step + 1
-        rate = self._due_update(step)
+        due = self._due_update(step)
         scores = None
-        if rate is not None:
-            if self._grads_finite():
+        finite = True
+        if due is not None:
+            finite = self._grads_finite()
+            if finite:
                 scores = [
                     self.method.grow_scores(layer, layer.param.grad, self._generator)
                     for layer in self._layers
@@ -390,37 +404,47 @@ class SparseOptimizer(torch.optim.Optimizer):
                     stacklevel=3,
                 )
                 self._stats["skipped"] += 1
-                rate = None
+        if scores is not None and due[1] is not None and self.method.updates_before_step(step):
+            self._update_topology(step, *due, scores)
+            scores = None
 
         grads, masks = [], []
         for layer in self._layers:
             if layer.param.grad is not None:
                 grads.append(layer.param.grad)
                 masks.append(layer.mask)
-        apply_masks_(grads, masks)
+        apply_masks_(grads, masks, nan_safe=not finite)
         self.optimizer.step()
         if not self._keeps_zeros:
             self._mask_weights_and_state(self._layers)
         if scores is not None:
-            self._update_topology(step, rate, scores)
-            self._pending_exploration = None
+            self._update_topology(step, *due, scores)
         self._step = step
         return loss
 
-    def _update_topology(self, step: int, rate: float, scores: list[Tensor]) -> None:
-        exchanged = []
-        for layer, grow in zip(self._layers, scores, strict=True):
-            new_mask, dropped, grown = self.method.update_layer(layer, rate, grow)
-            changed = dropped | grown
+    def _update_topology(
+        self, step: int, rate: float, scheduled: int | None, scores: list[Tensor]
+    ) -> None:
+        """Apply the method's new masks; zero weights and inner state wherever a mask changed."""
+        new_masks = self.method.new_masks(self._layers, rate, scores, scheduled)
+        grown_counts, counts = [], []
+        for layer, new in zip(self._layers, new_masks, strict=True):
+            changed = layer.mask ^ new
             for t in (layer.param.detach(), *self._state_tensors(layer)):
                 t.masked_fill_(changed, 0)
-            layer.mask.copy_(new_mask)
-            exchanged.append(grown.sum())
+            grown_counts.append((new & ~layer.mask).sum())
+            counts.append(new.sum())
+            layer.mask.copy_(new)
+        for layer, count in zip(self._layers, torch.stack(counts).tolist(), strict=True):
+            layer.count = count
+        if scheduled is None:
+            self._pending_exploration = None
+        exchanged = int(torch.stack(grown_counts).sum()) if grown_counts else 0
         self._stats["updates"] += 1
         self._stats["last_update_step"] = step
         self._stats["last_rate"] = rate
-        self._stats["last_exchanged"] = int(torch.stack(exchanged).sum()) if exchanged else 0
-        self._stats["exchanged"] += self._stats["last_exchanged"]
+        self._stats["last_exchanged"] = exchanged
+        self._stats["exchanged"] += exchanged
 
     # --- Sup-tickets: the superposed ticket ------------------------------------------------------
     def _all_params(self) -> list[Tensor]:
@@ -607,6 +631,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             "names": {layer.index: layer.name for layer in self._layers},
             "shapes": {layer.index: list(layer.param.shape) for layer in self._layers},
             "counts": {layer.index: layer.count for layer in self._layers},
+            "targets": {layer.index: layer.target for layer in self._layers},
             "masks": {layer.index: layer.mask.clone() for layer in self._layers},
             "stats": dict(self._stats),
             "superposition": None
@@ -687,6 +712,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             layer = by_index[int(key)]
             layer.mask = mask.to(device=layer.param.device, dtype=torch.bool, copy=True)
             layer.count = int(saved["counts"][key])
+            layer.target = int(saved["targets"][key])
         self.method.load_state_dict(saved["method_state"])
         self._generator.set_state(saved["generator"])
         self._step = int(saved["step"])

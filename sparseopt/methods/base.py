@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ..masks import drop_and_grow
+
+if TYPE_CHECKING:
+    from ..optimizer import SparseOptimizer
 
 __all__ = ["SparseLayer", "SparsityMethod"]
 
@@ -24,6 +28,7 @@ class SparseLayer:
         index: its position in the optimizer's packing order, the key used in ``state_dict``.
         mask: bool tensor of the parameter's shape and device; ``True`` = active.
         count: the number of active connections, always equal to ``mask.sum()``.
+        target: the count the distribution assigns this layer at the target sparsity.
     """
 
     param: Tensor
@@ -31,6 +36,7 @@ class SparseLayer:
     index: int
     mask: Tensor
     count: int
+    target: int
 
     @property
     def numel(self) -> int:
@@ -46,6 +52,9 @@ class SparsityMethod:
     - :meth:`grow_scores`: inactive connections with the largest scores are grown. It is called
       inside ``step()`` *before* the gradients are masked, so ``grad`` is the dense gradient of the
       current batch. Must be overridden.
+
+    Methods that change the density or the timing (GraNet, SNIP) also override
+    :meth:`initial_density`, :meth:`is_update_step` and :meth:`new_masks`.
 
     Class attributes:
         name: the registry name.
@@ -77,6 +86,23 @@ class SparsityMethod:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
 
+    # --- when --------------------------------------------------------------------------------
+    def initial_density(self, density: float) -> float:
+        """The overall density of the initial masks, given the target ``density``."""
+        return density
+
+    def is_update_step(self, step: int, opt: SparseOptimizer) -> bool:
+        """Whether a scheduled topology update runs at optimizer step ``step`` (from 1)."""
+        return self.periodic and opt.schedule.is_update_step(step)
+
+    def updates_before_step(self, step: int) -> bool:
+        """Whether the update at ``step`` applies its masks before the inner step (SNIP's init)."""
+        return False
+
+    def density_final_step(self, opt: SparseOptimizer) -> int | None:
+        """The step from which the density no longer changes (``None``: it never changes)."""
+        return None
+
     # --- masks ---------------------------------------------------------------------------------
     def drop_scores(self, layer: SparseLayer) -> Tensor:
         """Scores for dropping: the smallest-scoring active connections go first."""
@@ -98,6 +124,26 @@ class SparsityMethod:
         """Drop and grow in one layer; returns ``(new_mask, dropped, grown)``."""
         k = self.num_to_drop(layer, rate)
         return drop_and_grow(layer.mask, self.drop_scores(layer), grow_scores, k)
+
+    def new_masks(
+        self,
+        layers: Sequence[SparseLayer],
+        rate: float,
+        grow_scores: Sequence[Tensor | None],
+        step: int | None,
+    ) -> list[Tensor]:
+        """The masks after one topology update (the optimizer zeroes what changed).
+
+        Args:
+            layers: the sparse layers, with their current masks and counts.
+            rate: the drop fraction (the schedule's, or the one an exploration asked for).
+            grow_scores: what :meth:`grow_scores` returned per layer, before gradient masking.
+            step: the optimizer step of a scheduled update, or ``None`` for an exploration.
+        """
+        return [
+            self.update_layer(layer, rate, scores)[0]
+            for layer, scores in zip(layers, grow_scores, strict=True)
+        ]
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
