@@ -2,7 +2,7 @@
 
 >>> import sparseopt
 >>> sorted(sparseopt.available_methods())
-['rigl', 'set', 'static']
+['gmp', 'granet', 'rigl', 'set', 'snip', 'static']
 """
 
 from .methods import SparsityMethod, available_methods, get_method, register_method

@@ -190,6 +190,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         self._keeps_zeros = remask == "auto" and _keeps_zeros(optimizer)
         self._superposition: Superposition | None = None
         self._register_groups(self.optimizer.param_groups)
+        self.method.check(self)
 
     # --- views of the inner optimizer (live; never cached, see notes/style.md P3) -----------------
     @property
@@ -245,8 +246,13 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     @total_steps.setter
     def total_steps(self, value: int | None) -> None:
-        self._schedule = self._make_schedule(value)
-        self._total_steps = value
+        schedule, before = self._make_schedule(value), (self._schedule, self._total_steps)
+        self._schedule, self._total_steps = schedule, value
+        try:
+            self.method.check(self)
+        except ValueError:
+            self._schedule, self._total_steps = before
+            raise
 
     @property
     def schedule(self) -> TopologySchedule:
@@ -292,7 +298,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         targets = exact_counts(
             layer_densities(self.distribution, shapes, target, names), numels, target
         )
-        start = self.method.initial_density(target)
+        start = self.method.start_density(target)
         counts = (
             targets
             if start == target
@@ -426,7 +432,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         self, step: int, rate: float, scheduled: int | None, scores: list[Tensor]
     ) -> None:
         """Apply the method's new masks; zero weights and inner state wherever a mask changed."""
-        new_masks = self.method.new_masks(self._layers, rate, scores, scheduled)
+        new_masks = self.method.new_masks(self, rate, scores, scheduled)
         grown_counts, counts = [], []
         for layer, new in zip(self._layers, new_masks, strict=True):
             changed = layer.mask ^ new

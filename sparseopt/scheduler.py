@@ -166,13 +166,22 @@ class SupTicketsScheduler(LRScheduler):
                 f"total_steps={optimizer.total_steps}"
             )
 
+        phase1 = total_steps - num_tickets * cycle_steps
+        settled = optimizer.method.density_final_step(optimizer)
+        if settled is not None and settled > phase1:
+            raise ValueError(
+                f"method {optimizer.method.name!r} prunes until step {settled}, but phase 2 of "
+                f"Sup-tickets starts after step {phase1}; pruning must finish before phase 2: "
+                f"lower prune_end to at most {phase1 / total_steps:.4f}"
+            )
+
         # LRScheduler.__init__ ends with a first step(), so every attribute is set before it.
         self.base = base
         self.total_steps = total_steps
         self.cycle_steps = cycle_steps
         self.superpose_fraction = float(superpose_fraction)
         self.num_tickets = num_tickets
-        self.phase1_steps = total_steps - num_tickets * cycle_steps
+        self.phase1_steps = phase1
         self.lr_low = lows
         self.lr_high = highs
         self.explore_rate = float(explore_rate)

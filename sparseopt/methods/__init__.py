@@ -2,7 +2,7 @@
 
 >>> from sparseopt.methods import available_methods
 >>> available_methods()
-['rigl', 'set', 'static']
+['gmp', 'granet', 'rigl', 'set', 'snip', 'static']
 """
 
 from __future__ import annotations
@@ -12,12 +12,17 @@ from collections.abc import Callable
 from typing import Any
 
 from .base import SparseLayer, SparsityMethod
+from .granet import GMP, GraNet
 from .rigl import RigL
 from .set import SET
+from .snip import SNIP
 from .static import Static
 
 __all__ = [
+    "GMP",
     "SET",
+    "SNIP",
+    "GraNet",
     "RigL",
     "SparseLayer",
     "SparsityMethod",
@@ -91,6 +96,6 @@ def get_method(method: str | SparsityMethod, **options: Any) -> SparsityMethod:
     return factory(**options)
 
 
-for _cls in (Static, SET, RigL):
+for _cls in (Static, SET, RigL, GraNet, GMP, SNIP):
     register_method(_cls.name, _cls)
 del _cls

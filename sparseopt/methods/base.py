@@ -54,7 +54,7 @@ class SparsityMethod:
       current batch. Must be overridden.
 
     Methods that change the density or the timing (GraNet, SNIP) also override
-    :meth:`initial_density`, :meth:`is_update_step` and :meth:`new_masks`.
+    :meth:`start_density`, :meth:`is_update_step` and :meth:`new_masks`.
 
     Class attributes:
         name: the registry name.
@@ -87,9 +87,12 @@ class SparsityMethod:
         """Restore what :meth:`state_dict` returned."""
 
     # --- when --------------------------------------------------------------------------------
-    def initial_density(self, density: float) -> float:
+    def start_density(self, density: float) -> float:
         """The overall density of the initial masks, given the target ``density``."""
         return density
+
+    def check(self, opt: SparseOptimizer) -> None:
+        """Raise ``ValueError`` if the method cannot run with ``opt``'s settings."""
 
     def is_update_step(self, step: int, opt: SparseOptimizer) -> bool:
         """Whether a scheduled topology update runs at optimizer step ``step`` (from 1)."""
@@ -127,7 +130,7 @@ class SparsityMethod:
 
     def new_masks(
         self,
-        layers: Sequence[SparseLayer],
+        opt: SparseOptimizer,
         rate: float,
         grow_scores: Sequence[Tensor | None],
         step: int | None,
@@ -135,14 +138,14 @@ class SparsityMethod:
         """The masks after one topology update (the optimizer zeroes what changed).
 
         Args:
-            layers: the sparse layers, with their current masks and counts.
+            opt: the optimizer; ``opt.layers`` holds the current masks and counts.
             rate: the drop fraction (the schedule's, or the one an exploration asked for).
             grow_scores: what :meth:`grow_scores` returned per layer, before gradient masking.
             step: the optimizer step of a scheduled update, or ``None`` for an exploration.
         """
         return [
             self.update_layer(layer, rate, scores)[0]
-            for layer, scores in zip(layers, grow_scores, strict=True)
+            for layer, scores in zip(opt.layers, grow_scores, strict=True)
         ]
 
     def __repr__(self) -> str:
