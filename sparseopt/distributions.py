@@ -18,6 +18,7 @@ then turns densities into integer counts whose total is exactly ``round(density 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 
 __all__ = [
@@ -34,7 +35,7 @@ Shape = Sequence[int]
 
 
 def _check_density(density: float) -> None:
-    if not isinstance(density, (int, float)) or isinstance(density, bool):
+    if not isinstance(density, numbers.Real) or isinstance(density, bool):
         raise TypeError(f"Expected density to be a float, but got {density!r}")
     if not 0.0 < density <= 1.0:
         raise ValueError(f"Expected density in (0, 1], but got {density}")
@@ -107,7 +108,7 @@ def from_mapping(
             f"the sparse parameters are {list(names)}"
         )
     for name, d in mapping.items():
-        if not isinstance(d, (int, float)) or isinstance(d, bool) or not 0.0 <= d <= 1.0:
+        if not isinstance(d, numbers.Real) or isinstance(d, bool) or not 0.0 <= d <= 1.0:
             raise ValueError(f"distribution[{name!r}] must be a density in [0, 1], but got {d!r}")
     numels = [math.prod(s) for s in shapes]
     total = sum(numels)
@@ -123,8 +124,8 @@ def from_mapping(
     fill = (density * total - fixed) / rest
     if not -1e-12 <= fill <= 1.0 + 1e-12:
         raise ValueError(
-            f"distribution mapping is impossible at density {density}: the unnamed layers would "
-            f"need density {fill:.6f}, outside [0, 1]"
+            f"distribution mapping is impossible at density {density:.6g}: the unnamed layers "
+            f"would need density {fill:.6g}, outside [0, 1]"
         )
     fill = min(max(fill, 0.0), 1.0)
     return [float(mapping[n]) if n in mapping else fill for n in names]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -48,7 +49,7 @@ def _keeps_zeros(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 class SparseOptimizer(torch.optim.Optimizer):
@@ -88,7 +89,11 @@ class SparseOptimizer(torch.optim.Optimizer):
         remask (str): ``"auto"`` masks only gradients on steady-state steps when the inner
             optimizer provably keeps zeros (SGD, Adam, AdamW, NAdam, RAdam, RMSprop, Adadelta,
             Adagrad without initial accumulator) and re-masks weights and state after every step
-            otherwise; ``"always"`` always re-masks. Default: ``"auto"``.
+            otherwise; ``"always"`` always re-masks, with ``torch.where``, so that even a NaN or
+            inf gradient at an inactive position leaves 0 there. ``"auto"`` masks by a product,
+            and ``0 * inf`` is NaN: without a ``GradScaler``, a non-finite gradient on a step
+            with no topology update reaches inactive weights as it reaches active ones.
+            Default: ``"auto"``.
         **method_options: passed to the method's constructor.
 
     Example:
@@ -188,6 +193,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             "exchanged": 0,
         }
         self._keeps_zeros = remask == "auto" and _keeps_zeros(optimizer)
+        self._unmaskable: set[tuple[str, str]] = set()
         self._superposition: Superposition | None = None
         self._register_groups(self.optimizer.param_groups)
         self.method.check(self)
@@ -322,11 +328,17 @@ class SparseOptimizer(torch.optim.Optimizer):
             if not isinstance(value, Tensor) or value.ndim == 0:
                 continue
             if value.shape != layer.param.shape:
-                raise ValueError(
-                    f"cannot mask inner optimizer state {key!r} of shape {tuple(value.shape)} for "
-                    f"{layer.name} of shape {tuple(layer.param.shape)}; SparseOptimizer masks "
-                    "state tensors of the parameter's shape only"
-                )
+                if (layer.name, key) not in self._unmaskable:
+                    self._unmaskable.add((layer.name, key))
+                    warnings.warn(
+                        f"inner optimizer state {key!r} of {layer.name} has shape "
+                        f"{tuple(value.shape)}, not the parameter's {tuple(layer.param.shape)}: "
+                        "it cannot be masked elementwise and is left as it is (a grown weight "
+                        "inherits it); the weights themselves are still masked every step",
+                        UserWarning,
+                        stacklevel=4,
+                    )
+                continue
             out.append(value)
         return out
 
@@ -337,7 +349,7 @@ class SparseOptimizer(torch.optim.Optimizer):
                 tensors.append(t)
                 masks.append(layer.mask)
         with torch.no_grad():
-            apply_masks_(tensors, masks)
+            apply_masks_(tensors, masks, nan_safe=self.remask == "always")
 
     def apply_masks(self) -> None:
         """Zero the weights (and any existing inner state) at inactive positions now.
@@ -419,7 +431,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             if layer.param.grad is not None:
                 grads.append(layer.param.grad)
                 masks.append(layer.mask)
-        apply_masks_(grads, masks, nan_safe=not finite)
+        apply_masks_(grads, masks, nan_safe=not finite or self.remask == "always")
         self.optimizer.step()
         if not self._keeps_zeros:
             self._mask_weights_and_state(self._layers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 __all__ = ["PRUNE_SCHEDULES", "TopologySchedule", "cubic_density"]
 
@@ -31,7 +32,9 @@ class TopologySchedule:
             raise ValueError(
                 f"Expected update_every to be a positive int, but got {update_every!r}"
             )
-        if not isinstance(prune_rate, (int, float)) or not 0.0 <= prune_rate <= 1.0:
+        if isinstance(prune_rate, bool) or not isinstance(prune_rate, numbers.Real):
+            raise TypeError(f"Expected prune_rate to be a float, but got {prune_rate!r}")
+        if not 0.0 <= prune_rate <= 1.0:
             raise ValueError(f"Expected prune_rate in [0, 1], but got {prune_rate!r}")
         if decay not in PRUNE_SCHEDULES:
             raise ValueError(f"Expected prune_schedule in {PRUNE_SCHEDULES}, but got {decay!r}")

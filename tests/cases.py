@@ -1,0 +1,228 @@
+"""Shared test tables and helpers, modelled on torch's ``common_optimizers.OptimizerInfo``.
+
+``CASES`` lists inner optimizers as ``OptimCase`` entries: an id, a factory ``make(params)`` and
+flags that tests use to pick sensible companions (a momentum-cycling scheduler only where the
+optimizer has a momentum or betas to cycle, GradScaler comparisons, the re-mask fallback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "CASES",
+    "FUSED_CASES",
+    "OptimCase",
+    "batches",
+    "case_params",
+    "erk_densities",
+    "get_case",
+    "inner_state_tensors",
+    "make_convnet",
+    "make_mlp",
+    "make_model",
+    "single_thread",
+    "train_step",
+]
+
+
+@dataclass(frozen=True)
+class OptimCase:
+    """One inner-optimizer configuration.
+
+    Attributes:
+        id: pytest id.
+        make: ``make(params) -> torch.optim.Optimizer``.
+        keeps_zeros: the optimizer keeps weight and state exactly 0 where both are 0 and the
+            gradient is 0 (``SparseOptimizer``'s zero-preserving list); ``False`` exercises the
+            re-mask-after-every-step fallback.
+        cycles_momentum: ``defaults`` has a ``momentum`` (> 0) or ``betas`` that ``CyclicLR`` and
+            ``OneCycleLR`` may cycle.
+        foreach: built with ``foreach=True``.
+        fused: built with ``fused=True``.
+    """
+
+    id: str
+    make: Callable[[Iterable], torch.optim.Optimizer]
+    keeps_zeros: bool = True
+    cycles_momentum: bool = False
+    foreach: bool = False
+    fused: bool = False
+
+    def __repr__(self) -> str:
+        return self.id
+
+
+def _variants(
+    name: str,
+    cls: type[torch.optim.Optimizer],
+    kwargs: dict,
+    *,
+    fused: bool,
+    keeps_zeros: bool = True,
+    cycles_momentum: bool = False,
+) -> list[OptimCase]:
+    """The ``foreach=False``, ``foreach=True`` (and ``fused=True``) variants of one config."""
+    impls = [("forloop", {"foreach": False}), ("foreach", {"foreach": True})]
+    if fused:
+        impls.append(("fused", {"fused": True}))
+    out = []
+    for impl, extra in impls:
+        kw = {**kwargs, **extra}
+        out.append(
+            OptimCase(
+                id=f"{name}-{impl}",
+                make=lambda params, cls=cls, kw=kw: cls(params, **kw),
+                keeps_zeros=keeps_zeros,
+                cycles_momentum=cycles_momentum,
+                foreach=impl == "foreach",
+                fused=impl == "fused",
+            )
+        )
+    return out
+
+
+_O = torch.optim
+CASES: list[OptimCase] = [
+    *_variants("sgd", _O.SGD, {"lr": 0.05}, fused=True),
+    *_variants("sgd_momentum", _O.SGD, {"lr": 0.05, "momentum": 0.9}, fused=True,
+               cycles_momentum=True),
+    *_variants("sgd_nesterov", _O.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True},
+               fused=True, cycles_momentum=True),
+    *_variants("sgd_wd", _O.SGD, {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-2},
+               fused=True, cycles_momentum=True),
+    *_variants("adam", _O.Adam, {"lr": 1e-2}, fused=True, cycles_momentum=True),
+    *_variants("adam_amsgrad_wd", _O.Adam, {"lr": 1e-2, "amsgrad": True, "weight_decay": 1e-2},
+               fused=False, cycles_momentum=True),
+    *_variants("adamw", _O.AdamW, {"lr": 1e-2, "weight_decay": 0.1}, fused=True,
+               cycles_momentum=True),
+    *_variants("rmsprop", _O.RMSprop, {"lr": 1e-2}, fused=False),
+    *_variants("rmsprop_centered_momentum", _O.RMSprop,
+               {"lr": 1e-2, "centered": True, "momentum": 0.9}, fused=False,
+               cycles_momentum=True),
+    *_variants("adagrad", _O.Adagrad, {"lr": 0.1}, fused=True),
+    # Not zero-preserving: Adamax's infinity norm becomes ``eps`` at a zero gradient, and a
+    # nonzero initial accumulator is nonzero Adagrad state. Both need the re-mask fallback.
+    *_variants("adamax", _O.Adamax, {"lr": 1e-2}, fused=False, keeps_zeros=False,
+               cycles_momentum=True),
+    *_variants("adagrad_init_acc", _O.Adagrad, {"lr": 0.1, "initial_accumulator_value": 0.1},
+               fused=False, keeps_zeros=False),
+]  # fmt: skip
+
+FUSED_CASES = [c for c in CASES if c.fused]
+
+
+def get_case(case_id: str) -> OptimCase:
+    return next(c for c in CASES if c.id == case_id)
+
+
+def case_params(cases: Sequence[OptimCase] = CASES) -> list:
+    """``pytest.param`` per case, with the case id as the test id."""
+    return [pytest.param(c, id=c.id) for c in cases]
+
+
+# --- models and data --------------------------------------------------------------------------
+def make_mlp(seed: int = 0) -> nn.Module:
+    """A three-layer MLP 8 -> 16 -> 16 -> 4, initialised from ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)
+        )
+
+
+def make_convnet(seed: int = 0) -> nn.Module:
+    """Two 3x3 convs with BatchNorm and a linear head, on 3x6x6 inputs, from ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32, 4),
+        )
+
+
+def make_model(kind: str, seed: int = 0) -> nn.Module:
+    return {"mlp": make_mlp, "convnet": make_convnet}[kind](seed)
+
+
+def batches(kind: str, n: int, seed: int = 0, batch_size: int = 8) -> list[tuple[Tensor, Tensor]]:
+    """``n`` fixed (input, label) batches for a ``make_model(kind)`` model."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    shape = (batch_size, 8) if kind == "mlp" else (batch_size, 3, 6, 6)
+    return [
+        (torch.randn(shape, generator=g), torch.randint(0, 4, (batch_size,), generator=g))
+        for _ in range(n)
+    ]
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch, scaler=None) -> Tensor:
+    """One ``zero_grad / forward / backward / step`` (through ``scaler`` when given)."""
+    x, y = batch
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y)
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    return loss.detach()
+
+
+# --- references ---------------------------------------------------------------------------------
+def inner_state_tensors(inner: torch.optim.Optimizer, p: Tensor) -> dict[str, Tensor]:
+    """The inner optimizer's state tensors of ``p``'s shape (momentum, exp_avg, sum, ...)."""
+    return {
+        k: v
+        for k, v in inner.state.get(p, {}).items()
+        if isinstance(v, Tensor) and v.ndim > 0 and v.shape == p.shape
+    }
+
+
+def erk_densities(shapes: Sequence[Sequence[int]], density: float) -> list[float]:
+    """Independent Erdős–Rényi-Kernel densities (Evci et al. 2020), dense layers capped at 1.
+
+    Density of layer ``l`` is ``eps * sum(shape_l) / prod(shape_l)`` with ``eps`` chosen so that
+    the total active count is ``density * N``; a layer that would exceed 1 becomes dense and the
+    budget is re-solved.
+    """
+    numels = [math.prod(s) for s in shapes]
+    raw = [sum(s) / math.prod(s) for s in shapes]
+    dense: set[int] = set()
+    while True:
+        free = [i for i in range(len(shapes)) if i not in dense]
+        if not free:
+            return [1.0] * len(shapes)
+        budget = density * sum(numels) - sum(numels[i] for i in dense)
+        eps = budget / sum(raw[i] * numels[i] for i in free)
+        over = [i for i in free if eps * raw[i] > 1.0]
+        if not over:
+            return [1.0 if i in dense else eps * raw[i] for i in range(len(shapes))]
+        top = max(raw[i] for i in over)
+        dense.update(i for i in over if raw[i] == top)
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run with one intra-op thread: tiny tensors are much faster without OpenMP hand-offs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
