@@ -246,6 +246,11 @@ class SparseOptimizer(torch.optim.Optimizer):
         return self._step
 
     @property
+    def last_update_step(self) -> int | None:
+        """The optimizer step of the last topology update, or ``None`` before the first."""
+        return self._stats["last_update_step"]
+
+    @property
     def total_steps(self) -> int | None:
         """Length of training in optimizer steps; setting it rebuilds the update schedule."""
         return self._total_steps

@@ -59,6 +59,7 @@ class SparsityMethod:
     Class attributes:
         name: the registry name.
         periodic: whether the method updates the topology every ``update_every`` steps.
+        uses_gradient: whether an update reads the dense gradient (FLOPs accounting).
 
     Methods are configured through their constructor's keyword arguments; ``SparseOptimizer``
     forwards its unknown keyword arguments there. :meth:`options` must return them as plain data,
@@ -67,6 +68,7 @@ class SparsityMethod:
 
     name: ClassVar[str] = "base"
     periodic: ClassVar[bool] = True
+    uses_gradient: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         if options:

@@ -52,6 +52,7 @@ class GMP(RigL):
     name = "gmp"
     periodic = False
     regrow = False
+    uses_gradient = False
 
     def __init__(
         self,
@@ -194,6 +195,7 @@ class GraNet(GMP):
     name = "granet"
     periodic = True
     regrow = True
+    uses_gradient = True
 
     def __init__(
         self,

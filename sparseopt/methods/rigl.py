@@ -19,6 +19,7 @@ class RigL(SET):
     """
 
     name = "rigl"
+    uses_gradient = True
 
     def grow_scores(
         self, layer: SparseLayer, grad: Tensor | None, generator: torch.Generator

@@ -1,0 +1,133 @@
+"""FLOPs of sparse training and inference relative to dense, from the model's real layers.
+
+Forward FLOPs per layer are counted by ``torch.utils.flop_counter`` on one real forward pass and
+scaled by each sparse layer's density, as the RigL paper (Appendix H) and Sup-tickets' Table 3 do.
+Masked dense tensors run at dense speed in PyTorch; these numbers are what a sparse kernel would
+need, the standard way this field reports cost.
+
+Training follows RigL's accounting: a step costs ``3 * f_S`` (forward, and a backward about twice
+the forward), and a topology update that reads the dense gradient (RigL, GraNet, SNIP's first
+step) costs ``2 * f_S + f_D`` instead. Dense training costs ``3 * f_D`` per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+if TYPE_CHECKING:
+    from .optimizer import SparseOptimizer
+
+__all__ = ["TrainingFlops", "layer_flops", "sparse_forward_flops"]
+
+
+def layer_flops(model: nn.Module, *inputs: Any, **kwargs: Any) -> tuple[dict[str, int], int]:
+    """Forward FLOPs of one pass: ``({weight name: FLOPs of its module}, total FLOPs)``.
+
+    The pass runs in eval mode under ``torch.no_grad()`` (BatchNorm statistics are untouched);
+    ``weight name`` is ``"<module path>.weight"`` for every module with a weight of ``ndim >= 2``.
+
+    Example:
+        >>> import torch
+        >>> per_layer, total = layer_flops(torch.nn.Linear(3, 2, bias=False), torch.randn(5, 3))
+        >>> per_layer, total   # 2 * batch * in * out
+        ({'weight': 60}, 60)
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*inputs, **kwargs)
+    finally:
+        model.train(was_training)
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    per_layer = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
+            continue
+        key = f"{root}.{name}" if name else root
+        if key in counts:
+            per_layer[f"{name}.weight" if name else "weight"] = int(sum(counts[key].values()))
+    return per_layer, int(sum(counts["Global"].values()))
+
+
+def sparse_forward_flops(
+    per_layer: Mapping[str, int], total: int, densities: Mapping[str, float]
+) -> float:
+    """Forward FLOPs when each layer in ``densities`` runs at its density, the rest dense."""
+    return total - sum(per_layer[name] * (1.0 - d) for name, d in densities.items())
+
+
+class TrainingFlops:
+    """Accumulates the training FLOPs of a ``SparseOptimizer`` run, step by step.
+
+    It registers a step post-hook, so every optimizer step that really ran is counted at the
+    densities it ran with (GraNet's falling density included), and the steps that read a dense
+    gradient get RigL's extra cost. The optimizer needs ``model=`` so that layers have names.
+
+    Args:
+        opt (SparseOptimizer): the optimizer to follow.
+        model (nn.Module): the model, for one FLOP-counting forward pass.
+        *inputs: an example batch (its size sets the absolute numbers, not the ratios).
+
+    Example:
+        >>> import torch
+        >>> from sparseopt import SparseOptimizer
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.5,
+        ...                       model=model, seed=0)
+        >>> flops = TrainingFlops(opt, model, torch.randn(4, 8))
+        >>> model(torch.randn(4, 8)).sum().backward(); opt.step()
+        >>> round(flops.ratio, 3), round(flops.inference_ratio(), 3)
+        (0.5, 0.5)
+    """
+
+    def __init__(self, opt: SparseOptimizer, model: nn.Module, *inputs: Any) -> None:
+        self.per_layer, self.dense_forward = layer_flops(model, *inputs)
+        names = {layer.name for layer in opt.layers}
+        missing = sorted(names - set(self.per_layer))
+        if missing:
+            raise ValueError(
+                f"no FLOPs were counted for sparse layers {missing}: pass model= to "
+                "SparseOptimizer and make sure the example input reaches them"
+            )
+        self.opt = opt
+        self.steps = 0
+        self.sparse_total = 0.0
+        self.dense_total = 0.0
+        self._handle = opt.register_step_post_hook(self._on_step)
+
+    def densities(self) -> dict[str, float]:
+        return {layer.name: layer.count / layer.numel for layer in self.opt.layers}
+
+    def sparse_forward(self) -> float:
+        """Forward FLOPs of the current masks."""
+        return sparse_forward_flops(self.per_layer, self.dense_forward, self.densities())
+
+    def inference_ratio(self) -> float:
+        """Inference (forward) FLOPs of the current masks relative to dense."""
+        return self.sparse_forward() / self.dense_forward
+
+    def _on_step(self, opt: SparseOptimizer, args: Any, kwargs: Any) -> None:
+        f_s, f_d = self.sparse_forward(), float(self.dense_forward)
+        cost = 3.0 * f_s
+        if opt.last_update_step == opt.step_count and opt.method.uses_gradient:
+            cost += f_d - f_s  # the dense gradient of this step: 2 f_S + f_D instead of 3 f_S
+        self.steps += 1
+        self.sparse_total += cost
+        self.dense_total += 3.0 * f_d
+
+    @property
+    def ratio(self) -> float:
+        """Training FLOPs so far relative to dense training for the same number of steps."""
+        return self.sparse_total / self.dense_total if self.dense_total else float("nan")
+
+    def remove(self) -> None:
+        """Stop counting (removes the hook)."""
+        self._handle.remove()
