@@ -20,6 +20,7 @@ __all__ = [
     "group_by_device_and_dtype",
     "random_mask",
     "select_largest",
+    "select_largest_across",
     "select_smallest",
 ]
 
@@ -51,6 +52,21 @@ def select_smallest(scores: Tensor, k: int) -> Tensor:
 def select_largest(scores: Tensor, k: int) -> Tensor:
     """Bool mask of the ``k`` largest scores, ties to the lowest index (``-inf`` taken last)."""
     return select_smallest(-scores, k)
+
+
+def select_largest_across(scores: Sequence[Tensor], k: int) -> list[Tensor]:
+    """Bool masks of the ``k`` largest scores over all tensors together (global top-k).
+
+    Ties go to the lowest index in the concatenation, i.e. the earlier tensor first. Each mask
+    comes back on its score's device.
+    """
+    device = scores[0].device
+    keep = select_largest(torch.cat([s.detach().reshape(-1).to(device) for s in scores]), k)
+    out, start = [], 0
+    for s in scores:
+        out.append(keep[start : start + s.numel()].view_as(s).to(s.device))
+        start += s.numel()
+    return out
 
 
 def random_mask(shape: Sequence[int], count: int, generator: torch.Generator) -> Tensor:

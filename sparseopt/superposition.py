@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .masks import select_largest
+from .masks import select_largest, select_largest_across
 
 __all__ = ["AVERAGING_RULES", "REPRUNE_MODES", "Superposition"]
 
@@ -53,13 +53,7 @@ def support_masks(values: Sequence[Tensor], counts: Sequence[int], reprune: str)
     """Bool masks of the largest ``|values|``: ``counts[l]`` per tensor, or their sum globally."""
     if reprune == "layer":
         return [select_largest(v.abs(), c) for v, c in zip(values, counts, strict=True)]
-    flat = torch.cat([v.detach().abs().reshape(-1).to(values[0].device) for v in values])
-    keep = select_largest(flat, sum(counts))
-    out, start = [], 0
-    for v in values:
-        out.append(keep[start : start + v.numel()].view_as(v).to(v.device))
-        start += v.numel()
-    return out
+    return select_largest_across([v.abs() for v in values], sum(counts))
 
 
 class Superposition:

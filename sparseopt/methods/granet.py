@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..masks import drop_and_grow, select_largest
+from ..masks import drop_and_grow, select_largest_across
 from ..schedules import cubic_density
 from .rigl import RigL
 
@@ -135,26 +135,11 @@ class GMP(RigL):
         else:
             keep = round(self.density_at(step, opt) * sum(layer.numel for layer in layers))
         keep = min(keep, sum(layer.count for layer in layers))
-        device = layers[0].mask.device
-        neg_inf = torch.tensor(float("-inf"))
-        flat = torch.cat(
-            [
-                torch.where(
-                    layer.mask, layer.param.detach().abs().float(), neg_inf.to(layer.mask.device)
-                )
-                .reshape(-1)
-                .to(device)
-                for layer in layers
-            ]
-        )
-        chosen = select_largest(flat, keep)
-        out, start = [], 0
-        for layer in layers:
-            out.append(
-                chosen[start : start + layer.numel].view_as(layer.mask).to(layer.mask.device)
-            )
-            start += layer.numel
-        return out
+        scores = [
+            torch.where(layer.mask, layer.param.detach().abs().float(), float("-inf"))
+            for layer in layers
+        ]
+        return select_largest_across(scores, keep)
 
     def new_masks(
         self,

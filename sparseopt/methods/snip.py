@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..masks import select_largest
+from ..masks import select_largest, select_largest_across
 from .base import SparseLayer
 from .rigl import RigL
 
@@ -96,14 +96,6 @@ class SNIP(RigL):
                 select_largest(s, layer.target) for s, layer in zip(scores, layers, strict=True)
             ]
         else:
-            device = scores[0].device
-            flat = torch.cat([s.reshape(-1).to(device) for s in scores])
-            keep = select_largest(flat, sum(layer.target for layer in layers))
-            masks, start = [], 0
-            for layer in layers:
-                masks.append(
-                    keep[start : start + layer.numel].view_as(layer.mask).to(layer.mask.device)
-                )
-                start += layer.numel
+            masks = select_largest_across(scores, sum(layer.target for layer in layers))
         self.initialized = True
         return masks
