@@ -103,6 +103,11 @@ class Superposition:
             buffers: BatchNorm buffers by name.
         """
         first = self.tickets == 0
+        if not first and buffers.keys() != self.buffers.keys():
+            raise ValueError(
+                "the model's BatchNorm buffers changed between tickets: "
+                f"{sorted(self.buffers)} vs {sorted(buffers)}"
+            )
         self.tickets += 1
         if first:
             self.params = [p.detach().clone() for p in params]
@@ -119,11 +124,6 @@ class Superposition:
                     self.active[sparse_pos[j]] = n_new
                 else:
                     self._fold(s, p.detach())
-            if buffers.keys() != self.buffers.keys():
-                raise ValueError(
-                    "the model's BatchNorm buffers changed between tickets: "
-                    f"{sorted(self.buffers)} vs {sorted(buffers)}"
-                )
             for k, b in buffers.items():
                 self._fold(self.buffers[k], b.detach())
         values = [self.params[j] for j in sparse]
