@@ -610,6 +610,46 @@ class SparseOptimizer(torch.optim.Optimizer):
                 for k, s in saved_buffers.items():
                     buffers[k].copy_(s)
 
+    # --- distributed --------------------------------------------------------------------------
+    def _digests(self) -> list[tuple[str, list[float]]]:
+        """Cheap per-layer fingerprints: count, index sums of the mask, superposed-copy sums."""
+        out = []
+        sup = self._superposition
+        for layer in self._layers:
+            idx = layer.mask.reshape(-1).nonzero().reshape(-1).to(torch.float64)
+            digest = [float(layer.count), float(idx.sum()), float(idx.square().sum())]
+            if sup is not None:
+                v = sup.params[layer.index].detach().reshape(-1).to(torch.float64)
+                digest += [float(v.sum()), float((v * torch.arange(1, v.numel() + 1)).sum())]
+            out.append((layer.name, digest))
+        out.append(("step/tickets", [float(self._step), float(self.tickets)]))
+        return out
+
+    def check_consistency(self, group: Any = None) -> None:
+        """Check that every rank holds the same masks and superposed copy; raise if not.
+
+        Gathers one small fingerprint per layer (active count, index sums of the mask, sums of
+        the superposed copy) from every rank of ``group`` with ``all_gather_object``. Meant for
+        debugging and tests; without an initialized process group it does nothing.
+
+        Raises:
+            RuntimeError: naming the first layer and rank that differ from rank 0.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        mine = self._digests()
+        gathered: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, mine, group=group)
+        for rank, theirs in enumerate(gathered):
+            for (name, ref), (_, other) in zip(gathered[0], theirs, strict=True):
+                if ref != other:
+                    raise RuntimeError(
+                        f"SparseOptimizer state differs between rank 0 and rank {rank} at "
+                        f"{name}: {ref} vs {other}"
+                    )
+
     # --- the rest of the Optimizer API ----------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forward to the inner optimizer's ``zero_grad``."""
