@@ -37,7 +37,8 @@ class GMP(RigL):
     (``T = total_steps``). At event ``c`` of the window ``(c0, cf]`` the overall density follows
     the cubic schedule of Zhu & Gupta,
     ``d(c) = d_f + (d_i - d_f) * (1 - (c - c0) / (cf - c0)) ** 3``, reaching the target ``d_f``
-    exactly at the last event ``cf`` (the reference code stops one event short). Each event keeps
+    exactly at the last event ``cf`` (the reference code stops one event short; if that event is
+    skipped for non-finite gradients, the next step with finite ones prunes to it). Each event keeps
     the ``round(d(c) * N)`` largest ``|w|`` among the active weights of all sparse layers (global
     magnitude, ties to the lowest index in packing order). The density never changes afterwards.
 
@@ -112,8 +113,15 @@ class GMP(RigL):
         return cf * every
 
     def is_pruning_step(self, step: int, opt: SparseOptimizer) -> bool:
+        """A scheduled event, or any step after the window while the target is not reached yet
+        (the last event was skipped, e.g. for non-finite gradients)."""
         c0, cf, every = self.window(opt)
-        return step % every == 0 and c0 < step // every <= cf
+        if step % every == 0 and c0 < step // every <= cf:
+            return True
+        if step > cf * every:
+            layers = opt.layers
+            return sum(layer.count for layer in layers) > sum(layer.target for layer in layers)
+        return False
 
     def density_at(self, step: int, opt: SparseOptimizer) -> float:
         """The cubic schedule's overall density after the pruning event at ``step``."""
@@ -130,7 +138,7 @@ class GMP(RigL):
         """Global magnitude pruning of the active weights to the schedule's count at ``step``."""
         layers = opt.layers
         _, cf, every = self.window(opt)
-        if step == cf * every:
+        if step >= cf * every:
             keep = sum(layer.target for layer in layers)  # exactly the target total
         else:
             keep = round(self.density_at(step, opt) * sum(layer.numel for layer in layers))
