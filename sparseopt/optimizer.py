@@ -727,6 +727,11 @@ class SparseOptimizer(torch.optim.Optimizer):
             problems.append(
                 f"method {saved.get('method')!r} vs this optimizer's {self.method.name!r}"
             )
+        elif saved.get("method_options") != self.method.options():
+            problems.append(
+                f"method options {saved.get('method_options')} vs this optimizer's "
+                f"{self.method.options()}"
+            )
         if saved.get("num_params") != self._num_params:
             problems.append(
                 f"{saved.get('num_params')} parameters vs this optimizer's {self._num_params}"
