@@ -7,6 +7,11 @@ halves, which is the gradient of the mean over the whole batch).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -93,8 +98,12 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
+    """Spawn the two ranks from a fresh interpreter, isolated from this pytest process."""
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(2, str(out / "init"), str(out)), nprocs=2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD"))}
+    subprocess.run(
+        [sys.executable, __file__, str(out)], check=True, env=env, cwd=Path(__file__).parent
+    )
     return out
 
 
@@ -118,3 +127,8 @@ def test_check_consistency_names_the_layer_that_differs(ddp_results):
     for rank in (0, 1):
         message = torch.load(ddp_results / f"error{rank}.pt", weights_only=True)
         assert "rank 0 and rank 1 at 0.weight" in message
+
+
+if __name__ == "__main__":
+    out_dir = sys.argv[1]
+    mp.spawn(_worker, args=(2, f"{out_dir}/init", out_dir), nprocs=2)
