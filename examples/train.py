@@ -448,12 +448,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start_epoch = 0
     if args.resume:
         ckpt = torch.load(args.resume, map_location=device, weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        sched.load_state_dict(ckpt["sched"])
-        torch.set_rng_state(ckpt["rng"])
-        if flops is not None and ckpt.get("flops") is not None:
-            flops.steps, flops.sparse_total, flops.dense_total = ckpt["flops"]
         saved_plan = ckpt.get("plan")
         if saved_plan is not None and saved_plan != plan:
             diff = {k: (saved_plan.get(k), v) for k, v in plan.items() if saved_plan.get(k) != v}
@@ -462,6 +456,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"(saved vs now: {diff}); resume with the same --epochs, --batch-size and "
                 "Sup-tickets settings"
             )
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        sched.load_state_dict(ckpt["sched"])
+        torch.set_rng_state(ckpt["rng"])
+        if flops is not None and ckpt.get("flops") is not None:
+            flops.steps, flops.sparse_total, flops.dense_total = ckpt["flops"]
         start_epoch = int(ckpt["epoch"])
         log(f"resumed from {args.resume} after epoch {start_epoch}")
 

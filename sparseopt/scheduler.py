@@ -259,6 +259,17 @@ class SupTicketsScheduler(LRScheduler):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load what :meth:`state_dict` returned (build this scheduler, then load)."""
         state = dict(state_dict)
+        keys = ("total_steps", "cycle_steps", "num_tickets", "phase1_steps", "averaging", "reprune")
+        differ = [
+            f"{k}={state[k]!r} vs this scheduler's {getattr(self, k)!r}"
+            for k in keys
+            if k in state and state[k] != getattr(self, k)
+        ]
+        if differ:
+            raise ValueError(
+                "the state dict was saved by a scheduler with another schedule: "
+                + "; ".join(differ)
+            )
         base = state.pop("base", None)
         if (base is None) != (self.base is None):
             saved = "a base scheduler" if base is not None else "no base scheduler"

@@ -103,6 +103,8 @@ class Superposition:
             buffers: BatchNorm buffers by name.
         """
         first = self.tickets == 0
+        if self.averaging == "caa" and self.tickets == 255:
+            raise ValueError("averaging='caa' counts activations in uint8: at most 255 tickets")
         if not first and buffers.keys() != self.buffers.keys():
             raise ValueError(
                 "the model's BatchNorm buffers changed between tickets: "

@@ -527,3 +527,17 @@ def test_load_state_dict_base_mismatch():
     no_base = SupTicketsScheduler(opt, 40, 4, superpose_fraction=0.3)
     with pytest.raises(ValueError, match=r"base"):
         no_base.load_state_dict(sched.state_dict())
+
+
+def test_load_state_dict_refuses_another_schedule():
+    from sparseopt import SparseOptimizer, SupTicketsScheduler
+
+    def build(total):
+        model = torch.nn.Linear(4, 4)
+        opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.001), "set", 0.5, seed=0)
+        return SupTicketsScheduler(opt, total_steps=total, cycle_steps=5)
+
+    state = build(100).state_dict()
+    with pytest.raises(ValueError, match=r"total_steps=100 vs this scheduler's 200"):
+        build(200).load_state_dict(state)
+    build(100).load_state_dict(state)
