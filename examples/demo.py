@@ -57,6 +57,7 @@ from data import digits_split
 from models import DigitsCNN
 
 from sparseopt import SparseOptimizer, SupTicketsScheduler
+from sparseopt.distributions import exact_counts, layer_densities
 from sparseopt.flops import TrainingFlops
 from sparseopt.metrics import (
     InTimeOverParameterization,
@@ -238,12 +239,24 @@ def run_one(
         "curve": curve,
         "layers": (
             [
-                {"name": r["name"], "numel": r["numel"], "nnz": r["nnz"], "density": r["density"]}
+                {
+                    "name": r["name"],
+                    "shape": list(r["shape"]),
+                    "numel": r["numel"],
+                    "nnz": r["nnz"],
+                    "density": r["density"],
+                }
                 for r in opt.report()["layers"]
             ]
             if sparse
             else [
-                {"name": n, "numel": p.numel(), "nnz": p.numel(), "density": 1.0}
+                {
+                    "name": n,
+                    "shape": list(p.shape),
+                    "numel": p.numel(),
+                    "nnz": p.numel(),
+                    "density": 1.0,
+                }
                 for n, p in model.named_parameters()
                 if p.ndim >= 2
             ]
@@ -743,6 +756,45 @@ def make_jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return jobs
 
 
+def layer_report(results: list[dict[str, Any]], distribution: str) -> str:
+    """The per-layer report of the first plain RigL run (else the first sparse run), next to each
+    layer's count from the distribution, computed here independently of the optimizer's masks."""
+    sparse = [r for r in results if r["method"] != "dense"]
+    if not sparse:
+        return ""
+    run = next((r for r in sparse if r["method"] == "rigl" and not r["sup_tickets"]), sparse[0])
+    layers = run["layers"]
+    density = 1.0 - run["sparsity"]
+    expected = exact_counts(
+        layer_densities(
+            distribution,
+            [tuple(layer["shape"]) for layer in layers],
+            density,
+            [layer["name"] for layer in layers],
+        ),
+        [layer["numel"] for layer in layers],
+        density,
+    )
+    shapes = ["x".join(map(str, layer["shape"])) for layer in layers]
+    nw = max(len("layer"), *(len(layer["name"]) for layer in layers))
+    sw = max(len("shape"), *(len(s) for s in shapes))
+    dist = distribution.upper()
+    head = f"{'layer':<{nw}}  {'shape':>{sw}}  {'numel':>7}  {'nnz':>6}  {dist:>6}  density"
+    lines = [f"\nper-layer report of {run['label']}, seed {run['seed']}:", head, "-" * len(head)]
+    for layer, shape, want in zip(layers, shapes, expected, strict=True):
+        lines.append(
+            f"{layer['name']:<{nw}}  {shape:>{sw}}  {layer['numel']:>7}  {layer['nnz']:>6}  "
+            f"{want:>6}  {layer['density']:.4f}"
+        )
+    nnz = [layer["nnz"] for layer in layers]
+    verdict = "equals" if nnz == expected else "DIFFERS FROM"
+    lines.append(
+        f"total nnz {sum(nnz)} of {sum(layer['numel'] for layer in layers)}: "
+        f"every layer's nnz {verdict} its {dist} count"
+    )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -757,6 +809,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print()
     print(f"{what} metrics, mean ± std over seeds {args.seeds}; FLOPs relative to dense")
     print(format_table(rows, "val" if args.eval_on == "val" else "test"))
+    print(layer_report(results, args.distribution))
     config = {k: v for k, v in vars(args).items() if k not in ("progress", "plots")}
     write_files(args.out, config, rows, results)
     split = "val" if args.eval_on == "val" else "test"

@@ -102,6 +102,17 @@ def test_demo_table_prints_every_configuration(quick_demo, capsys):
     assert "train FLOPs" in table
 
 
+def test_demo_layer_report_matches_erk_counts(quick_demo):
+    _, result = quick_demo
+    text = demo.layer_report(result["runs"], "erk")
+    assert "per-layer report of RigL 90%, seed 0" in text
+    assert "every layer's nnz equals its ERK count" in text
+    (run,) = [r for r in result["runs"] if r["method"] == "rigl" and not r["sup_tickets"]]
+    tampered = [dict(run, layers=[dict(run["layers"][0], nnz=run["layers"][0]["nnz"] + 1)])]
+    tampered[0]["layers"] += run["layers"][1:]
+    assert "DIFFERS FROM its ERK count" in demo.layer_report(tampered, "erk")
+
+
 def test_demo_grid_flags():
     args = demo.parse_args(["--methods", "set", "granet", "--sparsities", "0.8", "--seeds", "4"])
     jobs = demo.make_jobs(args)
