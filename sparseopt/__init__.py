@@ -1,8 +1,13 @@
 """sparseopt: sparse training as a two-line change to any PyTorch training script.
 
->>> import sparseopt
->>> sorted(sparseopt.available_methods())
-['gmp', 'granet', 'rigl', 'set', 'snip', 'static']
+``SparseOptimizer`` wraps any ``torch.optim.Optimizer`` and keeps the sparse weights at exact
+per-layer counts; ``SupTicketsScheduler`` adds the Sup-tickets booster (Yin et al., UAI 2022) as
+an ``LRScheduler``.
+
+Examples:
+    >>> import sparseopt
+    >>> sorted(sparseopt.available_methods())
+    ['gmp', 'granet', 'rigl', 'set', 'snip', 'static']
 """
 
 from .methods import SparsityMethod, available_methods, get_method, register_method
@@ -11,6 +16,7 @@ from .optimizer import SparseOptimizer
 from .scheduler import SupTicketsScheduler, cyclic_lr
 
 __version__ = "0.1.0"
+"""The version of this sparseopt release."""
 
 __all__ = [
     "SparseOptimizer",

@@ -2,8 +2,9 @@
 
 Every distribution has the same signature, ``fn(shapes, density) -> list[float]``: given the shapes
 of the sparse tensors and the overall target density ``1 - sparsity``, it returns one density per
-tensor such that ``sum(d_l * n_l) == density * sum(n_l)`` (in real numbers). :func:`exact_counts`
-then turns densities into integer counts whose total is exactly ``round(density * N)``.
+tensor such that ``sum(d_l * n_l) == density * sum(n_l)`` (in real numbers).
+[`exact_counts`][sparseopt.distributions.exact_counts] then turns densities into integer counts
+whose total is exactly ``round(density * N)``.
 
 - ``uniform``: every layer gets the same density.
 - ``erk``: Erdős–Rényi-Kernel (Evci et al. 2020). Layer ``l`` gets density proportional to
@@ -42,7 +43,23 @@ def _check_density(density: float) -> None:
 
 
 def uniform(shapes: Sequence[Shape], density: float) -> list[float]:
-    """The same density for every layer."""
+    """The same density for every layer.
+
+    Args:
+        shapes (Sequence[Sequence[int]]): the shapes of the sparse tensors.
+        density (float): the overall target density ``1 - sparsity``, in (0, 1].
+
+    Returns:
+        One density per tensor, all equal to ``density``.
+
+    Raises:
+        TypeError: if ``density`` is not a real number.
+        ValueError: if ``density`` is outside (0, 1].
+
+    Examples:
+        >>> uniform([(64, 32), (10, 64)], 0.1)
+        [0.1, 0.1]
+    """
     _check_density(density)
     return [float(density)] * len(shapes)
 
@@ -75,14 +92,56 @@ def _capped_proportional(
 
 
 def erk(shapes: Sequence[Shape], density: float) -> list[float]:
-    """Erdős–Rényi-Kernel: density proportional to ``sum(shape) / prod(shape)``."""
+    """Erdős–Rényi-Kernel: density proportional to ``sum(shape) / prod(shape)``.
+
+    Evci et al. 2020 (RigL), the default distribution of ``SparseOptimizer``. Kernel dimensions
+    count: a 3x3 conv ``(c_out, c_in, 3, 3)`` scores ``(c_out + c_in + 6) / (9 c_out c_in)``.
+    Layers whose density would exceed 1 are made dense, and the others share the rest of the
+    budget (RigL's dense-capping loop), so the overall density is exactly ``density``.
+
+    Args:
+        shapes (Sequence[Sequence[int]]): the shapes of the sparse tensors.
+        density (float): the overall target density ``1 - sparsity``, in (0, 1].
+
+    Returns:
+        One density per tensor, in [0, 1]; ``sum(d_l * n_l) == density * sum(n_l)``.
+
+    Raises:
+        TypeError: if ``density`` is not a real number.
+        ValueError: if ``density`` is outside (0, 1].
+
+    Examples:
+        Small layers get a higher density than large ones:
+
+        >>> [round(d, 4) for d in erk([(16, 3, 3, 3), (32, 16, 3, 3), (10, 32)], 0.1)]
+        [0.2564, 0.0519, 0.5814]
+    """
     numels = [math.prod(s) for s in shapes]
     raw = [sum(s) / math.prod(s) for s in shapes]
     return _capped_proportional(raw, numels, density)
 
 
 def er(shapes: Sequence[Shape], density: float) -> list[float]:
-    """Erdős–Rényi: density proportional to ``(n_out + n_in) / (n_out * n_in)``, kernels ignored."""
+    """Erdős–Rényi: density proportional to ``(n_out + n_in) / (n_out * n_in)``, kernels ignored.
+
+    Mocanu et al. 2018 (SET), with the same dense-capping loop as
+    [`erk`][sparseopt.distributions.erk]. For 2-D weights it equals ERK.
+
+    Args:
+        shapes (Sequence[Sequence[int]]): the shapes of the sparse tensors (at least 2-D).
+        density (float): the overall target density ``1 - sparsity``, in (0, 1].
+
+    Returns:
+        One density per tensor, in [0, 1].
+
+    Raises:
+        TypeError: if ``density`` is not a real number.
+        ValueError: if ``density`` is outside (0, 1].
+
+    Examples:
+        >>> [round(d, 4) for d in er([(64, 32), (10, 64)], 0.1)]
+        [0.0741, 0.1828]
+    """
     numels = [math.prod(s) for s in shapes]
     raw = [(s[0] + s[1]) / (s[0] * s[1]) for s in shapes]
     return _capped_proportional(raw, numels, density)
@@ -97,8 +156,25 @@ def from_mapping(
     the budget ``density * N`` uniformly. If the mapping names every layer, its overall density
     must agree with ``density`` (within 1e-3), otherwise the request is contradictory.
 
+    Args:
+        mapping (Mapping[str, float]): parameter name -> density in [0, 1].
+        names (Sequence[str]): the names of the sparse tensors, in order.
+        shapes (Sequence[Sequence[int]]): their shapes.
+        density (float): the overall target density ``1 - sparsity``, in (0, 1].
+
+    Returns:
+        One density per tensor, in the order of ``names``.
+
     Raises:
         ValueError: for an unknown name, a density outside [0, 1], or an impossible budget.
+
+    Examples:
+        Keep the classifier at 25% and let the first layer take what is left of a 10% budget:
+
+        >>> d = from_mapping({"fc2.weight": 0.25}, ["fc1.weight", "fc2.weight"],
+        ...                  [(64, 32), (10, 64)], 0.1)
+        >>> [round(x, 4) for x in d]
+        [0.0531, 0.25]
     """
     _check_density(density)
     unknown = sorted(set(mapping) - set(names))
@@ -136,6 +212,7 @@ DISTRIBUTIONS: dict[str, Callable[[Sequence[Shape], float], list[float]]] = {
     "er": er,
     "erk": erk,
 }
+"""The named distributions, ``name -> fn(shapes, density)``: what ``distribution="..."`` selects."""
 
 
 def layer_densities(
@@ -144,7 +221,27 @@ def layer_densities(
     density: float,
     names: Sequence[str] | None = None,
 ) -> list[float]:
-    """Per-layer densities for ``distribution`` (a name in :data:`DISTRIBUTIONS` or a mapping)."""
+    """Per-layer densities for ``distribution``: a name in ``DISTRIBUTIONS``, or a mapping.
+
+    Args:
+        distribution (str | Mapping[str, float]): ``"erk"``, ``"er"``, ``"uniform"``
+            (case-insensitive), or a mapping name -> density (see
+            [`from_mapping`][sparseopt.distributions.from_mapping]).
+        shapes (Sequence[Sequence[int]]): the shapes of the sparse tensors.
+        density (float): the overall target density ``1 - sparsity``, in (0, 1].
+        names (Sequence[str] | None): the tensors' names; needed for a mapping. Default: None.
+
+    Returns:
+        One density per tensor.
+
+    Raises:
+        ValueError: for an unknown name, or a mapping without ``names``.
+        TypeError: if ``distribution`` is neither a string nor a mapping.
+
+    Examples:
+        >>> [round(d, 4) for d in layer_densities("erk", [(64, 32), (10, 64)], 0.1)]
+        [0.0741, 0.1828]
+    """
     if isinstance(distribution, Mapping):
         if names is None:
             raise ValueError("a distribution mapping needs parameter names")
@@ -170,6 +267,26 @@ def exact_counts(densities: Sequence[float], numels: Sequence[int], density: flo
     fractional parts (ties to the earlier layer), never above ``n_l``. This is the largest-
     remainder method, so each count is within one of ``d_l * n_l``. Fractional parts are compared
     at 1e-9, so float noise never decides a tie. ``round`` is Python's (half to even).
+
+    Args:
+        densities (Sequence[float]): one density per tensor (from a distribution).
+        numels (Sequence[int]): the tensors' numbers of elements.
+        density (float): the overall target density; the counts sum to ``round(density * N)``.
+
+    Returns:
+        One integer count per tensor, each in ``[0, n_l]``.
+
+    Raises:
+        ValueError: if ``densities`` and ``numels`` differ in length.
+
+    Examples:
+        ``1.5`` and ``2.5`` active weights round to ``2 + 2 = round(0.5 * 8)``; the tie for the
+        extra unit goes to the earlier layer:
+
+        >>> exact_counts([0.5, 0.5], [3, 5], 0.5)
+        [2, 2]
+        >>> exact_counts(erk([(64, 32), (10, 64)], 0.1), [2048, 640], 0.1)
+        [152, 117]
     """
     if len(densities) != len(numels):
         raise ValueError("densities and numels must have the same length")

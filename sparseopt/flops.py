@@ -31,7 +31,15 @@ def layer_flops(model: nn.Module, *inputs: Any, **kwargs: Any) -> tuple[dict[str
     The pass runs in eval mode under ``torch.no_grad()`` (BatchNorm statistics are untouched);
     ``weight name`` is ``"<module path>.weight"`` for every module with a weight of ``ndim >= 2``.
 
-    Example:
+    Args:
+        model (nn.Module): the model; its training mode is restored afterwards.
+        *inputs: the positional inputs of one forward pass.
+        **kwargs: its keyword inputs.
+
+    Returns:
+        ``(per_layer, total)``: FLOPs of each weighted module, and of the whole pass.
+
+    Examples:
         >>> import torch
         >>> per_layer, total = layer_flops(torch.nn.Linear(3, 2, bias=False), torch.randn(5, 3))
         >>> per_layer, total   # 2 * batch * in * out
@@ -60,7 +68,25 @@ def layer_flops(model: nn.Module, *inputs: Any, **kwargs: Any) -> tuple[dict[str
 def sparse_forward_flops(
     per_layer: Mapping[str, int], total: int, densities: Mapping[str, float]
 ) -> float:
-    """Forward FLOPs when each layer in ``densities`` runs at its density, the rest dense."""
+    """Forward FLOPs when each layer in ``densities`` runs at its density, the rest dense.
+
+    Args:
+        per_layer (Mapping[str, int]): dense FLOPs per weight name, from
+            [`layer_flops`][sparseopt.flops.layer_flops].
+        total (int): the dense FLOPs of the whole pass.
+        densities (Mapping[str, float]): weight name -> density.
+
+    Returns:
+        ``total - sum(per_layer[name] * (1 - density))``.
+
+    Raises:
+        KeyError: if ``densities`` names a layer that ``per_layer`` lacks.
+
+    Examples:
+        >>> sparse_forward_flops({"0.weight": 1000, "1.weight": 200}, 1300,
+        ...                      {"0.weight": 0.1, "1.weight": 0.5})
+        300.0
+    """
     return total - sum(per_layer[name] * (1.0 - d) for name, d in densities.items())
 
 
@@ -76,7 +102,11 @@ class TrainingFlops:
         model (nn.Module): the model, for one FLOP-counting forward pass.
         *inputs: an example batch (its size sets the absolute numbers, not the ratios).
 
-    Example:
+    Raises:
+        ValueError: if no FLOPs were counted for some sparse layer (no ``model=``, or the
+            example input does not reach it).
+
+    Examples:
         >>> import torch
         >>> from sparseopt import SparseOptimizer
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
@@ -104,6 +134,7 @@ class TrainingFlops:
         self._handle = opt.register_step_post_hook(self._on_step)
 
     def densities(self) -> dict[str, float]:
+        """The current density of each sparse layer, by name."""
         return {layer.name: layer.count / layer.numel for layer in self.opt.layers}
 
     def sparse_forward(self) -> float:

@@ -29,6 +29,23 @@ def select_smallest(scores: Tensor, k: int) -> Tensor:
     """Bool mask (shape of ``scores``) of the ``k`` smallest scores, ties to the lowest index.
 
     ``+inf`` scores are never selected unless ``k`` exceeds the number of finite ones.
+
+    Args:
+        scores (Tensor): any shape; low-precision dtypes are compared in float32.
+        k (int): how many to select, in ``[0, scores.numel()]``.
+
+    Returns:
+        A bool tensor of ``scores``' shape with exactly ``k`` ones.
+
+    Raises:
+        ValueError: if ``k`` is outside ``[0, scores.numel()]``.
+
+    Examples:
+        The two 1s tie; both fit:
+
+        >>> import torch
+        >>> select_smallest(torch.tensor([3.0, 1.0, 2.0, 1.0, 5.0]), 2)
+        tensor([False,  True, False,  True, False])
     """
     flat = scores.reshape(-1)
     if flat.dtype not in (torch.float32, torch.float64):
@@ -50,7 +67,23 @@ def select_smallest(scores: Tensor, k: int) -> Tensor:
 
 
 def select_largest(scores: Tensor, k: int) -> Tensor:
-    """Bool mask of the ``k`` largest scores, ties to the lowest index (``-inf`` taken last)."""
+    """Bool mask of the ``k`` largest scores, ties to the lowest index (``-inf`` taken last).
+
+    Args:
+        scores (Tensor): any shape.
+        k (int): how many to select, in ``[0, scores.numel()]``.
+
+    Returns:
+        A bool tensor of ``scores``' shape with exactly ``k`` ones.
+
+    Raises:
+        ValueError: if ``k`` is outside ``[0, scores.numel()]``.
+
+    Examples:
+        >>> import torch
+        >>> select_largest(torch.tensor([3.0, 1.0, 2.0, 1.0, 5.0]), 2)
+        tensor([ True, False, False, False,  True])
+    """
     return select_smallest(-scores, k)
 
 
@@ -59,6 +92,26 @@ def select_largest_across(scores: Sequence[Tensor], k: int) -> list[Tensor]:
 
     Ties go to the lowest index in the concatenation, i.e. the earlier tensor first. Each mask
     comes back on its score's device.
+
+    Args:
+        scores (Sequence[Tensor]): one score tensor per layer, any shapes.
+        k (int): how many to select over all of them together.
+
+    Returns:
+        One bool mask per tensor, of its shape; the masks hold ``k`` ones in all.
+
+    Raises:
+        ValueError: if ``k`` exceeds the total number of scores or is negative.
+
+    Examples:
+        The two 4s tie, and the earlier tensor's comes first:
+
+        >>> import torch
+        >>> a, b = select_largest_across([torch.tensor([1.0, 4.0]),
+        ...                               torch.tensor([[3.0, 2.0], [4.0, 0.0]])], 3)
+        >>> a, b
+        (tensor([False,  True]), tensor([[ True, False],
+                [ True, False]]))
     """
     device = scores[0].device
     keep = select_largest(torch.cat([s.detach().reshape(-1).to(device) for s in scores]), k)
@@ -70,7 +123,25 @@ def select_largest_across(scores: Sequence[Tensor], k: int) -> list[Tensor]:
 
 
 def random_mask(shape: Sequence[int], count: int, generator: torch.Generator) -> Tensor:
-    """A CPU bool mask of ``shape`` with exactly ``count`` ones at uniformly random positions."""
+    """A CPU bool mask of ``shape`` with exactly ``count`` ones at uniformly random positions.
+
+    Args:
+        shape (Sequence[int]): the mask's shape.
+        count (int): the number of ones, in ``[0, prod(shape)]``.
+        generator (torch.Generator): a CPU generator; the same state gives the same mask.
+
+    Returns:
+        A bool tensor on the CPU.
+
+    Raises:
+        ValueError: if ``count`` is outside ``[0, prod(shape)]``.
+
+    Examples:
+        >>> import torch
+        >>> mask = random_mask((2, 3), 2, torch.Generator().manual_seed(0))
+        >>> int(mask.sum()), mask.shape
+        (2, torch.Size([2, 3]))
+    """
     n = 1
     for s in shape:
         n *= s
@@ -90,9 +161,29 @@ def drop_and_grow(
     connections with the largest ``grow_scores`` among all inactive ones, the just-dropped ones
     included (a connection dropped and grown again keeps its value, as in RigL).
 
+    Args:
+        mask (Tensor): the current bool mask.
+        drop_scores (Tensor): scores of ``mask``'s shape; only active positions are considered.
+        grow_scores (Tensor): scores of ``mask``'s shape; the kept connections are excluded.
+        k (int): the number of connections to exchange, at most the active count.
+
     Returns:
         ``(new_mask, dropped, grown)``: ``dropped`` are connections active before and inactive
         after, ``grown`` the ones inactive before and active after. Both have ``k`` or fewer ones.
+
+    Raises:
+        ValueError: if ``k`` exceeds the number of positions.
+
+    Examples:
+        Drop the smallest ``|w|`` of three active weights (-0.1), grow the largest gradient:
+
+        >>> import torch
+        >>> mask = torch.tensor([True, True, True, False, False, False])
+        >>> w = torch.tensor([0.5, -0.1, 0.9, 0.0, 0.0, 0.0])
+        >>> grad = torch.tensor([0.0, 0.0, 0.0, 0.3, 0.8, 0.1])
+        >>> new, dropped, grown = drop_and_grow(mask, w.abs(), grad.abs(), 1)
+        >>> new.nonzero().flatten().tolist(), dropped.nonzero().flatten().tolist()
+        ([0, 2, 4], [1])
     """
     if k == 0:
         empty = torch.zeros_like(mask)
@@ -108,7 +199,23 @@ def drop_and_grow(
 def group_by_device_and_dtype(
     tensors: Iterable[Tensor], masks: Iterable[Tensor]
 ) -> dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]]:
-    """Group ``(tensor, mask)`` pairs by the tensor's device and dtype, for foreach kernels."""
+    """Group ``(tensor, mask)`` pairs by the tensor's device and dtype, for foreach kernels.
+
+    Args:
+        tensors (Iterable[Tensor]): the tensors.
+        masks (Iterable[Tensor]): one mask per tensor.
+
+    Returns:
+        ``{(device, dtype): (tensors, masks)}``, each pair of lists in input order.
+
+    Examples:
+        >>> import torch
+        >>> groups = group_by_device_and_dtype(
+        ...     [torch.ones(3), torch.ones(2, dtype=torch.float64), torch.ones(1)],
+        ...     [torch.ones(3, dtype=torch.bool)] * 3)
+        >>> {dtype: len(ts) for (device, dtype), (ts, ms) in groups.items()}
+        {torch.float32: 2, torch.float64: 1}
+    """
     groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]]
     groups = defaultdict(lambda: ([], []))
     for t, m in zip(tensors, masks, strict=True):
@@ -127,6 +234,20 @@ def apply_masks_(
     read per element, and measurably faster than a bool multiply on CPU. A product leaves
     ``0 * nan = nan``; with ``nan_safe=True`` the masked positions become 0 whatever they held
     (``torch.where``, slower; used on steps known to carry non-finite values).
+
+    Args:
+        tensors (Sequence[Tensor]): masked in place.
+        masks (Sequence[Tensor]): one bool mask per tensor, of its shape and device.
+        nan_safe (bool): write exact zeros even where a tensor holds NaN or inf. Default: False.
+
+    Examples:
+        >>> import torch
+        >>> x = torch.tensor([1.0, float("nan"), 2.0])
+        >>> keep = torch.tensor([True, False, True])
+        >>> apply_masks_([x], [keep]); x
+        tensor([1., nan, 2.])
+        >>> apply_masks_([x], [keep], nan_safe=True); x
+        tensor([1., 0., 2.])
     """
     if not tensors:
         return

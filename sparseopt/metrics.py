@@ -1,11 +1,14 @@
 """Measurements specific to sparse training.
 
-- :class:`SparsityReport`: per-layer density, what ``SparseOptimizer.report()`` returns.
-- :func:`mask_churn`: the fraction of active connections an update replaced.
-- :class:`InTimeOverParameterization`: the fraction of weights ever active during training
-  (Liu et al. 2021, "in-time over-parameterization").
-- :func:`prediction_disagreement` and :func:`prediction_kl`: how differently two models predict,
-  the ticket diversity of the Sup-tickets paper (Table 6).
+- [`SparsityReport`][sparseopt.metrics.SparsityReport]: per-layer density, what
+  ``SparseOptimizer.report()`` returns.
+- [`mask_churn`][sparseopt.metrics.mask_churn]: the fraction of active connections an update
+  replaced.
+- [`InTimeOverParameterization`][sparseopt.metrics.InTimeOverParameterization]: the fraction of
+  weights ever active during training (Liu et al. 2021, "in-time over-parameterization").
+- [`prediction_disagreement`][sparseopt.metrics.prediction_disagreement] and
+  [`prediction_kl`][sparseopt.metrics.prediction_kl]: how differently two models predict, the
+  ticket diversity of the Sup-tickets paper (Table 6).
 """
 
 from __future__ import annotations
@@ -31,7 +34,14 @@ __all__ = [
 def mask_churn(before: Sequence[Tensor], after: Sequence[Tensor]) -> float:
     """Connections active in ``after`` but not in ``before``, over those active in ``before``.
 
-    Example:
+    Args:
+        before (Sequence[Tensor]): the bool masks before an update, one per layer.
+        after (Sequence[Tensor]): the bool masks after it, same shapes.
+
+    Returns:
+        The churn in [0, 1] (0.0 when nothing was active before).
+
+    Examples:
         >>> import torch
         >>> mask_churn([torch.tensor([True, True, False, False])],
         ...            [torch.tensor([True, False, True, False])])
@@ -45,7 +55,14 @@ def mask_churn(before: Sequence[Tensor], after: Sequence[Tensor]) -> float:
 def prediction_disagreement(logits_a: Tensor, logits_b: Tensor) -> float:
     """The fraction of inputs on which the two models' top-1 predictions differ.
 
-    Example:
+    Args:
+        logits_a (Tensor): ``(batch, classes)`` outputs of the first model.
+        logits_b (Tensor): the second model's, same shape.
+
+    Returns:
+        The disagreement in [0, 1].
+
+    Examples:
         >>> import torch
         >>> prediction_disagreement(torch.tensor([[2.0, 1.0], [0.0, 1.0]]),
         ...                         torch.tensor([[2.0, 1.0], [1.0, 0.0]]))
@@ -57,7 +74,16 @@ def prediction_disagreement(logits_a: Tensor, logits_b: Tensor) -> float:
 def prediction_kl(logits_a: Tensor, logits_b: Tensor) -> float:
     """Mean ``KL(p_a || p_b)`` between the two models' predictive distributions (nats).
 
-    Example:
+    Computed in float64 from ``log_softmax`` of the logits, and clamped at 0.
+
+    Args:
+        logits_a (Tensor): ``(batch, classes)`` outputs of the first model (the reference ``p_a``).
+        logits_b (Tensor): the second model's, same shape.
+
+    Returns:
+        The batch-mean KL divergence, ``>= 0``.
+
+    Examples:
         >>> import torch
         >>> logits = torch.randn(4, 3)
         >>> prediction_kl(logits, logits)
@@ -74,7 +100,10 @@ class InTimeOverParameterization:
     It takes the masks when built and after every step that changed the topology (one step
     post-hook), so it costs one byte per weight and no work on steady-state steps.
 
-    Example:
+    Args:
+        opt (SparseOptimizer): the optimizer to follow, from any point of training on.
+
+    Examples:
         >>> import torch
         >>> from sparseopt import SparseOptimizer
         >>> model = torch.nn.Linear(10, 10)
@@ -100,7 +129,7 @@ class InTimeOverParameterization:
 
     @property
     def rate(self) -> float:
-        """Weights ever active over all sparse weights."""
+        """Weights ever active over all sparse weights, in (0, 1]."""
         total = sum(e.numel() for e in self.ever)
         return sum(int(e.sum()) for e in self.ever) / total if total else 1.0
 
@@ -110,7 +139,8 @@ class InTimeOverParameterization:
 
 
 class SparsityReport(dict):
-    """What :meth:`SparseOptimizer.report` returns: a plain ``dict`` that prints as a table.
+    """What [`SparseOptimizer.report`][sparseopt.SparseOptimizer.report] returns: a plain
+    ``dict`` that prints as a table.
 
     Keys:
         ``layers``: one dict per sparse layer with ``name``, ``shape``, ``numel``, ``nnz`` (active
@@ -119,6 +149,29 @@ class SparsityReport(dict):
         ``updates``: topology-update statistics: ``updates`` done, ``skipped`` (non-finite
         gradients), ``last_update_step``, ``last_rate``, ``last_exchanged`` (connections grown in
         the last update), ``exchanged`` (in all updates), and the current ``step``.
+
+    Args:
+        layers (Sequence[dict]): the per-layer rows.
+        updates (dict): the update statistics.
+
+    Examples:
+        >>> import torch
+        >>> from sparseopt import SparseOptimizer
+        >>> model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(),
+        ...                             torch.nn.Linear(64, 10))
+        >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.9,
+        ...                       model=model, seed=0)
+        >>> report = opt.report()
+        >>> report["total"]["nnz"], report["layers"][1]["nnz"]
+        (269, 117)
+        >>> print(report)
+        layer     shape       numel         nnz  density
+        ------------------------------------------------
+        0.weight  64x32        2048         152   0.0742
+        2.weight  10x64         640         117   0.1828
+        ------------------------------------------------
+        total                  2688         269   0.1001
+        step 0: 0 topology updates (0 skipped), 0 connections exchanged
     """
 
     def __init__(self, layers: Sequence[dict[str, Any]], updates: dict[str, Any]) -> None:

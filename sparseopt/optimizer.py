@@ -56,7 +56,7 @@ class SparseOptimizer(torch.optim.Optimizer):
     r"""Sparse training around any optimizer: masks, exact counts, and topology updates.
 
     ``SparseOptimizer`` keeps a bool mask per sparse weight tensor in its own state. Inside
-    :meth:`step` it masks the gradients, runs the inner optimizer, keeps inactive weights and
+    [`step`][] it masks the gradients, runs the inner optimizer, keeps inactive weights and
     every inner state tensor of the weight's shape at exactly 0, and every ``update_every`` steps
     moves the topology with the chosen method (drop the smallest ``|w|``, grow by the method's
     criterion). Counts are exact: each layer holds the number of active weights its distribution
@@ -67,8 +67,10 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     Args:
         optimizer (torch.optim.Optimizer): the inner optimizer (any, foreach or fused).
-        method (str | SparsityMethod): ``"static"``, ``"set"``, ``"rigl"``, a name registered with
-            :func:`sparseopt.register_method`, or an instance. Default: ``"set"``.
+        method (str | SparsityMethod): ``"static"``, ``"set"``, ``"rigl"``, ``"granet"``,
+            ``"gmp"``, ``"snip"``, a name registered with
+            [`register_method`][sparseopt.methods.register_method], or an instance.
+            Default: ``"set"``.
         sparsity (float): target fraction of zeros over all sparse parameters, in [0, 1).
             Default: 0.9.
         distribution (str | Mapping[str, float]): ``"erk"``, ``"er"``, ``"uniform"``, or a mapping
@@ -80,7 +82,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         stop_fraction (float): periodic updates stop after ``stop_fraction * total_steps`` steps.
             Default: 0.75 (RigL). Ignored without ``total_steps``.
         total_steps (int | None): the length of training in optimizer steps. A
-            :class:`~sparseopt.SupTicketsScheduler` fills it in when it is ``None``. Default: None.
+            [`SupTicketsScheduler`][sparseopt.SupTicketsScheduler] fills it in when it is
+            ``None``. Default: None.
         model (nn.Module | None): gives layer names (reports, a distribution mapping) and the
             BatchNorm buffers that Sup-tickets superposes. Default: None.
         seed (int | None): seeds the optimizer's own ``torch.Generator`` (initial masks, random
@@ -96,7 +99,17 @@ class SparseOptimizer(torch.optim.Optimizer):
             Default: ``"auto"``.
         **method_options: passed to the method's constructor.
 
-    Example:
+    Raises:
+        TypeError: if ``optimizer`` is not a ``torch.optim.Optimizer`` or already a
+            ``SparseOptimizer``; for a ``sparsity``, ``prune_rate``, ``distribution``,
+            ``model``, ``seed`` or ``method`` of the wrong type; for method options the method
+            does not take.
+        ValueError: for a value out of range (``sparsity``, ``update_every``, ``prune_rate``,
+            ``stop_fraction``, ``total_steps``), an unknown ``prune_schedule``, ``remask``,
+            ``distribution`` or ``method``, ``prune_schedule="cosine"`` without
+            ``total_steps``, or settings the method cannot run with.
+
+    Examples:
         >>> import torch
         >>> from sparseopt import SparseOptimizer
         >>> nn = torch.nn
@@ -109,8 +122,9 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     Note:
         The masks are drawn when the optimizer is built and applied to the weights at the first
-        :meth:`step` (or by :meth:`apply_masks`). Building the optimizer never changes the model,
-        so a checkpoint can be loaded into the model before or after the optimizer is built.
+        [`step`][] (or by [`apply_masks`][]).
+        Building the optimizer never changes the model, so a checkpoint can be loaded into the
+        model before or after the optimizer is built.
     """
 
     def __init__(
@@ -201,6 +215,7 @@ class SparseOptimizer(torch.optim.Optimizer):
     # --- views of the inner optimizer (live; never cached, see notes/style.md P3) -----------------
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """The inner optimizer's ``param_groups``: the same list, so schedulers reach it."""
         return self.optimizer.param_groups
 
     @param_groups.setter
@@ -209,6 +224,7 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     @property
     def state(self) -> Any:  # type: ignore[override]
+        """The inner optimizer's per-parameter ``state`` (momentum, ``exp_avg``, ...), live."""
         return self.optimizer.state
 
     @state.setter
@@ -217,6 +233,7 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     @property
     def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        """The inner optimizer's ``defaults``, live."""
         return self.optimizer.defaults
 
     @defaults.setter
@@ -359,8 +376,19 @@ class SparseOptimizer(torch.optim.Optimizer):
     def apply_masks(self) -> None:
         """Zero the weights (and any existing inner state) at inactive positions now.
 
-        :meth:`step` does this on its first call; call it earlier to evaluate or count the sparse
-        model before training starts.
+        [`step`][] does this on its first call; call it earlier to evaluate or count the
+        sparse model before training starts.
+
+        Examples:
+            >>> import torch
+            >>> from sparseopt import SparseOptimizer
+            >>> model = torch.nn.Linear(16, 16, bias=False)
+            >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.9)
+            >>> int((model.weight != 0).sum())  # building the optimizer changes nothing
+            256
+            >>> opt.apply_masks()
+            >>> int((model.weight != 0).sum()) <= opt.layers[0].count == 26
+            True
         """
         self._mask_weights_and_state(self._layers)
         self._masks_applied = True
@@ -369,8 +397,26 @@ class SparseOptimizer(torch.optim.Optimizer):
     def explore(self, rate: float) -> None:
         """Ask for one drop-and-grow exploration at drop fraction ``rate`` inside the next step.
 
-        It runs inside the next :meth:`step`, where the method's growth criterion sees the dense
-        gradient of that step's batch. Sup-tickets calls it at the start of each cycle.
+        It runs inside the next [`step`][], where the method's growth criterion sees the
+        dense gradient of that step's batch. Sup-tickets calls it at the start of each cycle. If
+        that step's gradients are not finite, it waits for the next step whose gradients are.
+
+        Args:
+            rate (float): the drop fraction, in [0, 1]: each layer drops ``floor(rate * count)``
+                connections and grows as many.
+
+        Raises:
+            ValueError: if ``rate`` is outside [0, 1].
+
+        Examples:
+            >>> import torch
+            >>> from sparseopt import SparseOptimizer
+            >>> model = torch.nn.Linear(16, 16, bias=False)
+            >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "static", 0.9)
+            >>> opt.explore(0.5)
+            >>> model(torch.randn(4, 16)).square().sum().backward(); opt.step()
+            >>> opt.report()["updates"]["updates"], opt.layers[0].count
+            (1, 26)
         """
         if not _is_number(rate) or not 0.0 <= rate <= 1.0:
             raise ValueError(f"Expected rate in [0, 1], but got {rate!r}")
@@ -396,11 +442,38 @@ class SparseOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Mask gradients, run the inner step, keep masked positions at 0, update the topology.
 
+        In order: on the first call, apply the masks; on a step with a topology update (or an
+        exploration) due, read the method's growth scores from the dense gradients, or skip the
+        update with a warning if they are not finite; mask the gradients; run the inner step;
+        re-mask weights and inner state unless the inner optimizer provably keeps zeros; apply
+        the update, zeroing each newly grown weight and its state.
+
+        With a ``GradScaler``, call ``scaler.step(opt)`` (it skips this call on steps with inf
+        or NaN gradients), then ``scaler.update()``, then the schedulers' ``step()``.
+
         Args:
             closure (Callable | None): re-evaluates the model and returns the loss.
+                Default: None.
 
         Returns:
             The closure's loss, if a closure was given.
+
+        Raises:
+            ValueError: for SNIP, if no sparse parameter has a gradient on the first step.
+
+        Examples:
+            >>> import torch
+            >>> from sparseopt import SparseOptimizer
+            >>> model = torch.nn.Linear(16, 16)
+            >>> opt = SparseOptimizer(torch.optim.Adam(model.parameters()), "rigl", 0.9)
+            >>> def closure():
+            ...     opt.zero_grad()
+            ...     loss = model(torch.randn(4, 16)).square().mean()
+            ...     loss.backward()
+            ...     return loss
+            >>> loss = opt.step(closure)
+            >>> bool((model.weight[~opt.masks[model.weight]] == 0).all()), opt.step_count
+            (True, 1)
         """
         loss = None
         if closure is not None:
@@ -498,15 +571,16 @@ class SparseOptimizer(torch.optim.Optimizer):
 
         The first call allocates ONE copy of every parameter (and of the BatchNorm running
         statistics of ``model=``); each call folds the live ticket ``T_t`` in with the averaging
-        rule and magnitude-prunes the copy back to the target count:
+        rule and magnitude-prunes the copy back to the target count::
 
-        .. math::
-            S_1 = \mathrm{prune}(T_1), \qquad S_t = \mathrm{prune}(\mathrm{rule}(S_{t-1}, T_t))
+            S_1 = prune(T_1)
+            S_t = prune(rule(S_{t-1}, T_t))
 
-        ``cia``: :math:`((t-1) S_{t-1} + T_t) / t` (Eq. 4); ``caa``: the same per weight with
-        :math:`t` replaced by the number of tickets in which the weight was active; ``cima``:
-        :math:`\beta S_{t-1} + (1-\beta) T_t`. Training continues from the live ticket; the
-        model is not changed. :meth:`finalize` writes the copy into the model.
+        ``cia``: ``((t - 1) * S_{t-1} + T_t) / t`` (Eq. 4); ``caa``: the same per weight with
+        ``t`` replaced by the number of tickets in which the weight was active; ``cima``:
+        ``beta * S_{t-1} + (1 - beta) * T_t``. Training continues from the live ticket; the
+        model is not changed. [`finalize`][] writes the copy
+        into the model. ``SupTicketsScheduler`` calls this at the end of every cycle.
 
         Args:
             averaging (str): ``"cia"``, ``"caa"`` or ``"cima"``. Default: ``"cia"`` (the paper's
@@ -517,6 +591,27 @@ class SparseOptimizer(torch.optim.Optimizer):
 
         Raises:
             ValueError: for a bad argument, or one that differs from the first ticket's.
+
+        Warns:
+            UserWarning: on the first ticket without ``model=``: BatchNorm running statistics
+                are then not superposed.
+
+        Examples:
+            >>> import torch
+            >>> from sparseopt import SparseOptimizer
+            >>> _ = torch.manual_seed(0)
+            >>> nn = torch.nn
+            >>> model = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.Linear(32, 2))
+            >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "rigl", 0.9,
+            ...                       model=model, seed=0)
+            >>> def train_step():
+            ...     model(torch.randn(16, 8)).square().mean().backward()
+            ...     opt.step(); opt.zero_grad()
+            >>> for _ in range(3):
+            ...     train_step()
+            ...     opt.consolidate()
+            >>> opt.tickets
+            3
         """
         check_superposition_args(averaging, beta, reprune)
         sup = self._superposition
@@ -567,10 +662,29 @@ class SparseOptimizer(torch.optim.Optimizer):
         The parameters and BatchNorm buffers take the superposed values in place, and the masks
         become the superposed copy's support, so the model holds exactly the target count of
         active weights. Inner optimizer state at the now-inactive positions is zeroed, so training
-        could go on from here with every invariant intact.
+        could go on from here with every invariant intact. ``SupTicketsScheduler`` calls it after
+        the last step.
 
         Raises:
             ValueError: if no ticket was consolidated.
+
+        Examples:
+            >>> import torch
+            >>> from sparseopt import SparseOptimizer
+            >>> _ = torch.manual_seed(0)
+            >>> nn = torch.nn
+            >>> model = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.Linear(32, 2))
+            >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "rigl", 0.9,
+            ...                       model=model, seed=0)
+            >>> def train_step():
+            ...     model(torch.randn(16, 8)).square().mean().backward()
+            ...     opt.step(); opt.zero_grad()
+            >>> for _ in range(2):
+            ...     train_step()
+            ...     opt.consolidate()
+            >>> opt.finalize()
+            >>> [int(m.sum()) for m in opt.masks.values()] == [l.target for l in opt.layers]
+            True
         """
         sup = self._require_tickets("finalize()")
         sparse = [layer.index for layer in self._layers]
@@ -588,12 +702,29 @@ class SparseOptimizer(torch.optim.Optimizer):
         The live weights and BatchNorm buffers are restored bit-exactly on exit, also when the
         body raises.
 
-        Example:
-            >>> with opt.superposed():  # doctest: +SKIP
-            ...     accuracy = evaluate(model)
+        Yields:
+            Nothing; the model holds the superposed ticket inside the ``with`` block.
 
         Raises:
             ValueError: if no ticket was consolidated.
+
+        Examples:
+            >>> import torch
+            >>> from sparseopt import SparseOptimizer
+            >>> _ = torch.manual_seed(0)
+            >>> nn = torch.nn
+            >>> model = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.Linear(32, 2))
+            >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "rigl", 0.9,
+            ...                       model=model, seed=0)
+            >>> def train_step():
+            ...     model(torch.randn(16, 8)).square().mean().backward()
+            ...     opt.step(); opt.zero_grad()
+            >>> train_step(); opt.consolidate(); train_step()
+            >>> live = model[0].weight.detach().clone()
+            >>> with opt.superposed():
+            ...     in_block = model[0].weight.detach().clone()
+            >>> torch.equal(in_block, live), torch.equal(model[0].weight, live)
+            (False, True)
         """
         sup = self._require_tickets("superposed()")
         params = self._all_params()
@@ -632,8 +763,19 @@ class SparseOptimizer(torch.optim.Optimizer):
         the superposed copy) from every rank of ``group`` with ``all_gather_object``. Meant for
         debugging and tests; without an initialized process group it does nothing.
 
+        Args:
+            group (ProcessGroup | None): the process group; ``None`` is the default group.
+                Default: None.
+
         Raises:
             RuntimeError: naming the first layer and rank that differ from rank 0.
+
+        Examples:
+            >>> import torch
+            >>> from sparseopt import SparseOptimizer
+            >>> model = torch.nn.Linear(16, 16)
+            >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.9)
+            >>> opt.check_consistency()  # no process group: nothing to compare
         """
         import torch.distributed as dist
 
@@ -652,19 +794,50 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     # --- the rest of the Optimizer API ----------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Forward to the inner optimizer's ``zero_grad``."""
+        """Forward to the inner optimizer's ``zero_grad``.
+
+        Args:
+            set_to_none (bool): set the gradients to ``None`` instead of zeroing them.
+                Default: True.
+        """
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to the inner optimizer; its sparse tensors get masks.
 
         The new group's sparse tensors get their own distribution at the target sparsity.
+
+        Args:
+            param_group (dict): as for ``torch.optim.Optimizer.add_param_group``; ``"sparse":
+                False`` keeps the whole group dense.
+
+        Examples:
+            >>> import torch
+            >>> from sparseopt import SparseOptimizer
+            >>> body, head = torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)
+            >>> opt = SparseOptimizer(torch.optim.SGD(body.parameters(), lr=0.1), "set", 0.5)
+            >>> opt.add_param_group({"params": head.parameters(), "sparse": False})
+            >>> len(opt.param_groups), [layer.count for layer in opt.layers]
+            (2, [128])
         """
         self.optimizer.add_param_group(param_group)
         self._register_groups(self.optimizer.param_groups[-1:])
 
     def report(self) -> SparsityReport:
-        """Per-layer name, shape, numel, nnz (active connections) and density; totals; updates."""
+        """Per-layer name, shape, numel, nnz (active connections) and density; totals; updates.
+
+        Returns:
+            A [`SparsityReport`][sparseopt.metrics.SparsityReport]: a ``dict`` with ``layers``,
+            ``total`` and ``updates``, which prints as a table.
+
+        Examples:
+            >>> import torch
+            >>> from sparseopt import SparseOptimizer
+            >>> model = torch.nn.Linear(16, 16)
+            >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.9)
+            >>> opt.report()["total"]["nnz"]
+            26
+        """
         rows = [
             {
                 "name": layer.name,
@@ -707,7 +880,22 @@ class SparseOptimizer(torch.optim.Optimizer):
         """The inner optimizer's state dict plus one ``"sparseopt"`` entry of plain data.
 
         It loads with ``torch.load(path, weights_only=True)``. Masks are bool tensors keyed by the
-        parameter's index in packing order, as torch keys optimizer state.
+        parameter's index in packing order, as torch keys optimizer state. The entry also holds
+        the step counters, the generator state, the method's state and the superposed copy.
+
+        Returns:
+            ``{"state": ..., "param_groups": ..., "sparseopt": {...}}``.
+
+        Examples:
+            >>> import io, torch
+            >>> from sparseopt import SparseOptimizer
+            >>> model = torch.nn.Linear(16, 16)
+            >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.9)
+            >>> buffer = io.BytesIO()
+            >>> torch.save(opt.state_dict(), buffer); _ = buffer.seek(0)
+            >>> state = torch.load(buffer, weights_only=True)
+            >>> sorted(state), state["sparseopt"]["masks"][0].dtype
+            (['param_groups', 'sparseopt', 'state'], torch.bool)
         """
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
@@ -755,12 +943,39 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict made by :meth:`state_dict`, inner optimizer state included.
+        """Load a state dict made by [`state_dict`][], inner
+        optimizer state included.
+
+        Build the optimizer exactly as before (same method, sparsity, model and parameter
+        order), and any ``LRScheduler`` on it, then load: building a scheduler resets ``lr``.
+        The masks are applied to the weights at once if they were in the saved run.
+
+        Args:
+            state_dict (dict): what ``state_dict()`` returned (or ``torch.load`` of it).
 
         Raises:
             ValueError: if the state dict has no ``"sparseopt"`` entry, or was made by an optimizer
                 with another method, sparsity, number of parameters or sparse shapes; the message
                 lists every difference.
+
+        Examples:
+            >>> import torch
+            >>> from sparseopt import SparseOptimizer
+            >>> model = torch.nn.Linear(16, 16)
+            >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.9,
+            ...                       seed=0)
+            >>> model(torch.randn(4, 16)).sum().backward(); opt.step()
+            >>> saved = opt.state_dict()
+            >>> resumed = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.9,
+            ...                           seed=1)
+            >>> resumed.load_state_dict(saved)
+            >>> torch.equal(resumed.masks[model.weight], opt.masks[model.weight])
+            True
+            >>> other = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "rigl", 0.9)
+            >>> other.load_state_dict(saved)  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            ValueError: state dict does not fit this SparseOptimizer: method 'set' vs ... 'rigl'
         """
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             out = hook(self, state_dict)

@@ -18,9 +18,24 @@ __all__ = ["SupTicketsScheduler", "cyclic_lr"]
 def cyclic_lr(i: int, cycle_steps: int, lr_low: float, lr_high: float) -> float:
     r"""Eq. 3 of the paper: the triangular rate of phase-2 iteration ``i`` (counted from 1).
 
-    With :math:`t(i) = (\mathrm{mod}(i - 1, C) + 1) / C`, the rate rises linearly from ``lr_low``
-    to ``lr_high`` at :math:`t = 1/2` and falls back to ``lr_low`` at :math:`t = 1`, the last
-    iteration of each cycle, where the ticket is taken.
+    With ``t(i) = (mod(i - 1, C) + 1) / C``, the rate rises linearly from ``lr_low`` to
+    ``lr_high`` at ``t = 1/2`` and falls back to ``lr_low`` at ``t = 1``, the last iteration of
+    each cycle, where the ticket is taken.
+
+    Args:
+        i (int): the phase-2 iteration, counted from 1.
+        cycle_steps (int): the cycle length ``C``.
+        lr_low (float): the rate at the cycle ends.
+        lr_high (float): the rate at mid-cycle.
+
+    Returns:
+        The learning rate of iteration ``i``.
+
+    Examples:
+        Two cycles of four steps:
+
+        >>> [round(cyclic_lr(i, 4, 0.001, 0.005), 4) for i in range(1, 9)]
+        [0.003, 0.005, 0.003, 0.001, 0.003, 0.005, 0.003, 0.001]
     """
     t = ((i - 1) % cycle_steps + 1) / cycle_steps
     if t <= 0.5:
@@ -60,9 +75,10 @@ class SupTicketsScheduler(LRScheduler):
     - **Phase 2**, ``M`` cycles of ``cycle_steps``: periodic topology updates stop; each cycle
       starts with one exploration (drop and grow at ``explore_rate`` with the method's own growth
       criterion, on the dense gradient of the cycle's first batch); the rate follows Eq. 3
-      (:func:`cyclic_lr`: ``lr_low`` -> ``lr_high`` at mid-cycle -> ``lr_low``); each cycle ends
-      with ``optimizer.consolidate()``. After the last step it calls ``optimizer.finalize()``:
-      the model then holds the superposed "ultimate ticket" at exactly the target sparsity.
+      ([`cyclic_lr`][sparseopt.cyclic_lr]: ``lr_low`` -> ``lr_high`` at mid-cycle ->
+      ``lr_low``); each cycle ends with ``optimizer.consolidate()``. After the last step it
+      calls ``optimizer.finalize()``: the model then holds the superposed "ultimate ticket" at
+      exactly the target sparsity.
 
     Per-group rates: a scalar ``lr_low``/``lr_high`` is the first group's; the other groups scale
     it by their initial-rate ratio to the first group, as torch schedulers scale by ``base_lrs``.
@@ -83,11 +99,26 @@ class SupTicketsScheduler(LRScheduler):
             Default: 0.5.
         averaging (str): ``"cia"``, ``"caa"`` or ``"cima"``. Default: ``"cia"``.
         beta (float): the CIMA decay in [0, 1). Default: 0.8.
-        reprune (str): ``"layer"`` or ``"global"``; see :meth:`SparseOptimizer.consolidate`.
+        reprune (str): ``"layer"`` or ``"global"``; see
+            [`SparseOptimizer.consolidate`][sparseopt.SparseOptimizer.consolidate].
             Default: ``"layer"``.
         last_epoch (int): as for every ``LRScheduler``. Default: -1.
 
-    Example:
+    Raises:
+        TypeError: if ``optimizer`` is not a ``SparseOptimizer``, or ``base`` is not an
+            ``LRScheduler`` stepped per iteration (``ReduceLROnPlateau`` is refused).
+        ValueError: for a non-positive ``total_steps``/``cycle_steps``/``lr_low``/``lr_high``,
+            a ``superpose_fraction`` outside (0, 1), an ``explore_rate`` outside [0, 1], a bad
+            ``averaging``/``beta``/``reprune``, a list of rates whose length is not the number
+            of param groups, a ``base`` built on another optimizer, a cycle longer than
+            ``superpose_fraction * total_steps`` (no ticket), a ``total_steps`` that differs
+            from the optimizer's, or a method whose pruning reaches into phase 2.
+
+    Warns:
+        UserWarning: at the first phase-2 step, if the rate at the end of phase 1 is more than
+            2x away from ``lr_low``.
+
+    Examples:
         >>> import torch
         >>> from sparseopt import SparseOptimizer, SupTicketsScheduler
         >>> model = torch.nn.Linear(16, 4)
@@ -95,6 +126,22 @@ class SupTicketsScheduler(LRScheduler):
         >>> sched = SupTicketsScheduler(opt, total_steps=100, cycle_steps=4)
         >>> sched.num_tickets, sched.phase1_steps, sched.ticket_steps
         (2, 92, [96, 100])
+
+        The learning rate over a short run with two 4-step cycles (``lr`` after each step):
+
+        >>> model = torch.nn.Linear(16, 4)
+        >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.001), "rigl", 0.5,
+        ...                       model=model, seed=0)
+        >>> sched = SupTicketsScheduler(opt, total_steps=20, cycle_steps=4, superpose_fraction=0.4)
+        >>> lrs = []
+        >>> for _ in range(20):
+        ...     model(torch.randn(2, 16)).sum().backward()
+        ...     opt.step(); opt.zero_grad(); sched.step()
+        ...     lrs.append(round(opt.param_groups[0]["lr"], 4))
+        >>> lrs[10:]
+        [0.001, 0.003, 0.005, 0.003, 0.001, 0.003, 0.005, 0.003, 0.001, 0.001]
+        >>> opt.tickets, [int(m.sum()) for m in opt.masks.values()]
+        (2, [32])
     """
 
     def __init__(
@@ -232,7 +279,18 @@ class SupTicketsScheduler(LRScheduler):
         return lrs
 
     def step(self, epoch: int | None = None) -> None:
-        """Advance one optimizer step: set the next rate; explore, consolidate, finalize on time."""
+        """Advance one optimizer step: set the next rate; explore, consolidate, finalize on time.
+
+        At the end of phase 1 it stops the optimizer's periodic updates and asks for the first
+        exploration; at each ticket step it calls ``consolidate()`` and asks for the next
+        exploration, or, after the last step, calls ``finalize()``.
+
+        Args:
+            epoch (None): must be ``None``; the schedule is indexed by optimizer steps.
+
+        Raises:
+            ValueError: if ``epoch`` is given.
+        """
         if epoch is not None:
             raise ValueError(
                 "SupTicketsScheduler.step() takes no epoch; step it once per optimizer step"
@@ -257,7 +315,18 @@ class SupTicketsScheduler(LRScheduler):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load what :meth:`state_dict` returned (build this scheduler, then load)."""
+        """Load what [`state_dict`][sparseopt.SupTicketsScheduler.state_dict] returned.
+
+        Build this scheduler (and its ``base``) as before, then load.
+
+        Args:
+            state_dict (dict): the saved state.
+
+        Raises:
+            ValueError: if the state was saved by a scheduler with another schedule
+                (``total_steps``, ``cycle_steps``, the split, ``averaging``, ``reprune``), or
+                with a ``base`` where this one has none, or the reverse.
+        """
         state = dict(state_dict)
         keys = ("total_steps", "cycle_steps", "num_tickets", "phase1_steps", "averaging", "reprune")
         differ = [

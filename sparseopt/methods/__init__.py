@@ -1,8 +1,9 @@
-"""The registry of sparse-training methods.
+"""The registry of sparse-training methods, the base class, and the built-in methods.
 
->>> from sparseopt.methods import available_methods
->>> available_methods()
-['gmp', 'granet', 'rigl', 'set', 'snip', 'static']
+Examples:
+    >>> from sparseopt.methods import available_methods
+    >>> available_methods()
+    ['gmp', 'granet', 'rigl', 'set', 'snip', 'static']
 """
 
 from __future__ import annotations
@@ -49,6 +50,16 @@ def register_method(
     Raises:
         ValueError: if ``name`` is taken and ``overwrite`` is False.
         TypeError: if ``name`` is not a string or ``factory`` is not callable.
+
+    Examples:
+        Names are unique; a worked example that registers a new criterion is in the guide
+        "Writing your own method" (``docs/custom-methods.md``):
+
+        >>> from sparseopt.methods import RigL, register_method
+        >>> register_method("RigL", RigL)
+        Traceback (most recent call last):
+        ...
+        ValueError: method 'rigl' is already registered; pass overwrite=True to replace it
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"Expected name to be a non-empty str, but got {name!r}")
@@ -65,16 +76,35 @@ def register_method(
 
 
 def available_methods() -> list[str]:
-    """The registered method names, sorted."""
+    """The registered method names, sorted.
+
+    Examples:
+        >>> "rigl" in available_methods()
+        True
+    """
     return sorted(_REGISTRY)
 
 
 def get_method(method: str | SparsityMethod, **options: Any) -> SparsityMethod:
     """Resolve ``method`` (a registered name or an instance) to a ``SparsityMethod`` instance.
 
+    ``SparseOptimizer`` calls it with its ``method`` argument and its unknown keyword arguments.
+
+    Args:
+        method (str | SparsityMethod): a registered name (case-insensitive) or an instance,
+            which is returned as it is.
+        **options: keyword arguments for the method's constructor (only with a name).
+
+    Returns:
+        The method instance.
+
     Raises:
         ValueError: for an unknown name; the message lists the registered ones.
         TypeError: for anything else, or options given together with an instance.
+
+    Examples:
+        >>> get_method("granet", prune_end=0.4)
+        GraNet(initial_density=0.5, prune_start=0.0, prune_end=0.4)
     """
     if isinstance(method, SparsityMethod):
         if options:

@@ -48,6 +48,29 @@ class GMP(RigL):
         prune_start (float): fraction of ``total_steps`` where the window opens. Default: 0.0.
         prune_end (float): fraction of ``total_steps`` where it closes. Default: 0.5 (GraNet's
             CIFAR script: epoch 80 of 160).
+        **options: rejected (no other options).
+
+    Raises:
+        ValueError: for a value outside its interval, or ``prune_end <= prune_start``; when the
+            optimizer is built, for an ``initial_density`` below the target density or a window
+            that holds no multiple of ``update_every``.
+
+    Examples:
+        Dense to 90% sparse over four pruning events:
+
+        >>> import torch
+        >>> from sparseopt import SparseOptimizer
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(16, 16, bias=False)
+        >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "gmp", 0.9,
+        ...                       update_every=1, total_steps=4, prune_end=1.0, seed=0)
+        >>> densities = [opt.density]
+        >>> for _ in range(4):
+        ...     model(torch.randn(4, 16)).square().sum().backward()
+        ...     opt.step(); opt.zero_grad()
+        ...     densities.append(round(opt.density, 4))
+        >>> densities
+        [1.0, 0.4805, 0.2109, 0.1133, 0.1016]
     """
 
     name = "gmp"
@@ -89,7 +112,15 @@ class GMP(RigL):
 
     def window(self, opt: SparseOptimizer) -> tuple[int, int, int]:
         """``(c0, cf, update_every)``: pruning events are the steps ``c * update_every``,
-        ``c0 < c <= cf``."""
+        ``c0 < c <= cf``.
+
+        Args:
+            opt (SparseOptimizer): the optimizer (its ``total_steps`` and ``update_every``).
+
+        Raises:
+            ValueError: without ``total_steps``, or if the window holds no multiple of
+                ``update_every``.
+        """
         total = opt.total_steps
         if total is None:
             raise ValueError(f"method {self.name!r} needs total_steps to place its pruning window")
@@ -114,7 +145,12 @@ class GMP(RigL):
 
     def is_pruning_step(self, step: int, opt: SparseOptimizer) -> bool:
         """A scheduled event, or any step after the window while the target is not reached yet
-        (the last event was skipped, e.g. for non-finite gradients)."""
+        (the last event was skipped, e.g. for non-finite gradients).
+
+        Args:
+            step (int): the optimizer step that is running.
+            opt (SparseOptimizer): the optimizer.
+        """
         c0, cf, every = self.window(opt)
         if step % every == 0 and c0 < step // every <= cf:
             return True
@@ -124,7 +160,12 @@ class GMP(RigL):
         return False
 
     def density_at(self, step: int, opt: SparseOptimizer) -> float:
-        """The cubic schedule's overall density after the pruning event at ``step``."""
+        """The cubic schedule's overall density after the pruning event at ``step``.
+
+        Args:
+            step (int): the optimizer step.
+            opt (SparseOptimizer): the optimizer.
+        """
         c0, cf, every = self.window(opt)
         return cubic_density(step, c0 * every, cf * every, self.initial_density, 1 - opt.sparsity)
 
@@ -135,7 +176,15 @@ class GMP(RigL):
         return self.periodic and step > cf * every and opt.schedule.is_update_step(step)
 
     def prune(self, opt: SparseOptimizer, step: int) -> list[Tensor]:
-        """Global magnitude pruning of the active weights to the schedule's count at ``step``."""
+        """Global magnitude pruning of the active weights to the schedule's count at ``step``.
+
+        Args:
+            opt (SparseOptimizer): the optimizer; ``opt.layers`` holds the current masks.
+            step (int): the pruning event's step.
+
+        Returns:
+            The pruned masks, one per layer.
+        """
         layers = opt.layers
         _, cf, every = self.window(opt)
         if step >= cf * every:
@@ -183,6 +232,28 @@ class GraNet(GMP):
             (GraNet's "s_i = 0.5"); 1.0 starts dense.
         prune_start (float): fraction of ``total_steps`` where pruning starts. Default: 0.0.
         prune_end (float): fraction of ``total_steps`` where it reaches the target. Default: 0.5.
+        **options: rejected (no other options).
+
+    Raises:
+        ValueError: as for [`GMP`][sparseopt.methods.GMP].
+
+    Examples:
+        From density 0.5 to 0.1 in four events, with regrowth after each:
+
+        >>> import torch
+        >>> from sparseopt import SparseOptimizer
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(16, 16, bias=False)
+        >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "granet", 0.9,
+        ...                       update_every=1, total_steps=4, prune_end=1.0, prune_rate=0.5,
+        ...                       seed=0)
+        >>> densities = [opt.density]
+        >>> for _ in range(4):
+        ...     model(torch.randn(4, 16)).square().sum().backward()
+        ...     opt.step(); opt.zero_grad()
+        ...     densities.append(round(opt.density, 4))
+        >>> densities[0], densities[-1], opt.layers[0].count
+        (0.5, 0.1016, 26)
     """
 
     name = "granet"

@@ -35,6 +35,23 @@ class SNIP(RigL):
         scope (str): ``"global"`` keeps the global top ``round((1 - sparsity) * N)`` (the original
             SNIP); ``"layer"`` keeps each layer's count of the ``distribution``. Default:
             ``"global"``.
+        **options: rejected (no other options).
+
+    Raises:
+        ValueError: for an unknown ``scope``; inside the first step, if no sparse parameter has
+            a gradient.
+
+    Examples:
+        >>> import torch
+        >>> from sparseopt import SparseOptimizer
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(16, 16, bias=False)
+        >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "snip", 0.9, seed=0)
+        >>> opt.density
+        1.0
+        >>> model(torch.randn(4, 16)).square().sum().backward(); opt.step()
+        >>> opt.layers[0].count, round(opt.density, 4)
+        (26, 0.1016)
     """
 
     name = "snip"

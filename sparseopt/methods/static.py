@@ -12,6 +12,24 @@ class Static(SET):
 
     Only an exploration that something asks for explicitly (the Sup-tickets cycle start, or
     ``SparseOptimizer.explore``) moves them, with SET's criterion: magnitude drop, random growth.
+
+    No hyper-parameters of its own.
+
+    Examples:
+        >>> import torch
+        >>> from sparseopt import SparseOptimizer
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(16, 16, bias=False)
+        >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "static", 0.9,
+        ...                       update_every=1, seed=0)
+        >>> before = opt.layers[0].mask.clone()
+        >>> def train_step():
+        ...     model(torch.randn(4, 16)).square().sum().backward()
+        ...     opt.step(); opt.zero_grad()
+        >>> for _ in range(3):
+        ...     train_step()
+        >>> bool((opt.layers[0].mask == before).all()), opt.report()["updates"]["updates"]
+        (True, 0)
     """
 
     name = "static"
