@@ -4,6 +4,10 @@ All selections are exact (a requested count is met to the unit) and deterministi
 by flat index, lowest first, so the same inputs give the same mask on every rank and every run,
 independent of how a top-k kernel orders equal values. Selection is O(N) (one ``kthvalue`` and a
 few elementwise passes); nothing is sorted.
+
+Every function also takes DTensors (FSDP2's sharded parameters, see ``docs/distributed.md``): a
+selection over DTensor scores returns the same mask as over the full tensor, sharded like the
+scores, and computed across the shards without gathering them (``sparseopt._dtensor``).
 """
 
 from __future__ import annotations
@@ -14,8 +18,12 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from . import _dtensor
+from ._dtensor import DTENSOR_TYPES
+
 __all__ = [
     "apply_masks_",
+    "count_active",
     "drop_and_grow",
     "group_by_device_and_dtype",
     "random_mask",
@@ -30,6 +38,8 @@ def select_smallest(scores: Tensor, k: int) -> Tensor:
 
     ``+inf`` scores are never selected unless ``k`` exceeds the number of finite ones.
     """
+    if _dtensor.is_dtensor(scores):
+        return _dtensor.select_smallest(scores, k)
     flat = scores.reshape(-1)
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.float()  # kthvalue is not implemented for every low-precision dtype
@@ -60,6 +70,8 @@ def select_largest_across(scores: Sequence[Tensor], k: int) -> list[Tensor]:
     Ties go to the lowest index in the concatenation, i.e. the earlier tensor first. Each mask
     comes back on its score's device.
     """
+    if any(_dtensor.is_dtensor(s) for s in scores):
+        return _dtensor.select_largest_across(scores, k)
     device = scores[0].device
     keep = select_largest(torch.cat([s.detach().reshape(-1).to(device) for s in scores]), k)
     out, start = [], 0
@@ -67,6 +79,15 @@ def select_largest_across(scores: Sequence[Tensor], k: int) -> list[Tensor]:
         out.append(keep[start : start + s.numel()].view_as(s).to(s.device))
         start += s.numel()
     return out
+
+
+def count_active(masks: Sequence[Tensor]) -> list[int]:
+    """The number of ``True`` entries of each mask, as ints, with one device sync.
+
+    For a DTensor mask this is the count over all its shards (one all-reduce for all of them);
+    a DTensor's own ``mask.sum().item()`` gives only the local shard's count.
+    """
+    return _dtensor.count_true(masks)
 
 
 def random_mask(shape: Sequence[int], count: int, generator: torch.Generator) -> Tensor:
@@ -108,10 +129,15 @@ def drop_and_grow(
 def group_by_device_and_dtype(
     tensors: Iterable[Tensor], masks: Iterable[Tensor]
 ) -> dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]]:
-    """Group ``(tensor, mask)`` pairs by the tensor's device and dtype, for foreach kernels."""
+    """Group ``(tensor, mask)`` pairs by the tensor's device and dtype, for foreach kernels.
+
+    DTensors come back as their local shards (views of the same storage), with their masks'.
+    """
     groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]]
     groups = defaultdict(lambda: ([], []))
     for t, m in zip(tensors, masks, strict=True):
+        if type(t) is not Tensor and isinstance(t, DTENSOR_TYPES):  # plain tensors: one `is`
+            t, m = t.to_local(), _dtensor.local(m)
         ts, ms = groups[(t.device, t.dtype)]
         ts.append(t)
         ms.append(m)
