@@ -100,7 +100,7 @@ def _wrap(local_tensor: Tensor, ref: Tensor) -> Tensor:
         raise ValueError(
             f"a local shard of shape {tuple(local_tensor.shape)} does not fit this rank's shard "
             f"{tuple(ref.to_local().shape)} of a tensor of shape {tuple(ref.shape)}: a sharded "
-            "state is only valid on the same mesh, world size and rank that made it"
+            "state saved with torch.save loads only on the rank that saved it"
         )
     return DTensor.from_local(
         local_tensor, ref.device_mesh, ref.placements, run_check=False, shape=ref.shape,
@@ -125,15 +125,38 @@ def shard_like(full: Tensor, ref: Tensor) -> Tensor:
     return _wrap(piece.to(ref.to_local().device, copy=True).contiguous(), ref)
 
 
-def from_local_like(saved: Tensor, ref: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """A tensor saved by :func:`local` brought back like ``ref`` (a copy, on ``ref``'s device).
+def load_like(saved: Tensor, ref: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A copy of a checkpointed tensor laid out like ``ref`` (the live parameter).
+
+    A plain ``ref`` takes a plain tensor; a DTensor ``ref`` takes a DTensor of the same global
+    shape, mesh shape and placements, whose local shard has this rank's shard shape (what
+    ``torch.load`` of this rank's own file, or ``torch.distributed.checkpoint.load``, gives).
 
     Raises:
-        ValueError: if ``ref`` is sharded and ``saved`` is not this rank's shard shape.
+        ValueError: for anything else, naming both layouts.
     """
+    if is_dtensor(saved) != is_dtensor(ref):
+        kinds = ("a plain tensor", "a DTensor")
+        raise ValueError(
+            f"Expected {kinds[is_dtensor(ref)]} of shape {tuple(ref.shape)} for this "
+            f"{'DTensor' if is_dtensor(ref) else 'plain'} parameter, but the state dict holds "
+            f"{kinds[is_dtensor(saved)]} of shape {tuple(saved.shape)}: a state dict saved with "
+            "FSDP2 loads only under FSDP2, and one saved without it only without it"
+        )
     if not is_dtensor(ref):
         return saved.to(device=ref.device, dtype=dtype, copy=True)
-    return _wrap(saved.to(device=ref.to_local().device, dtype=dtype, copy=True), ref)
+    if (saved.shape, saved.placements, saved.device_mesh.shape) != (
+        ref.shape,
+        ref.placements,
+        ref.device_mesh.shape,
+    ):
+        raise ValueError(
+            f"Expected a DTensor of shape {tuple(ref.shape)} with placements {ref.placements} on "
+            f"a mesh of shape {tuple(ref.device_mesh.shape)}, but the state dict holds one of "
+            f"shape {tuple(saved.shape)} with placements {saved.placements} on a mesh of shape "
+            f"{tuple(saved.device_mesh.shape)}"
+        )
+    return _wrap(saved.to_local().to(device=ref.to_local().device, dtype=dtype, copy=True), ref)
 
 
 def reshard(model: torch.nn.Module | None) -> None:

@@ -739,32 +739,23 @@ class SparseOptimizer(torch.optim.Optimizer):
             "shapes": {layer.index: list(layer.param.shape) for layer in self._layers},
             "counts": {layer.index: layer.count for layer in self._layers},
             "targets": {layer.index: layer.target for layer in self._layers},
-            "masks": {layer.index: _dtensor.local(layer.mask).clone() for layer in self._layers},
-            "shards": self._shards(),
+            "masks": {layer.index: layer.mask.clone() for layer in self._layers},
             "stats": dict(self._stats),
             "superposition": None
             if self._superposition is None
             else self._superposition.state_dict(),
         }
 
-    def _shards(self) -> dict[int, list[int]]:
-        """``index -> [coordinate, number of shards]`` of the sharded (FSDP2) layers."""
-        out = {}
-        for layer in self._layers:
-            shard = _dtensor.shard_of(layer.mask)
-            if shard is not None:
-                out[layer.index] = list(shard)
-        return out
-
     @torch._disable_dynamo
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict plus one ``"sparseopt"`` entry of plain data.
 
         It loads with ``torch.load(path, weights_only=True)``. Masks are bool tensors keyed by the
-        parameter's index in packing order, as torch keys optimizer state. For a DTensor
-        parameter (FSDP2) the entry holds this rank's shard of the mask (and of the superposed
-        copy) as a plain tensor, and ``"shards"`` records which shard it is: each rank saves its
-        own state dict, which loads back only on the same rank of the same world size.
+        parameter's index in packing order, as torch keys optimizer state. Under FSDP2 the masks
+        and the superposed copy of DTensor parameters are DTensors like the parameters (each
+        rank's entry holds its shard), as is the inner optimizer's state: save it with
+        ``torch.distributed.checkpoint`` or with ``torch.save`` per rank (see
+        ``docs/distributed.md``).
         """
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
@@ -807,14 +798,6 @@ class SparseOptimizer(torch.optim.Optimizer):
                 for i in sorted(mine)
                 if mine[i] != theirs[i]
             ]
-        mine_shards = self._shards()
-        theirs_shards = {int(k): list(v) for k, v in saved.get("shards", {}).items()}
-        if mine_shards != theirs_shards:
-            problems.append(
-                f"sharded layers (index: [shard, shards]) {theirs_shards} vs this optimizer's "
-                f"{mine_shards}: a sharded state dict loads only on the rank and world size "
-                "that saved it"
-            )
         if problems:
             raise ValueError("state dict does not fit this SparseOptimizer: " + "; ".join(problems))
 
@@ -839,11 +822,15 @@ class SparseOptimizer(torch.optim.Optimizer):
             )
         saved = state_dict["sparseopt"]
         self._check_fits(saved)
-        self.optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "sparseopt"})
         by_index = {layer.index: layer for layer in self._layers}
-        for key, mask in saved["masks"].items():
+        masks = {  # first, so that a mask that does not fit raises before anything is loaded
+            key: _dtensor.load_like(mask, by_index[int(key)].param, torch.bool)
+            for key, mask in saved["masks"].items()
+        }
+        self.optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "sparseopt"})
+        for key, mask in masks.items():
             layer = by_index[int(key)]
-            layer.mask = _dtensor.from_local_like(mask, layer.param, torch.bool)
+            layer.mask = mask
             layer.count = int(saved["counts"][key])
             layer.target = int(saved["targets"][key])
         self.method.load_state_dict(saved["method_state"])

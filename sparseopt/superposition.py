@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._dtensor import from_local_like, local
+from ._dtensor import load_like
 from .masks import select_largest, select_largest_across
 
 __all__ = ["AVERAGING_RULES", "REPRUNE_MODES", "Superposition"]
@@ -143,9 +143,9 @@ class Superposition:
             "beta": self.beta,
             "reprune": self.reprune,
             "tickets": self.tickets,
-            "params": {i: local(p).clone() for i, p in enumerate(self.params)},
+            "params": {i: p.clone() for i, p in enumerate(self.params)},
             "buffers": {k: b.clone() for k, b in self.buffers.items()},
-            "active": {i: local(a).clone() for i, a in enumerate(self.active)},
+            "active": {i: a.clone() for i, a in enumerate(self.active)},
         }
 
     @classmethod
@@ -159,13 +159,13 @@ class Superposition:
         """Rebuild from :meth:`state_dict` on the devices (and shards) of the live params."""
         sup = cls(state["averaging"], state["beta"], state["reprune"])
         sup.tickets = int(state["tickets"])
-        sup.params = [from_local_like(state["params"][i], p) for i, p in enumerate(params)]
+        sup.params = [load_like(state["params"][i], p) for i, p in enumerate(params)]
         missing = set(state["buffers"]) - set(buffers)
         if missing:
             raise ValueError(f"the model has no BatchNorm buffers {sorted(missing)} to superpose")
         sup.buffers = {k: b.to(buffers[k].device, copy=True) for k, b in state["buffers"].items()}
         sup.active = [
-            from_local_like(state["active"][i], params[j])
+            load_like(state["active"][i], params[j])
             for i, j in enumerate(sparse)
             if i in state["active"]
         ]

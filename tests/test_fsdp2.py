@@ -273,14 +273,26 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         results["collectives"] = _collectives_per_step(sharded_model(), batch_shard)
         results["errors"] = _errors(mesh)
 
-        # The other rank's checkpoint does not fit this rank's shards.
+        # What a checkpoint holds; the other rank's (uneven shards) and a single-process one
+        # do not load, and leave the optimizer as it was.
         model = sharded_model()
         opt, _ = _build(model, "set")
+        before = [layer.mask.to_local().clone() for layer in opt.layers]
+        mine = torch.load(f"{out}/set-rank{rank}.pt", weights_only=True)["opt"]
+        results["saved_types"] = sorted(
+            {type(m).__name__ for m in mine["sparseopt"]["masks"].values()}
+            | {type(v).__name__ for st in mine["state"].values() for v in st.values()}
+        )
         other = torch.load(f"{out}/set-rank{1 - rank}.pt", weights_only=True)["opt"]
-        try:
-            opt.load_state_dict(other)
-        except ValueError as e:
-            results["wrong_rank_error"] = str(e)
+        plain_model = _model()
+        single = _build(plain_model, "set")[0].state_dict()
+        for key, sd in (("wrong_rank_error", other), ("plain_error", single)):
+            try:
+                opt.load_state_dict(sd)
+            except ValueError as e:
+                results[key] = str(e)
+        results["unchanged"] = _equal(before, [m.to_local() for m in opt.masks.values()])
+        results["state_untouched"] = len(opt.state) == 0
 
         # Different seeds: the generators differ (and so would every random mask shard).
         model = sharded_model()
@@ -379,12 +391,18 @@ def test_fsdp2_resume_is_bit_identical(fsdp_results, case):
         assert done["counts"] == resumed["counts"]
 
 
-def test_a_checkpoint_of_another_rank_does_not_load(fsdp_results):
+def test_a_checkpoint_holds_dtensors_and_loads_only_where_it_fits(fsdp_results):
+    rows = {0: "(17, 12)", 1: "(16, 12)"}  # 33 rows in two chunks
     for rank, r in enumerate(fsdp_results):
+        assert r["saved_types"] == ["DTensor"]  # masks and momentum: this rank's shards
         message = r["wrong_rank_error"]
-        assert "loads only on the rank and world size that saved it" in message
-        assert f"{{0: [{1 - rank}, 2], 2: [{1 - rank}, 2], 4: [{1 - rank}, 2]}} vs" in message
-        assert f"optimizer's {{0: [{rank}, 2], 2: [{rank}, 2], 4: [{rank}, 2]}}" in message
+        assert f"a local shard of shape {rows[1 - rank]} does not fit this rank's shard" in message
+        assert f"{rows[rank]} of a tensor of shape (33, 12)" in message
+        assert "loads only on the rank that saved it" in message
+        plain = r["plain_error"]
+        assert "Expected a DTensor of shape (33, 12) for this DTensor parameter, but" in plain
+        assert r["unchanged"]
+        assert r["state_untouched"]
 
 
 def test_no_collective_on_steps_without_a_topology_update(fsdp_results):
