@@ -102,10 +102,10 @@ def _wrap(local_tensor: Tensor, ref: Tensor) -> Tensor:
             f"{tuple(ref.to_local().shape)} of a tensor of shape {tuple(ref.shape)}: a sharded "
             "state saved with torch.save loads only on the rank that saved it"
         )
+    mesh, placements = ref.device_mesh, ref.placements
     return DTensor.from_local(
-        local_tensor, ref.device_mesh, ref.placements, run_check=False, shape=ref.shape,
-        stride=ref.stride(),
-    )  # fmt: skip
+        local_tensor, mesh, placements, run_check=False, shape=ref.shape, stride=ref.stride()
+    )
 
 
 def shard_like(full: Tensor, ref: Tensor) -> Tensor:
@@ -296,9 +296,7 @@ def _smallest_of(
     else:
         group = scores[0].device_mesh.get_group(layout.mesh_dim)
         picked = _radix_select([_keys(x) for x in flats], k, group, layout.coord, layout.shards)
-    return [
-        _wrap(m.view(local(s).shape), s) for m, s in zip(picked, scores, strict=True)
-    ]  # fmt: skip
+    return [_wrap(m.view(local(s).shape), s) for m, s in zip(picked, scores, strict=True)]
 
 
 def select_smallest(scores: Tensor, k: int) -> Tensor:

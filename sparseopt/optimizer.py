@@ -618,9 +618,9 @@ class SparseOptimizer(torch.optim.Optimizer):
     def _digests(self) -> list[tuple[str, tuple[int, int] | None, list[float], list[float]]]:
         """Cheap per-layer fingerprints ``(name, shard, agreed, local)``.
 
-        ``agreed`` must be equal on every rank: for a plain tensor the count, the index sums of
-        the mask and sums of the superposed copy; for a sharded one (FSDP2) only the global
-        count. ``local`` holds the same sums over a shard (``shard`` = its coordinate and the
+        ``agreed`` must be equal on every rank: for a plain tensor the count, the mask's count
+        and index sums, and sums of the superposed copy; for a sharded one (FSDP2) only the
+        global count. ``local`` holds the same sums over a shard (``shard`` = its coordinate and the
         number of shards), which must agree between replicas of that shard, and whose counts must
         add up to the global count.
         """
@@ -635,7 +635,7 @@ class SparseOptimizer(torch.optim.Optimizer):
                 digest += [float(v.sum()), float((v * torch.arange(1, v.numel() + 1)).sum())]
             shard = _dtensor.shard_of(layer.mask)
             if shard is None:
-                out.append((layer.name, None, digest, []))
+                out.append((layer.name, None, [float(layer.count), *digest], []))
             else:
                 out.append((layer.name, shard, [float(layer.count)], digest))
         state = self._generator.get_state().to(torch.float64)
