@@ -4,6 +4,10 @@ All selections are exact (a requested count is met to the unit) and deterministi
 by flat index, lowest first, so the same inputs give the same mask on every rank and every run,
 independent of how a top-k kernel orders equal values. Selection is O(N) (one ``kthvalue`` and a
 few elementwise passes); nothing is sorted.
+
+Every function also takes DTensors (FSDP2's sharded parameters, see ``docs/distributed.md``): a
+selection over DTensor scores returns the same mask as over the full tensor, sharded like the
+scores, and computed across the shards without gathering them (``sparseopt._dtensor``).
 """
 
 from __future__ import annotations
@@ -14,8 +18,12 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from . import _dtensor
+from ._dtensor import DTENSOR_TYPES
+
 __all__ = [
     "apply_masks_",
+    "count_active",
     "drop_and_grow",
     "group_by_device_and_dtype",
     "random_mask",
@@ -47,6 +55,8 @@ def select_smallest(scores: Tensor, k: int) -> Tensor:
         >>> select_smallest(torch.tensor([3.0, 1.0, 2.0, 1.0, 5.0]), 2)
         tensor([False,  True, False,  True, False])
     """
+    if _dtensor.is_dtensor(scores):
+        return _dtensor.select_smallest(scores, k)
     flat = scores.reshape(-1)
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.float()  # kthvalue is not implemented for every low-precision dtype
@@ -113,6 +123,8 @@ def select_largest_across(scores: Sequence[Tensor], k: int) -> list[Tensor]:
         (tensor([False,  True]), tensor([[ True, False],
                 [ True, False]]))
     """
+    if any(_dtensor.is_dtensor(s) for s in scores):
+        return _dtensor.select_largest_across(scores, k)
     device = scores[0].device
     keep = select_largest(torch.cat([s.detach().reshape(-1).to(device) for s in scores]), k)
     out, start = [], 0
@@ -120,6 +132,26 @@ def select_largest_across(scores: Sequence[Tensor], k: int) -> list[Tensor]:
         out.append(keep[start : start + s.numel()].view_as(s).to(s.device))
         start += s.numel()
     return out
+
+
+def count_active(masks: Sequence[Tensor]) -> list[int]:
+    """The number of ``True`` entries of each mask, as ints, with one device sync.
+
+    For a DTensor mask this is the count over all its shards (one all-reduce for all of them);
+    a DTensor's own ``mask.sum().item()`` gives only the local shard's count.
+
+    Args:
+        masks (Sequence[Tensor]): bool masks, plain tensors or DTensors.
+
+    Returns:
+        One int per mask.
+
+    Examples:
+        >>> import torch
+        >>> count_active([torch.tensor([True, False, True]), torch.zeros(2, 2, dtype=torch.bool)])
+        [2, 0]
+    """
+    return _dtensor.count_true(masks)
 
 
 def random_mask(shape: Sequence[int], count: int, generator: torch.Generator) -> Tensor:
@@ -201,6 +233,8 @@ def group_by_device_and_dtype(
 ) -> dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]]:
     """Group ``(tensor, mask)`` pairs by the tensor's device and dtype, for foreach kernels.
 
+    DTensors come back as their local shards (views of the same storage), with their masks'.
+
     Args:
         tensors (Iterable[Tensor]): the tensors.
         masks (Iterable[Tensor]): one mask per tensor.
@@ -219,6 +253,8 @@ def group_by_device_and_dtype(
     groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]]
     groups = defaultdict(lambda: ([], []))
     for t, m in zip(tensors, masks, strict=True):
+        if type(t) is not Tensor and isinstance(t, DTENSOR_TYPES):  # plain tensors: one `is`
+            t, m = t.to_local(), _dtensor.local(m)
         ts, ms = groups[(t.device, t.dtype)]
         ts.append(t)
         ms.append(m)

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import torch.nn.functional as F
 from torch import Tensor
 
+from .masks import count_active
+
 if TYPE_CHECKING:
     from .optimizer import SparseOptimizer
 
@@ -47,8 +49,8 @@ def mask_churn(before: Sequence[Tensor], after: Sequence[Tensor]) -> float:
         ...            [torch.tensor([True, False, True, False])])
         0.5
     """
-    grown = sum(int((a & ~b).sum()) for b, a in zip(before, after, strict=True))
-    active = sum(int(b.sum()) for b in before)
+    grown = sum(count_active([a & ~b for b, a in zip(before, after, strict=True)]))
+    active = sum(count_active(before))
     return grown / active if active else 0.0
 
 
@@ -131,7 +133,7 @@ class InTimeOverParameterization:
     def rate(self) -> float:
         """Weights ever active over all sparse weights, in (0, 1]."""
         total = sum(e.numel() for e in self.ever)
-        return sum(int(e.sum()) for e in self.ever) / total if total else 1.0
+        return sum(count_active(self.ever)) / total if total else 1.0
 
     def remove(self) -> None:
         """Stop tracking (removes the hook)."""

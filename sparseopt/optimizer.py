@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _compat
+from . import _compat, _dtensor
 from .distributions import exact_counts, layer_densities
-from .masks import apply_masks_, random_mask
+from .masks import apply_masks_, count_active, random_mask
 from .methods import SparseLayer, SparsityMethod, get_method
 from .metrics import SparsityReport
 from .schedules import PRUNE_SCHEDULES, TopologySchedule
@@ -243,7 +243,11 @@ class SparseOptimizer(torch.optim.Optimizer):
     # --- public read-only views -----------------------------------------------------------------
     @property
     def masks(self) -> Mapping[Tensor, Tensor]:
-        """Read-only mapping parameter -> bool mask (``True`` = active). Do not modify the masks."""
+        """Read-only mapping parameter -> bool mask (``True`` = active). Do not modify the masks.
+
+        The mask of a DTensor parameter (FSDP2) is a bool DTensor with the parameter's mesh and
+        placements: ``mask.to_local()`` is this rank's shard, ``mask.full_tensor()`` gathers it.
+        """
         return MappingProxyType({layer.param: layer.mask for layer in self._layers})
 
     @property
@@ -335,7 +339,8 @@ class SparseOptimizer(torch.optim.Optimizer):
             )
         )
         for (p, name, index), count, goal in zip(new, counts, targets, strict=True):
-            mask = random_mask(p.shape, count, self._generator).to(p.device)
+            _dtensor.check_placements(p, name)
+            mask = _dtensor.shard_like(random_mask(p.shape, count, self._generator), p)
             self._layers.append(SparseLayer(p, name, index, mask, count, goal))
         if self._masks_applied:
             self._mask_weights_and_state(self._layers[-len(new) :])
@@ -392,6 +397,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         """
         self._mask_weights_and_state(self._layers)
         self._masks_applied = True
+        _dtensor.reshard(self.model)
 
     # --- the step -------------------------------------------------------------------------------
     def explore(self, rate: float) -> None:
@@ -431,12 +437,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         return None
 
     def _grads_finite(self) -> bool:
-        flags = [
-            torch.isfinite(layer.param.grad).all()
-            for layer in self._layers
-            if layer.param.grad is not None
-        ]
-        return bool(torch.stack(flags).all()) if flags else True
+        grads = [layer.param.grad for layer in self._layers if layer.param.grad is not None]
+        return _dtensor.all_finite(grads)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -523,19 +525,19 @@ class SparseOptimizer(torch.optim.Optimizer):
     ) -> None:
         """Apply the method's new masks; zero weights and inner state wherever a mask changed."""
         new_masks = self.method.new_masks(self, rate, scores, scheduled)
-        grown_counts, counts = [], []
+        grown = []
         for layer, new in zip(self._layers, new_masks, strict=True):
             changed = layer.mask ^ new
             for t in (layer.param.detach(), *self._state_tensors(layer)):
                 t.masked_fill_(changed, 0)
-            grown_counts.append((new & ~layer.mask).sum())
-            counts.append(new.sum())
+            grown.append(new & ~layer.mask)
             layer.mask.copy_(new)
-        for layer, count in zip(self._layers, torch.stack(counts).tolist(), strict=True):
+        counts = count_active([layer.mask for layer in self._layers] + grown)
+        for layer, count in zip(self._layers, counts, strict=False):
             layer.count = count
         if scheduled is None:
             self._pending_exploration = None
-        exchanged = int(torch.stack(grown_counts).sum()) if grown_counts else 0
+        exchanged = sum(counts[len(self._layers) :])
         self._stats["updates"] += 1
         self._stats["last_update_step"] = step
         self._stats["last_rate"] = rate
@@ -654,6 +656,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         for key, s in sup.buffers.items():
             buf = buffers[key]
             buf.copy_(s.round() if not buf.is_floating_point() else s)
+        _dtensor.reshard(self.model)
 
     @torch.no_grad()
     def finalize(self) -> None:
@@ -690,9 +693,9 @@ class SparseOptimizer(torch.optim.Optimizer):
         sparse = [layer.index for layer in self._layers]
         masks = sup.masks(sparse, [layer.count for layer in self._layers])
         self._write_superposed(sup)
-        for layer, mask in zip(self._layers, masks, strict=True):
+        for layer, mask, count in zip(self._layers, masks, count_active(masks), strict=True):
             layer.mask.copy_(mask)
-            layer.count = int(mask.sum())
+            layer.count = count
         self._mask_weights_and_state(self._layers)
 
     @contextmanager
@@ -740,35 +743,54 @@ class SparseOptimizer(torch.optim.Optimizer):
                     p.detach().copy_(s)
                 for k, s in saved_buffers.items():
                     buffers[k].copy_(s)
+                _dtensor.reshard(self.model)
 
     # --- distributed --------------------------------------------------------------------------
-    def _digests(self) -> list[tuple[str, list[float]]]:
-        """Cheap per-layer fingerprints: count, index sums of the mask, superposed-copy sums."""
+    def _digests(self) -> list[tuple[str, tuple[int, int] | None, list[float], list[float]]]:
+        """Cheap per-layer fingerprints ``(name, shard, agreed, local)``.
+
+        ``agreed`` must be equal on every rank: for a plain tensor the count, the mask's count
+        and index sums, and sums of the superposed copy; for a sharded one (FSDP2) only the
+        global count. ``local`` holds the same sums over a shard (``shard`` = its coordinate and the
+        number of shards), which must agree between replicas of that shard, and whose counts must
+        add up to the global count.
+        """
         out = []
         sup = self._superposition
         for layer in self._layers:
-            idx = layer.mask.reshape(-1).nonzero().reshape(-1).to(torch.float64)
-            digest = [float(layer.count), float(idx.sum()), float(idx.square().sum())]
+            mask = _dtensor.local(layer.mask)
+            idx = mask.reshape(-1).nonzero().reshape(-1).to(torch.float64)
+            digest = [float(mask.sum()), float(idx.sum()), float(idx.square().sum())]
             if sup is not None:
-                v = sup.params[layer.index].detach().reshape(-1).to(torch.float64)
+                v = _dtensor.local(sup.params[layer.index]).detach().reshape(-1).to(torch.float64)
                 digest += [float(v.sum()), float((v * torch.arange(1, v.numel() + 1)).sum())]
-            out.append((layer.name, digest))
-        out.append(("step/tickets", [float(self._step), float(self.tickets)]))
+            shard = _dtensor.shard_of(layer.mask)
+            if shard is None:
+                out.append((layer.name, None, [float(layer.count), *digest], []))
+            else:
+                out.append((layer.name, shard, [float(layer.count)], digest))
+        state = self._generator.get_state().to(torch.float64)
+        weighted = float((state * torch.arange(1, state.numel() + 1)).sum())
+        out.append(("generator", None, [float(state.sum()), weighted], []))
+        out.append(("step/tickets", None, [float(self._step), float(self.tickets)], []))
         return out
 
     def check_consistency(self, group: Any = None) -> None:
-        """Check that every rank holds the same masks and superposed copy; raise if not.
+        """Check that the ranks hold consistent masks, superposed copy and generator; raise if not.
 
         Gathers one small fingerprint per layer (active count, index sums of the mask, sums of
-        the superposed copy) from every rank of ``group`` with ``all_gather_object``. Meant for
-        debugging and tests; without an initialized process group it does nothing.
+        the superposed copy) and of the random generator from every rank of ``group`` with
+        ``all_gather_object``. Under DDP every rank must hold the same of everything. Under FSDP2
+        a sharded layer's masks legitimately differ per rank: there the global counts must agree,
+        the shards' counts must add up to them, and replicas of one shard (HSDP) must agree.
+        Meant for debugging and tests; without an initialized process group it does nothing.
 
         Args:
             group (ProcessGroup | None): the process group; ``None`` is the default group.
                 Default: None.
 
         Raises:
-            RuntimeError: naming the first layer and rank that differ from rank 0.
+            RuntimeError: naming the first layer and rank that differ.
 
         Examples:
             >>> import torch
@@ -785,12 +807,30 @@ class SparseOptimizer(torch.optim.Optimizer):
         gathered: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(gathered, mine, group=group)
         for rank, theirs in enumerate(gathered):
-            for (name, ref), (_, other) in zip(gathered[0], theirs, strict=True):
+            for (name, _, ref, _), (_, _, other, _) in zip(gathered[0], theirs, strict=True):
                 if ref != other:
                     raise RuntimeError(
                         f"SparseOptimizer state differs between rank 0 and rank {rank} at "
                         f"{name}: {ref} vs {other}"
                     )
+        for i, (name, shard, agreed, _) in enumerate(gathered[0]):
+            if shard is None:
+                continue
+            holders: dict[int, tuple[int, list[float]]] = {}
+            for rank, theirs in enumerate(gathered):
+                (coord, _), digest = theirs[i][1], theirs[i][3]
+                first = holders.setdefault(coord, (rank, digest))
+                if first[1] != digest:
+                    raise RuntimeError(
+                        f"SparseOptimizer state differs between rank {first[0]} and rank {rank}, "
+                        f"replicas of shard {coord} of {name}: {first[1]} vs {digest}"
+                    )
+            total = sum(digest[0] for _, digest in holders.values())
+            if len(holders) == shard[1] and total != agreed[0]:
+                raise RuntimeError(
+                    f"the {shard[1]} shards of {name} hold {int(total)} active weights, but the "
+                    f"optimizer counts {int(agreed[0])}"
+                )
 
     # --- the rest of the Optimizer API ----------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -826,6 +866,9 @@ class SparseOptimizer(torch.optim.Optimizer):
     def report(self) -> SparsityReport:
         """Per-layer name, shape, numel, nnz (active connections) and density; totals; updates.
 
+        The counts are the ones recounted from the masks at every topology update, so no rank
+        communicates: under FSDP2 any rank may call it alone and gets the global numbers.
+
         Returns:
             A [`SparsityReport`][sparseopt.metrics.SparsityReport]: a ``dict`` with ``layers``,
             ``total`` and ``updates``, which prints as a table.
@@ -843,8 +886,8 @@ class SparseOptimizer(torch.optim.Optimizer):
                 "name": layer.name,
                 "shape": tuple(layer.param.shape),
                 "numel": layer.numel,
-                "nnz": int(layer.mask.sum()),
-                "density": int(layer.mask.sum()) / layer.numel,
+                "nnz": layer.count,
+                "density": layer.count / layer.numel,
             }
             for layer in self._layers
         ]
@@ -882,6 +925,11 @@ class SparseOptimizer(torch.optim.Optimizer):
         It loads with ``torch.load(path, weights_only=True)``. Masks are bool tensors keyed by the
         parameter's index in packing order, as torch keys optimizer state. The entry also holds
         the step counters, the generator state, the method's state and the superposed copy.
+        Under FSDP2 the masks and the superposed copy of DTensor parameters are DTensors like
+        the parameters (each rank's entry holds its shard), as is the inner optimizer's state:
+        save it with ``torch.save`` per rank and load it on the same rank and world size
+        (``torch.distributed.checkpoint`` drops the ``"sparseopt"`` entry; see
+        ``docs/distributed.md``).
 
         Returns:
             ``{"state": ..., "param_groups": ..., "sparseopt": {...}}``.
@@ -989,11 +1037,15 @@ class SparseOptimizer(torch.optim.Optimizer):
             )
         saved = state_dict["sparseopt"]
         self._check_fits(saved)
-        self.optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "sparseopt"})
         by_index = {layer.index: layer for layer in self._layers}
-        for key, mask in saved["masks"].items():
+        masks = {  # first, so that a mask that does not fit raises before anything is loaded
+            key: _dtensor.load_like(mask, by_index[int(key)].param, torch.bool)
+            for key, mask in saved["masks"].items()
+        }
+        self.optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "sparseopt"})
+        for key, mask in masks.items():
             layer = by_index[int(key)]
-            layer.mask = mask.to(device=layer.param.device, dtype=torch.bool, copy=True)
+            layer.mask = mask
             layer.count = int(saved["counts"][key])
             layer.target = int(saved["targets"][key])
         self.method.load_state_dict(saved["method_state"])
@@ -1016,6 +1068,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         )
         if self._masks_applied:
             self._mask_weights_and_state(self._layers)
+            _dtensor.reshard(self.model)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._dtensor import load_like
 from .masks import select_largest, select_largest_across
 
 __all__ = ["AVERAGING_RULES", "REPRUNE_MODES", "Superposition"]
@@ -155,16 +156,16 @@ class Superposition:
         sparse: Sequence[int],
         buffers: dict[str, Tensor],
     ) -> Superposition:
-        """Rebuild from :meth:`state_dict` on the devices of the live params and buffers."""
+        """Rebuild from :meth:`state_dict` on the devices (and shards) of the live params."""
         sup = cls(state["averaging"], state["beta"], state["reprune"])
         sup.tickets = int(state["tickets"])
-        sup.params = [state["params"][i].to(p.device, copy=True) for i, p in enumerate(params)]
+        sup.params = [load_like(state["params"][i], p) for i, p in enumerate(params)]
         missing = set(state["buffers"]) - set(buffers)
         if missing:
             raise ValueError(f"the model has no BatchNorm buffers {sorted(missing)} to superpose")
         sup.buffers = {k: b.to(buffers[k].device, copy=True) for k, b in state["buffers"].items()}
         sup.active = [
-            state["active"][i].to(params[j].device, copy=True)
+            load_like(state["active"][i], params[j])
             for i, j in enumerate(sparse)
             if i in state["active"]
         ]

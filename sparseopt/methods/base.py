@@ -26,8 +26,11 @@ class SparseLayer:
         param: the parameter.
         name: its name (from ``model=`` or ``named_parameters()``), else ``"param{index}"``.
         index: its position in the optimizer's packing order, the key used in ``state_dict``.
-        mask: bool tensor of the parameter's shape and device; ``True`` = active.
-        count: the number of active connections, always equal to ``mask.sum()``.
+        mask: bool tensor of the parameter's shape and device; ``True`` = active. For a DTensor
+            parameter (FSDP2) a bool DTensor with the parameter's mesh and placements.
+        count: the number of active connections, always equal to ``mask.sum()`` (over all
+            shards: count masks with :func:`sparseopt.masks.count_active`, since a DTensor's
+            ``mask.sum().item()`` is only the local shard's).
         target: the count the distribution assigns this layer at the target sparsity.
 
     Examples:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..masks import drop_and_grow, select_largest_across
+from ..masks import count_active, drop_and_grow, select_largest_across
 from ..schedules import cubic_density
 from .rigl import RigL
 
@@ -211,8 +211,10 @@ class GMP(RigL):
         if not self.regrow:
             return pruned
         out = []
-        for layer, mask, scores in zip(opt.layers, pruned, grow_scores, strict=True):
-            active = int(mask.sum())
+        actives = count_active(pruned)
+        for layer, mask, scores, active in zip(
+            opt.layers, pruned, grow_scores, actives, strict=True
+        ):
             k = min(math.floor(rate * active + 1e-9), layer.numel - active)
             out.append(drop_and_grow(mask, self.drop_scores(layer), scores, k)[0])
         return out

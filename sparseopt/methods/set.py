@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._dtensor import shard_like
 from .base import SparseLayer, SparsityMethod
 
 __all__ = ["SET"]
@@ -15,6 +16,8 @@ class SET(SparsityMethod):
 
     The random growth draws from the optimizer's own ``torch.Generator`` (on CPU, whatever the
     parameter's device), so the same seed gives the same masks on every rank and every device.
+    A sharded (FSDP2) parameter draws the full-size scores too and keeps its shard's chunk, so
+    the masks are the single-process ones.
 
     No hyper-parameters of its own; the schedule is the optimizer's (``update_every``,
     ``prune_rate``, ``prune_schedule``, ``stop_fraction``). The original SET drops ζ = 0.3 of the
@@ -44,4 +47,4 @@ class SET(SparsityMethod):
         self, layer: SparseLayer, grad: Tensor | None, generator: torch.Generator
     ) -> Tensor:
         scores = torch.rand(layer.param.shape, generator=generator)
-        return scores.to(layer.param.device)
+        return shard_like(scores, layer.param)
