@@ -52,7 +52,10 @@ class SupTicketsScheduler(LRScheduler):
     r"""Sup-tickets: cheap tickets in the last cycles of training, superposed into one.
 
     Step it once per optimizer step, after ``optimizer.step()``, like any per-iteration
-    ``LRScheduler``. Training is split in two phases:
+    ``LRScheduler``. It counts iterations: a step that a ``GradScaler`` skipped still advances it,
+    so a loop of ``total_steps`` iterations ends on ``finalize()``. A call that repeats the last
+    one within the same iteration (no optimizer step, backward, ``zero_grad`` or unscale in
+    between), as Accelerate makes once per process, is ignored. Training is split in two phases:
 
     - **Phase 1**, the first ``total_steps - M * cycle_steps`` steps, where
       ``M = floor(superpose_fraction * total_steps / cycle_steps)``: the ``base`` scheduler (any

@@ -154,6 +154,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
                 "params": [p.detach() for p in model.parameters()],
             }
         torch.save(results, f"{out}/rank{rank}.pt")
+        dist.barrier()  # leave together: a rank that tears down alone can hang the other
     finally:
         dist.destroy_process_group()
 
@@ -175,7 +176,11 @@ def _train_ddp(model, ddp, method, rank, world):
 def test_ddp_no_sync_accumulation_matches_one_process_on_the_whole_batch(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD"))}
     subprocess.run(
-        [sys.executable, __file__, str(tmp_path)], check=True, env=env, cwd=Path(__file__).parent
+        [sys.executable, __file__, str(tmp_path)],
+        check=True,
+        env=env,
+        cwd=Path(__file__).parent,
+        timeout=300,  # a hung rank fails the test instead of the suite
     )
     for method in ("rigl", "snip"):
         r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)[method]
