@@ -425,7 +425,7 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     @torch.compiler.disable
     def _begin_step(self) -> bool:
-        """Before the inner step: read the dense scores of a due update; ``True``: mask NaN-safely."""
+        """Before the inner step: read the scores of a due update. ``True``: mask NaN-safely."""
         if not self._masks_applied:
             self.apply_masks()
         step = self._step + 1
