@@ -197,6 +197,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         self._step = 0
         self._masks_applied = False
         self._pending_exploration: float | None = None
+        self._in_step: tuple[int, Any, list[Tensor] | None] | None = None
         self.periodic_updates = True
         self._stats: dict[str, Any] = {
             "updates": 0,
@@ -453,6 +454,11 @@ class SparseOptimizer(torch.optim.Optimizer):
         With a ``GradScaler``, call ``scaler.step(opt)`` (it skips this call on steps with inf
         or NaN gradients), then ``scaler.update()``, then the schedulers' ``step()``.
 
+        Under ``torch.compile`` only the steady-state work (masking the gradients and the inner
+        step) is traced: the bookkeeping before and after it (the update schedule, the scores and
+        the topology update) runs eagerly (``torch.compiler.disable``), so Python counters never
+        enter a graph and a topology update never causes a recompilation.
+
         Args:
             closure (Callable | None): re-evaluates the model and returns the loss.
                 Default: None.
@@ -481,6 +487,20 @@ class SparseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        nan_safe = self._begin_step()
+        grads, masks = [], []
+        for layer in self._layers:
+            if layer.param.grad is not None:
+                grads.append(layer.param.grad)
+                masks.append(layer.mask)
+        apply_masks_(grads, masks, nan_safe=nan_safe)
+        self.optimizer.step()
+        self._end_step()
+        return loss
+
+    @torch.compiler.disable
+    def _begin_step(self) -> bool:
+        """Before the inner step: read the scores of a due update. ``True``: mask NaN-safely."""
         if not self._masks_applied:
             self.apply_masks()
         step = self._step + 1
@@ -499,26 +519,25 @@ class SparseOptimizer(torch.optim.Optimizer):
                     f"non-finite gradients at step {step}: the topology update was skipped "
                     "and the masks are unchanged",
                     UserWarning,
-                    stacklevel=3,
+                    stacklevel=6,
                 )
                 self._stats["skipped"] += 1
         if scores is not None and due[1] is not None and self.method.updates_before_step(step):
             self._update_topology(step, *due, scores)
             scores = None
+        self._in_step = (step, due, scores)
+        return not finite or self.remask == "always"
 
-        grads, masks = [], []
-        for layer in self._layers:
-            if layer.param.grad is not None:
-                grads.append(layer.param.grad)
-                masks.append(layer.mask)
-        apply_masks_(grads, masks, nan_safe=not finite or self.remask == "always")
-        self.optimizer.step()
+    @torch.compiler.disable
+    def _end_step(self) -> None:
+        """After the inner step: re-mask where the inner step may not keep zeros, update, count."""
+        step, due, scores = self._in_step
+        self._in_step = None
         if not self._keeps_zeros:
             self._mask_weights_and_state(self._layers)
         if scores is not None:
             self._update_topology(step, *due, scores)
         self._step = step
-        return loss
 
     def _update_topology(
         self, step: int, rate: float, scheduled: int | None, scores: list[Tensor]
@@ -1049,7 +1068,9 @@ class SparseOptimizer(torch.optim.Optimizer):
             layer.count = int(saved["counts"][key])
             layer.target = int(saved["targets"][key])
         self.method.load_state_dict(saved["method_state"])
-        self._generator.set_state(saved["generator"])
+        # the generator is a CPU one; a state dict moved to another device (Accelerate's
+        # device placement moves every tensor) brings its state back
+        self._generator.set_state(saved["generator"].cpu())
         self._step = int(saved["step"])
         self.periodic_updates = bool(saved["periodic_updates"])
         self._pending_exploration = saved["pending_exploration"]

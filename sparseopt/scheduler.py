@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,7 +67,10 @@ class SupTicketsScheduler(LRScheduler):
     r"""Sup-tickets: cheap tickets in the last cycles of training, superposed into one.
 
     Step it once per optimizer step, after ``optimizer.step()``, like any per-iteration
-    ``LRScheduler``. Training is split in two phases:
+    ``LRScheduler``. It counts iterations: a step that a ``GradScaler`` skipped still advances it,
+    so a loop of ``total_steps`` iterations ends on ``finalize()``. A call that repeats the last
+    one within the same iteration (no optimizer step, backward, ``zero_grad`` or unscale in
+    between), as Accelerate makes once per process, is ignored. Training is split in two phases:
 
     - **Phase 1**, the first ``total_steps - M * cycle_steps`` steps, where
       ``M = floor(superpose_fraction * total_steps / cycle_steps)``: the ``base`` scheduler (any
@@ -235,6 +239,7 @@ class SupTicketsScheduler(LRScheduler):
         self.averaging = averaging
         self.beta = float(beta)
         self.reprune = reprune
+        self._last_call: tuple[int, weakref.ref, int] | None = None
         super().__init__(optimizer, last_epoch)
 
     @property
@@ -295,6 +300,8 @@ class SupTicketsScheduler(LRScheduler):
             raise ValueError(
                 "SupTicketsScheduler.step() takes no epoch; step it once per optimizer step"
             )
+        if self._repeated_call():
+            return
         super().step()
         done = self.last_epoch
         opt: SparseOptimizer = self.optimizer  # type: ignore[assignment]
@@ -308,9 +315,39 @@ class SupTicketsScheduler(LRScheduler):
             else:
                 opt.finalize()
 
+    def _repeated_call(self) -> bool:
+        """Whether this call repeats the last one within the same training iteration.
+
+        A call counts when the optimizer stepped since the last one, or when a backward, a
+        ``zero_grad`` or an unscale touched the gradients (a step that a ``GradScaler`` skipped
+        still counts: the schedule counts iterations). A call with none of these in between is a
+        repetition, as Accelerate's ``AcceleratedScheduler`` makes once per process on every
+        optimizer step; it is ignored. With no gradient to look at, every call counts.
+        """
+        opt: SparseOptimizer = self.optimizer  # type: ignore[assignment]
+        grad = next(
+            (p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None), None
+        )
+        last, self._last_call = (
+            self._last_call,
+            None if grad is None else (opt.step_count, weakref.ref(grad), grad._version),
+        )
+        return (
+            last is not None
+            and grad is not None
+            and last[0] == opt.step_count
+            and last[1]() is grad
+            and last[2] == grad._version
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_last_call": None}  # a weak reference does not pickle
+
     def state_dict(self) -> dict[str, Any]:
         """The scheduler's state, the base scheduler's nested under ``"base"``."""
-        state = {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "base")}
+        state = {
+            k: v for k, v in self.__dict__.items() if k not in ("optimizer", "base", "_last_call")
+        }
         state["base"] = None if self.base is None else self.base.state_dict()
         return state
 

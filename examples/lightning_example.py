@@ -1,0 +1,129 @@
+"""Sparse training with Sup-tickets in PyTorch Lightning, on the bundled digits (CPU is enough).
+
+    python examples/lightning_example.py                          # RigL 90%, 600 steps, fp32
+    python examples/lightning_example.py --precision bf16-mixed --accumulate 2
+
+``configure_optimizers`` returns the ``SparseOptimizer`` and the ``SupTicketsScheduler`` with
+``"interval": "step"``. Lightning wraps the optimizer in a ``LightningOptimizer`` and calls
+``SparseOptimizer.step(closure)``: the closure runs forward and backward, then the step masks the
+gradients, runs the inner step and moves the topology. Lightning steps the scheduler once after
+every optimizer step (not per micro-batch under ``accumulate_grad_batches``), so ``max_steps``
+equal to ``total_steps`` ends the run on the last cycle's ``finalize()``: the model then holds the
+ultimate ticket. Needs ``pip install lightning scikit-learn`` (the ``test`` extra has both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from data import digits_split
+from models import DigitsCNN
+from torch.optim.lr_scheduler import CosineAnnealingLR
+from torch.utils.data import DataLoader, TensorDataset
+
+from sparseopt import SparseOptimizer, SupTicketsScheduler
+
+try:
+    import lightning as L
+except ImportError as e:  # pragma: no cover - the message is the point
+    raise SystemExit(f"this example needs Lightning ({e}): pip install lightning") from e
+
+
+class SparseDigits(L.LightningModule):
+    """A digits CNN trained sparse: RigL at ``sparsity`` with the Sup-tickets booster."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__()
+        self.args = args
+        torch.manual_seed(args.seed)
+        self.net = DigitsCNN()
+        self.sparse: SparseOptimizer | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        a = self.args
+        inner = torch.optim.SGD(self.parameters(), lr=a.lr, momentum=0.9, weight_decay=5e-4)
+        self.sparse = SparseOptimizer(
+            inner, a.method, a.sparsity, update_every=a.update_every, model=self, seed=a.seed
+        )
+        # phase 1 anneals to lr_low, where the cycles start (the base steps once per step)
+        tickets = math.floor(a.superpose_fraction * a.steps / a.cycle_steps + 1e-9)
+        phase1 = a.steps - tickets * a.cycle_steps
+        base = CosineAnnealingLR(self.sparse, T_max=phase1, eta_min=a.lr_low)
+        sched = SupTicketsScheduler(
+            self.sparse,
+            total_steps=a.steps,  # optimizer steps, as Lightning's max_steps
+            cycle_steps=a.cycle_steps,
+            superpose_fraction=a.superpose_fraction,
+            lr_low=a.lr_low,
+            lr_high=a.lr_high,
+            explore_rate=0.1,
+            base=base,
+        )
+        return {"optimizer": self.sparse, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--method", default="rigl")
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps (Trainer max_steps)")
+    p.add_argument("--cycle-steps", type=int, default=30)
+    p.add_argument("--superpose-fraction", type=float, default=0.2)
+    p.add_argument("--update-every", type=int, default=50)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--lr-low", type=float, default=0.01)
+    p.add_argument("--lr-high", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches")
+    p.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, ...")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    data = digits_split(seed=0)
+    loader = DataLoader(
+        TensorDataset(data.x_train, data.y_train),
+        batch_size=args.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    module = SparseDigits(args)
+    trainer = L.Trainer(
+        max_steps=args.steps,
+        accelerator="cpu",
+        precision=args.precision,
+        accumulate_grad_batches=args.accumulate,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, loader)
+    opt = module.sparse
+    assert opt is not None
+    module.eval()
+    with torch.no_grad():
+        accuracy = (module(data.x_test).argmax(1) == data.y_test).float().mean().item()
+    print(opt.report())
+    print(
+        f"optimizer steps {opt.step_count}, tickets {opt.tickets}, density {opt.density:.4f}, "
+        f"test accuracy of the ultimate ticket {accuracy:.4f}"
+    )
+    return {"module": module, "optimizer": opt, "trainer": trainer, "accuracy": accuracy}
+
+
+if __name__ == "__main__":
+    main()

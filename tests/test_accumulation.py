@@ -1,0 +1,206 @@
+"""Gradient accumulation: an update scores the gradient accumulated up to its ``step()``.
+
+RigL, GraNet and SNIP read their scores from ``p.grad`` inside ``step()``, before it is masked.
+After ``A`` micro-batches of mean losses scaled by ``1/A``, ``p.grad`` is the gradient of the
+mean loss over the concatenated batch, so the topology update is the one a single step on the
+whole batch makes. Under DDP with ``no_sync()`` on all but the last micro-batch, the last
+backward all-reduces the accumulated gradient, which is again the gradient of the mean over
+every rank's micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from cases import single_thread
+from torch import nn
+
+from sparseopt import SparseOptimizer
+
+STEPS, MICRO, BATCH = 4, 2, 8
+METHODS = {
+    "rigl": {"update_every": 1},
+    "granet": {"update_every": 1, "total_steps": 2 * STEPS, "prune_end": 0.5},
+    "snip": {},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with single_thread():
+        yield
+
+
+def _model() -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3)
+        ).double()
+
+
+def _data(world: int = 1):
+    """``STEPS`` batches of ``world * MICRO * BATCH`` examples."""
+    gen = torch.Generator().manual_seed(3)
+    n = world * MICRO * BATCH
+    x = torch.randn(STEPS, n, 10, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (STEPS, n), generator=gen)
+    return x, y
+
+
+def _opt(model, method):
+    inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return SparseOptimizer(inner, method, 0.8, model=model, seed=0, **METHODS[method])
+
+
+def _train(method, micro):
+    """Train ``STEPS`` steps, each on ``micro`` micro-batches accumulated into one step."""
+    model = _model()
+    opt = _opt(model, method)
+    xs, ys = _data()
+    history = []
+    for t in range(STEPS):
+        opt.zero_grad()
+        for xm, ym in zip(xs[t].chunk(micro), ys[t].chunk(micro), strict=True):
+            (F.cross_entropy(model(xm), ym) / micro).backward()
+        opt.step()
+        history.append([layer.mask.clone() for layer in opt.layers])
+    return model, opt, history
+
+
+def _last_micro_batch_only(method):
+    """The bug the design rules out: scores read from the last micro-batch's gradient alone."""
+    model = _model()
+    opt = _opt(model, method)
+    xs, ys = _data()
+    history = []
+    for t in range(STEPS):
+        x, y = xs[t].chunk(MICRO)[-1], ys[t].chunk(MICRO)[-1]
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        history.append([layer.mask.clone() for layer in opt.layers])
+    return history
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_accumulated_micro_batches_give_the_topology_of_one_concatenated_batch(method):
+    model_a, opt_a, hist_a = _train(method, MICRO)
+    model_b, opt_b, hist_b = _train(method, 1)
+    assert opt_a.report()["updates"]["updates"] == opt_b.report()["updates"]["updates"] >= 1
+    for step, (ma, mb) in enumerate(zip(hist_a, hist_b, strict=True), 1):
+        for a, b in zip(ma, mb, strict=True):
+            assert torch.equal(a, b), f"masks differ after step {step}"
+    for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    for layer in opt_a.layers:
+        assert layer.count == int(layer.mask.sum())
+        assert bool((layer.param[~layer.mask] == 0).all())
+    # Negative control: the last micro-batch alone gives another topology.
+    wrong = _last_micro_batch_only(method)
+    assert any(
+        not torch.equal(a, b) for ma, mw in zip(hist_a, wrong, strict=True)
+        for a, b in zip(ma, mw, strict=True)
+    )  # fmt: skip
+
+
+def test_rigl_growth_is_the_top_of_the_accumulated_gradient():
+    """Independent reference for one update: drop the smallest |w|, grow the largest |g_acc|."""
+    model = _model()
+    opt = _opt(model, "rigl")
+    opt.apply_masks()
+    x, y = _data()[0][0], _data()[1][0]
+    opt.zero_grad()
+    for xm, ym in zip(x.chunk(MICRO), y.chunk(MICRO), strict=True):
+        (F.cross_entropy(model(xm), ym) / MICRO).backward()
+    before = [(layer.mask.clone(), layer.param.detach().clone(), layer.param.grad.clone())
+              for layer in opt.layers]  # fmt: skip
+    opt.step()
+    for layer, (mask, w, g) in zip(opt.layers, before, strict=True):
+        k = int(0.3 * int(mask.sum()) + 1e-9)  # the first update's rate, cosine from 0.3
+        flat_w = torch.where(mask, w.abs(), torch.inf).reshape(-1)
+        dropped = set(flat_w.argsort(stable=True)[:k].tolist())
+        kept = mask.reshape(-1).clone()
+        kept[list(dropped)] = False
+        flat_g = torch.where(kept, -torch.inf, g.abs().reshape(-1))
+        grown = set((-flat_g).argsort(stable=True)[:k].tolist())
+        expected = kept.clone()
+        expected[list(grown)] = True
+        assert torch.equal(layer.mask.reshape(-1), expected), layer.name
+
+
+# --- DDP no_sync ----------------------------------------------------------------------------
+def _worker(rank: int, world: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for method in ("rigl", "snip"):
+            model = _model()
+            ddp = nn.parallel.DistributedDataParallel(model)
+            opt = _train_ddp(model, ddp, method, rank, world)
+            opt.check_consistency()
+            results[method] = {
+                "masks": [layer.mask for layer in opt.layers],
+                "params": [p.detach() for p in model.parameters()],
+            }
+        torch.save(results, f"{out}/rank{rank}.pt")
+        dist.barrier()  # leave together: a rank that tears down alone can hang the other
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_ddp(model, ddp, method, rank, world):
+    opt = _opt(model, method)
+    xs, ys = _data(world)
+    for t in range(STEPS):
+        x, y = xs[t].chunk(world)[rank], ys[t].chunk(world)[rank]
+        opt.zero_grad()
+        for i, (xm, ym) in enumerate(zip(x.chunk(MICRO), y.chunk(MICRO), strict=True)):
+            # gradients are all-reduced on the last micro-batch only, the one before step()
+            with ddp.no_sync() if i < MICRO - 1 else contextlib.nullcontext():
+                (F.cross_entropy(ddp(xm), ym) / MICRO).backward()
+        opt.step()
+    return opt
+
+
+def test_ddp_no_sync_accumulation_matches_one_process_on_the_whole_batch(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD"))}
+    subprocess.run(
+        [sys.executable, __file__, str(tmp_path)],
+        check=True,
+        env=env,
+        cwd=Path(__file__).parent,
+        timeout=300,  # a hung rank fails the test instead of the suite
+    )
+    for method in ("rigl", "snip"):
+        r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)[method]
+        r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)[method]
+        for a, b in zip(r0["masks"] + r0["params"], r1["masks"] + r1["params"], strict=True):
+            assert torch.equal(a, b)
+        # one process, the two ranks' micro-batches concatenated into one batch per step
+        model = _model()
+        opt = _opt(model, method)
+        xs, ys = _data(2)
+        for t in range(STEPS):
+            opt.zero_grad()
+            F.cross_entropy(model(xs[t]), ys[t]).backward()
+            opt.step()
+        for mask, layer in zip(r0["masks"], opt.layers, strict=True):
+            assert torch.equal(mask, layer.mask), method
+        for p_ddp, p in zip(r0["params"], model.parameters(), strict=True):
+            torch.testing.assert_close(p_ddp, p.detach(), rtol=1e-10, atol=1e-12)
+
+
+if __name__ == "__main__":
+    out_dir = sys.argv[1]
+    mp.spawn(_worker, args=(2, f"{out_dir}/init", out_dir), nprocs=2)
