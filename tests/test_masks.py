@@ -87,6 +87,44 @@ def test_select_other_dtypes(dtype):
     assert select_largest(s, 2).tolist() == [True, False, False, True]
 
 
+def _reference_select(scores, k, largest):
+    """Reference: a full stable sort (equal scores keep index order), the first k indices."""
+    flat = scores.reshape(-1).double()
+    order = torch.sort(-flat if largest else flat, stable=True).indices
+    out = torch.zeros(flat.numel(), dtype=torch.bool)
+    out[order[:k]] = True
+    return out.view_as(scores)
+
+
+@pytest.mark.parametrize(
+    "kind", ["uniform", "few values", "mostly inf", "zeros and grads", "all equal", "adversarial"]
+)
+@pytest.mark.parametrize("k", [1, 777, 9_000, 150_000])
+def test_select_on_large_tensors_matches_a_sort(kind, k):
+    # Above 4 * 2**16 scores the k-th value is searched among sampled-bound survivors only; the
+    # result must equal a full stable sort, ties and infinities included.
+    g = torch.Generator().manual_seed(k)
+    n = 300_007
+    if kind == "uniform":
+        s = torch.rand(n, generator=g)
+    elif kind == "few values":
+        s = torch.randint(0, 7, (n,), generator=g).float()
+    elif kind == "mostly inf":  # inactive positions at +inf, as drop_and_grow scores them
+        s = torch.where(torch.rand(n, generator=g) < 0.9, INF, torch.rand(n, generator=g))
+    elif kind == "zeros and grads":  # many exact zeros (grown weights), a few magnitudes
+        s = torch.where(torch.rand(n, generator=g) < 0.5, 0.0, torch.rand(n, generator=g))
+    elif kind == "all equal":
+        s = torch.full((n,), 0.25)
+    else:  # the strided sample sees only the best scores: the bound fails, the full search runs
+        s = torch.ones(n)
+        s[:: n // 2**16] = 0.0
+    for largest in (False, True):
+        t = -s if largest and kind == "adversarial" else s
+        got = (select_largest if largest else select_smallest)(t, k)
+        assert int(got.sum()) == k
+        assert torch.equal(got, _reference_select(t, k, largest)), (kind, k, largest)
+
+
 def test_random_mask_exact_count():
     g = torch.Generator().manual_seed(0)
     m = random_mask((5, 7), 12, g)
