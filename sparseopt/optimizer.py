@@ -454,10 +454,11 @@ class SparseOptimizer(torch.optim.Optimizer):
         With a ``GradScaler``, call ``scaler.step(opt)`` (it skips this call on steps with inf
         or NaN gradients), then ``scaler.update()``, then the schedulers' ``step()``.
 
-        Under ``torch.compile`` only the steady-state work (masking the gradients and the inner
-        step) is traced: the bookkeeping before and after it (the update schedule, the scores and
-        the topology update) runs eagerly (``torch.compiler.disable``), so Python counters never
-        enter a graph and a topology update never causes a recompilation.
+        Under ``torch.compile`` only the inner optimizer's step is traced: the work before it
+        (the update schedule, the scores, masking the gradients) and after it (re-masking, the
+        topology update) runs eagerly (``torch.compiler.disable``), so Python counters never
+        enter a graph, a topology update never causes a recompilation, and the gradients are
+        masked by the fast eager kernel.
 
         Args:
             closure (Callable | None): re-evaluates the model and returns the loss.
@@ -487,20 +488,20 @@ class SparseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        nan_safe = self._begin_step()
-        grads, masks = [], []
-        for layer in self._layers:
-            if layer.param.grad is not None:
-                grads.append(layer.param.grad)
-                masks.append(layer.mask)
-        apply_masks_(grads, masks, nan_safe=nan_safe)
+        self._begin_step()
         self.optimizer.step()
         self._end_step()
         return loss
 
     @torch.compiler.disable
-    def _begin_step(self) -> bool:
-        """Before the inner step: read the scores of a due update. ``True``: mask NaN-safely."""
+    def _begin_step(self) -> None:
+        """Before the inner step: read the scores of a due update, then mask the gradients.
+
+        It runs eagerly under ``torch.compile`` (see ``step``): eager, the mask multiply is one
+        foreach kernel over a uint8 view of the masks; inductor's CPU code for the same multiply
+        runs several times slower (``benchmarks/compiled_step.py``), and a graph break in torch's
+        own ``Optimizer.step`` keeps it from fusing into the update anyway.
+        """
         if not self._masks_applied:
             self.apply_masks()
         step = self._step + 1
@@ -526,7 +527,12 @@ class SparseOptimizer(torch.optim.Optimizer):
             self._update_topology(step, *due, scores)
             scores = None
         self._in_step = (step, due, scores)
-        return not finite or self.remask == "always"
+        grads, masks = [], []
+        for layer in self._layers:
+            if layer.param.grad is not None:
+                grads.append(layer.param.grad)
+                masks.append(layer.mask)
+        apply_masks_(grads, masks, nan_safe=not finite or self.remask == "always")
 
     @torch.compiler.disable
     def _end_step(self) -> None:
