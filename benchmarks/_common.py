@@ -28,6 +28,7 @@ __all__ = [
     "markdown_table",
     "median",
     "param_set",
+    "publish",
     "reachable_tensors",
     "resnet50",
     "storage_bytes",
@@ -306,6 +307,15 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(payload, f, indent=2, default=str)
+
+
+def publish(text: str, cmd: str, json_path: str | None, **results: Any) -> dict[str, Any]:
+    """Print a benchmark's markdown, write it with ``results`` and the machine to ``json_path``
+    (if given), and return that payload."""
+    print(text, flush=True)
+    out = {"machine": machine_info(), "command": cmd, **results, "markdown": text}
+    write_json(json_path, out)
+    return out
 
 
 def header(title: str, argv: Sequence[str] | None, threads: int | str) -> str:

@@ -166,10 +166,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(before)
     text = C.header("The fused path: torch.compile(opt.step)", cmd.split(), args.threads)
     text += "\n" + C.markdown_table(rows)
-    print(text, flush=True)
-    out = {"machine": C.machine_info(), "command": cmd, "rows": rows, "markdown": text}
-    C.write_json(args.json, out)
-    return out
+    return C.publish(text, cmd, args.json, rows=rows)
 
 
 if __name__ == "__main__":

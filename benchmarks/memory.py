@@ -209,10 +209,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "inner state B/sparse weight",
         ],
     )
-    print(text, flush=True)
-    out = {"machine": C.machine_info(), "command": cmd, "rows": rows, "markdown": text}
-    C.write_json(args.json, out)
-    return out
+    return C.publish(text, cmd, args.json, rows=rows)
 
 
 if __name__ == "__main__":
