@@ -510,6 +510,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if last < args.epochs:
         log(f"stopped after epoch {last} of {args.epochs} (--stop-after); continue with --resume")
+        del net  # the DDP wrapper holds the process group (see cleanup_distributed)
         cleanup_distributed(world)
         return {"epoch": last, "stopped": True}
 
@@ -545,6 +546,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.results:
             with open(args.results, "w") as f:
                 json.dump(result, f, indent=1)
+    del net  # the DDP wrapper holds the process group (see cleanup_distributed)
     cleanup_distributed(world)
     return result
 
@@ -594,9 +596,18 @@ def check_masks_agree(opt: SparseOptimizer) -> None:
 
 
 def cleanup_distributed(world: int) -> None:
+    """Leave the process group together, after the DDP wrapper has been freed.
+
+    A rank that still holds a ``DistributedDataParallel`` wrapper, and so the group, while its
+    peer exits can hang in the group's destructor (gloo, seen in this project's tests); the
+    barrier keeps one rank from tearing down alone.
+    """
     if world > 1:
+        import gc
+
         import torch.distributed as dist
 
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 

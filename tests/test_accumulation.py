@@ -11,17 +11,13 @@ every rank's micro-batches.
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from cases import single_thread
+from ranks import run_ranks, spawn
 from torch import nn
 
 from sparseopt import SparseOptimizer
@@ -139,24 +135,18 @@ def test_rigl_growth_is_the_top_of_the_accumulated_gradient():
 
 
 # --- DDP no_sync ----------------------------------------------------------------------------
-def _worker(rank: int, world: int, init_file: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        results = {}
-        for method in ("rigl", "snip"):
-            model = _model()
-            ddp = nn.parallel.DistributedDataParallel(model)
-            opt = _train_ddp(model, ddp, method, rank, world)
-            opt.check_consistency()
-            results[method] = {
-                "masks": [layer.mask for layer in opt.layers],
-                "params": [p.detach() for p in model.parameters()],
-            }
-        torch.save(results, f"{out}/rank{rank}.pt")
-        dist.barrier()  # leave together: a rank that tears down alone can hang the other
-    finally:
-        dist.destroy_process_group()
+def _ranks(rank: int, world: int, out: str) -> None:
+    results = {}
+    for method in ("rigl", "snip"):
+        model = _model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = _train_ddp(model, ddp, method, rank, world)
+        opt.check_consistency()
+        results[method] = {
+            "masks": [layer.mask for layer in opt.layers],
+            "params": [p.detach() for p in model.parameters()],
+        }
+    torch.save(results, f"{out}/rank{rank}.pt")
 
 
 def _train_ddp(model, ddp, method, rank, world):
@@ -174,14 +164,7 @@ def _train_ddp(model, ddp, method, rank, world):
 
 
 def test_ddp_no_sync_accumulation_matches_one_process_on_the_whole_batch(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD"))}
-    subprocess.run(
-        [sys.executable, __file__, str(tmp_path)],
-        check=True,
-        env=env,
-        cwd=Path(__file__).parent,
-        timeout=300,  # a hung rank fails the test instead of the suite
-    )
+    run_ranks(__file__, tmp_path)
     for method in ("rigl", "snip"):
         r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)[method]
         r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)[method]
@@ -202,5 +185,4 @@ def test_ddp_no_sync_accumulation_matches_one_process_on_the_whole_batch(tmp_pat
 
 
 if __name__ == "__main__":
-    out_dir = sys.argv[1]
-    mp.spawn(_worker, args=(2, f"{out_dir}/init", out_dir), nprocs=2)
+    spawn(_ranks, sys.argv[1])

@@ -7,16 +7,13 @@ halves, which is the gradient of the mean over the whole batch).
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from ranks import run_ranks, spawn
 from torch import nn
 
 from sparseopt import SparseOptimizer, SupTicketsScheduler
@@ -67,43 +64,35 @@ def _train(model, forward, method, shard):
 METHODS = ("static", "set", "rigl", "granet", "snip")
 
 
-def _worker(rank: int, world: int, init_file: str, out: str) -> None:
+def _ranks(rank: int, world: int, out: str) -> None:
     """One process group for every method (spawning torch processes is the slow part)."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        results = {}
-        for method in METHODS:
-            model = _model()
-            ddp = nn.parallel.DistributedDataParallel(model)
-            opt = _train(model, ddp, method, lambda t: t.chunk(world)[rank])
-            opt.check_consistency()
-            results[method] = {
-                "masks": [layer.mask for layer in opt.layers],
-                "params": [p.detach() for p in model.parameters()],
-                "tickets": opt.tickets,
-            }
-        torch.save(results, f"{out}/rank{rank}.pt")
-        # Different seeds give different masks: check_consistency must name the layer.
+    results = {}
+    for method in METHODS:
         model = _model()
-        opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.8,
-                              model=model, seed=rank)  # fmt: skip
-        try:
-            opt.check_consistency()
-        except RuntimeError as e:
-            torch.save(str(e), f"{out}/error{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = _train(model, ddp, method, lambda t: t.chunk(world)[rank])
+        opt.check_consistency()
+        results[method] = {
+            "masks": [layer.mask for layer in opt.layers],
+            "params": [p.detach() for p in model.parameters()],
+            "tickets": opt.tickets,
+        }
+    torch.save(results, f"{out}/rank{rank}.pt")
+    # Different seeds give different masks: check_consistency must name the layer.
+    model = _model()
+    opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.8,
+                          model=model, seed=rank)  # fmt: skip
+    try:
+        opt.check_consistency()
+    except RuntimeError as e:
+        torch.save(str(e), f"{out}/error{rank}.pt")
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     """Spawn the two ranks from a fresh interpreter, isolated from this pytest process."""
     out = tmp_path_factory.mktemp("ddp")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD"))}
-    subprocess.run(
-        [sys.executable, __file__, str(out)], check=True, env=env, cwd=Path(__file__).parent
-    )
+    run_ranks(__file__, out)
     return out
 
 
@@ -130,5 +119,4 @@ def test_check_consistency_names_the_layer_that_differs(ddp_results):
 
 
 if __name__ == "__main__":
-    out_dir = sys.argv[1]
-    mp.spawn(_worker, args=(2, f"{out_dir}/init", out_dir), nprocs=2)
+    spawn(_ranks, sys.argv[1])

@@ -9,16 +9,13 @@ every case, in a fresh interpreter, and the tests read what it saved.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from ranks import run_ranks, spawn
 from torch import nn
 
 from sparseopt import SparseOptimizer, SupTicketsScheduler
@@ -217,12 +214,10 @@ def _errors(mesh):
     return out
 
 
-def _worker(rank: int, world: int, init_file: str, out: str) -> None:
+def _ranks(rank: int, world: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
 
     def sharded_model(device_mesh=mesh):
@@ -236,97 +231,91 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     def batch_shard(t):
         return t.chunk(world)[rank]
 
-    try:
-        results = {"selection": _selection_results(mesh)}
-        for case in CASES:
-            model = sharded_model()
-            opt, sched = _build(model, case)
-            first = _train(model, opt, sched, batch_shard, stop=RESUME_AT)
-            ckpt = f"{out}/{case}-rank{rank}.pt"
-            torch.save(
-                {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()},
-                ckpt,
-            )
-            evals = first + _train(model, opt, sched, batch_shard, start=RESUME_AT)
-            opt.check_consistency()
-            results[case] = _snapshot(model, opt, evals)
-
-            # Resume from the checkpoint in a fresh sharded model and optimizer.
-            torch.manual_seed(99)
-            model = sharded_model()
-            opt, sched = _build(model, case)
-            saved = torch.load(ckpt, weights_only=True)
-            model.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["opt"])
-            sched.load_state_dict(saved["sched"])
-            evals = first + _train(model, opt, sched, batch_shard, start=RESUME_AT)
-            results[f"{case}-resumed"] = _snapshot(model, opt, evals)
-
-        for name, shape in MESHES.items():
-            hsdp = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
-            model = sharded_model(hsdp)
-            opt, sched = _build(model, "rigl")
-            evals = _train(model, opt, sched, batch_shard)
-            opt.check_consistency()
-            results[name] = _snapshot(model, opt, evals)
-
-        results["collectives"] = _collectives_per_step(sharded_model(), batch_shard)
-        results["errors"] = _errors(mesh)
-
-        # What a checkpoint holds; the other rank's (uneven shards) and a single-process one
-        # do not load, and leave the optimizer as it was.
+    results = {"selection": _selection_results(mesh)}
+    for case in CASES:
         model = sharded_model()
-        opt, _ = _build(model, "set")
-        before = [layer.mask.to_local().clone() for layer in opt.layers]
-        mine = torch.load(f"{out}/set-rank{rank}.pt", weights_only=True)["opt"]
-        results["saved_types"] = sorted(
-            {type(m).__name__ for m in mine["sparseopt"]["masks"].values()}
-            | {type(v).__name__ for st in mine["state"].values() for v in st.values()}
+        opt, sched = _build(model, case)
+        first = _train(model, opt, sched, batch_shard, stop=RESUME_AT)
+        ckpt = f"{out}/{case}-rank{rank}.pt"
+        torch.save(
+            {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()},
+            ckpt,
         )
-        other = torch.load(f"{out}/set-rank{1 - rank}.pt", weights_only=True)["opt"]
-        plain_model = _model()
-        single = _build(plain_model, "set")[0].state_dict()
-        for key, sd in (("wrong_rank_error", other), ("plain_error", single)):
-            try:
-                opt.load_state_dict(sd)
-            except ValueError as e:
-                results[key] = str(e)
-        results["unchanged"] = _equal(before, [m.to_local() for m in opt.masks.values()])
-        results["state_untouched"] = len(opt.state) == 0
+        evals = first + _train(model, opt, sched, batch_shard, start=RESUME_AT)
+        opt.check_consistency()
+        results[case] = _snapshot(model, opt, evals)
 
-        # Different seeds: the generators differ (and so would every random mask shard).
+        # Resume from the checkpoint in a fresh sharded model and optimizer.
+        torch.manual_seed(99)
         model = sharded_model()
-        opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.8,
-                              model=model, seed=rank)  # fmt: skip
-        try:
-            opt.check_consistency()
-        except RuntimeError as e:
-            results["seed_error"] = str(e)
+        opt, sched = _build(model, case)
+        saved = torch.load(ckpt, weights_only=True)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        evals = first + _train(model, opt, sched, batch_shard, start=RESUME_AT)
+        results[f"{case}-resumed"] = _snapshot(model, opt, evals)
 
-        # A shard whose mask no longer matches the global count is caught.
-        model = sharded_model()
-        opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.8,
-                              model=model, seed=0)  # fmt: skip
-        if rank == 1:
-            local = opt.layers[0].mask.to_local()
-            local.view(-1)[local.view(-1).nonzero()[0]] = False
+    for name, shape in MESHES.items():
+        hsdp = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+        model = sharded_model(hsdp)
+        opt, sched = _build(model, "rigl")
+        evals = _train(model, opt, sched, batch_shard)
+        opt.check_consistency()
+        results[name] = _snapshot(model, opt, evals)
+
+    results["collectives"] = _collectives_per_step(sharded_model(), batch_shard)
+    results["errors"] = _errors(mesh)
+
+    # What a checkpoint holds; the other rank's (uneven shards) and a single-process one
+    # do not load, and leave the optimizer as it was.
+    model = sharded_model()
+    opt, _ = _build(model, "set")
+    before = [layer.mask.to_local().clone() for layer in opt.layers]
+    mine = torch.load(f"{out}/set-rank{rank}.pt", weights_only=True)["opt"]
+    results["saved_types"] = sorted(
+        {type(m).__name__ for m in mine["sparseopt"]["masks"].values()}
+        | {type(v).__name__ for st in mine["state"].values() for v in st.values()}
+    )
+    other = torch.load(f"{out}/set-rank{1 - rank}.pt", weights_only=True)["opt"]
+    plain_model = _model()
+    single = _build(plain_model, "set")[0].state_dict()
+    for key, sd in (("wrong_rank_error", other), ("plain_error", single)):
         try:
-            opt.check_consistency()
-        except RuntimeError as e:
-            results["count_error"] = str(e)
-        torch.save(results, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+            opt.load_state_dict(sd)
+        except ValueError as e:
+            results[key] = str(e)
+    results["unchanged"] = _equal(before, [m.to_local() for m in opt.masks.values()])
+    results["state_untouched"] = len(opt.state) == 0
+
+    # Different seeds: the generators differ (and so would every random mask shard).
+    model = sharded_model()
+    opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.8,
+                          model=model, seed=rank)  # fmt: skip
+    try:
+        opt.check_consistency()
+    except RuntimeError as e:
+        results["seed_error"] = str(e)
+
+    # A shard whose mask no longer matches the global count is caught.
+    model = sharded_model()
+    opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.8,
+                          model=model, seed=0)  # fmt: skip
+    if rank == 1:
+        local = opt.layers[0].mask.to_local()
+        local.view(-1)[local.view(-1).nonzero()[0]] = False
+    try:
+        opt.check_consistency()
+    except RuntimeError as e:
+        results["count_error"] = str(e)
+    torch.save(results, f"{out}/rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory):
     """Spawn the two ranks from a fresh interpreter, isolated from this pytest process."""
     out = tmp_path_factory.mktemp("fsdp2")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD"))}
-    subprocess.run(
-        [sys.executable, __file__, str(out)], check=True, env=env, cwd=Path(__file__).parent
-    )
+    run_ranks(__file__, out)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
@@ -429,5 +418,4 @@ def test_check_consistency_under_fsdp2(fsdp_results):
 
 
 if __name__ == "__main__":
-    out_dir = sys.argv[1]
-    mp.spawn(_worker, args=(2, f"{out_dir}/init", out_dir), nprocs=2)
+    spawn(_ranks, sys.argv[1])

@@ -8,13 +8,14 @@ model must hold the superposed ticket at exactly the target count, with zeros el
 
 from __future__ import annotations
 
-import os
+import gc
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ranks import run_isolated
 
 import sparseopt
 
@@ -137,11 +138,10 @@ def test_repeated_scheduler_calls_within_one_iteration_are_ignored():
 
 def test_accelerate_two_processes_step_sup_tickets_once_per_optimizer_step(tmp_path):
     """Accelerate steps the scheduler once per process per optimizer step; repeats are ignored."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD"))}
-    subprocess.run(
+    run_isolated(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          __file__, str(tmp_path)],
-        check=True, env=env, cwd=Path(__file__).parent, stdout=subprocess.DEVNULL, timeout=300,
+        cwd=Path(__file__).parent, stdout=subprocess.DEVNULL,
     )  # fmt: skip
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
@@ -156,7 +156,17 @@ def test_accelerate_two_processes_step_sup_tickets_once_per_optimizer_step(tmp_p
 
 
 def _rank_main(out: str) -> None:
+    """One torchrun process: train, save, then leave together (see ``ranks.py`` on teardown)."""
+    from accelerate import PartialState
+
     torch.set_num_threads(1)
+    _train_and_save(out)
+    gc.collect()  # the prepared (DDP) model held the process group
+    PartialState().wait_for_everyone()
+    torch.distributed.destroy_process_group()
+
+
+def _train_and_save(out: str) -> None:
     finalized: list[int] = []
     real = sparseopt.SparseOptimizer.finalize
 
@@ -185,8 +195,6 @@ def _rank_main(out: str) -> None:
         },
         f"{out}/rank{state.process_index}.pt",
     )
-    state.wait_for_everyone()
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
