@@ -26,8 +26,9 @@ __all__ = ["SparseOptimizer"]
 _FORMAT = 1
 
 # Optimizers that, given a zero gradient and zero state at a position where the weight is 0, keep
-# weight and state exactly 0 there (checked line by line against torch 2.13's update rules; the
-# invariant tests run every one of them). For these the steady-state step only masks gradients.
+# weight and state exactly 0 there (checked line by line against torch 2.13's update rules;
+# tests/test_contract.py runs every one of them against remask="always", bit for bit). For these
+# the steady-state step only masks gradients.
 _ZERO_PRESERVING: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.SGD,
     torch.optim.Adam,

@@ -108,6 +108,17 @@ CASES: list[OptimCase] = [
                {"lr": 1e-2, "centered": True, "momentum": 0.9}, fused=False,
                cycles_momentum=True),
     *_variants("adagrad", _O.Adagrad, {"lr": 0.1}, fused=True),
+    *_variants("nadam_wd", _O.NAdam, {"lr": 1e-2, "weight_decay": 1e-2}, fused=False,
+               cycles_momentum=True),
+    *_variants("nadam_decoupled", _O.NAdam,
+               {"lr": 1e-2, "weight_decay": 0.1, "decoupled_weight_decay": True}, fused=False,
+               cycles_momentum=True),
+    *_variants("radam", _O.RAdam, {"lr": 1e-2, "weight_decay": 1e-2}, fused=False,
+               cycles_momentum=True),
+    *_variants("radam_decoupled", _O.RAdam,
+               {"lr": 1e-2, "weight_decay": 0.1, "decoupled_weight_decay": True}, fused=False,
+               cycles_momentum=True),
+    *_variants("adadelta", _O.Adadelta, {"lr": 1.0, "weight_decay": 1e-2}, fused=False),
     # Not zero-preserving: Adamax's infinity norm becomes ``eps`` at a zero gradient, and a
     # nonzero initial accumulator is nonzero Adagrad state. Both need the re-mask fallback.
     *_variants("adamax", _O.Adamax, {"lr": 1e-2}, fused=False, keeps_zeros=False,

@@ -1,8 +1,9 @@
 """The ``torch.optim.Optimizer`` contract of ``SparseOptimizer``, over the whole inner table.
 
-Every test here runs for every inner optimizer in ``cases.CASES`` (SGD, Adam, AdamW, RMSprop,
-Adagrad, Adamax; forloop, foreach and fused): schedulers, hooks, param groups, zero_grad,
-pickling, live views, checkpoints and GradScaler.
+Every test here runs for every inner optimizer in ``cases.CASES`` (SGD, Adam, AdamW, NAdam,
+RAdam, RMSprop, Adadelta, Adagrad, Adamax; forloop, foreach and fused): schedulers, hooks, param
+groups, zero_grad, pickling, live views, checkpoints, GradScaler, and the zero-preserving fast
+path.
 """
 
 from __future__ import annotations
@@ -681,6 +682,55 @@ def test_inf_gradient_at_inactive_position_keeps_weight_zero(case, update_due, r
     assert bool((layer.param[~layer.mask] == 0).all())
     for name, t in inner_state_tensors(opt.optimizer, layer.param).items():
         assert bool((t[~layer.mask] == 0).all()), name
+
+
+# --- the zero-preserving fast path --------------------------------------------------------------
+def _run_remask(case, remask, *, claim_keeps_zeros=None):
+    """Six RigL steps (an update every other step) with weight decay where the case has it."""
+    model = make_convnet()
+    opt = _sparse(case, model, "rigl", sparsity=0.8, update_every=2, remask=remask)
+    if claim_keeps_zeros is not None:
+        opt._keeps_zeros = claim_keeps_zeros  # the negative control below
+    for batch in batches("convnet", 6):
+        train_step(model, opt, batch)
+    return model, opt
+
+
+@pytest.mark.parametrize("case", case_params([c for c in CASES if c.keeps_zeros]))
+def test_zero_preserving_optimizers_need_no_remask(case):
+    """On the zero-preserving list, skipping the re-mask changes nothing: 'auto' == 'always'.
+
+    With ``remask="auto"`` the step of these optimizers only masks the gradients and trusts the
+    update rule to keep inactive weights and state at 0; ``"always"`` re-masks after every step.
+    The two runs must be bit-identical, with zeros at every inactive weight and state tensor.
+    """
+    fast_model, fast = _run_remask(case, "auto")
+    assert fast._keeps_zeros, "the table says this optimizer keeps zeros; the optimizer disagrees"
+    safe_model, safe = _run_remask(case, "always")
+    fast_sd, safe_sd = fast_model.state_dict(), safe_model.state_dict()
+    for a, b in zip(fast_sd.values(), safe_sd.values(), strict=True):
+        assert torch.equal(a, b)
+    _assert_inner_state_equal(fast.optimizer, safe.optimizer)
+    for layer in fast.layers:
+        assert bool((layer.param[~layer.mask] == 0).all()), layer.name
+        for name, t in inner_state_tensors(fast.optimizer, layer.param).items():
+            assert bool((t[~layer.mask] == 0).all()), (layer.name, name)
+
+
+@pytest.mark.parametrize("case", case_params([c for c in CASES if c.id.startswith("adamax")]))
+def test_an_optimizer_off_the_list_would_break_the_zeros_without_remask(case):
+    """The negative control: Adamax's infinity norm becomes ``eps`` at a zero gradient, so with
+    the re-mask skipped its state leaves 0 at inactive positions; it must stay off the list."""
+    _, fast = _run_remask(case, "auto")
+    assert not fast._keeps_zeros
+    _, forced = _run_remask(case, "auto", claim_keeps_zeros=True)
+    leaked = [
+        (layer.name, name)
+        for layer in forced.layers
+        for name, t in inner_state_tensors(forced.optimizer, layer.param).items()
+        if bool((t[~layer.mask] != 0).any())
+    ]
+    assert leaked
 
 
 # --- report and density ---------------------------------------------------------------------------
