@@ -10,7 +10,13 @@ Examples:
     ['gmp', 'granet', 'rigl', 'set', 'snip', 'static']
 """
 
-from .methods import SparsityMethod, available_methods, get_method, register_method
+from .methods import (
+    SparsityMethod,
+    available_methods,
+    get_method,
+    register_method,
+    unregister_method,
+)
 from .metrics import SparsityReport
 from .optimizer import SparseOptimizer
 from .scheduler import SupTicketsScheduler, cyclic_lr
@@ -28,4 +34,5 @@ __all__ = [
     "cyclic_lr",
     "get_method",
     "register_method",
+    "unregister_method",
 ]

@@ -8,17 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import sparseopt.methods
-from sparseopt import SparseOptimizer, available_methods, get_method
+from sparseopt import SparseOptimizer, available_methods, get_method, unregister_method
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 
 
 @pytest.fixture
-def load_example(monkeypatch):
-    """Import ``docs/examples/<name>.py`` with a private copy of the method registry, so that
-    the methods it registers do not outlive the test."""
-    monkeypatch.setattr(sparseopt.methods, "_REGISTRY", dict(sparseopt.methods._REGISTRY))
+def load_example():
+    """Import ``docs/examples/<name>.py``; the methods it registers are unregistered afterwards."""
+    before = set(available_methods())
 
     def load(name: str):
         spec = importlib.util.spec_from_file_location(
@@ -28,7 +26,10 @@ def load_example(monkeypatch):
         spec.loader.exec_module(module)
         return module
 
-    return load
+    yield load
+    for name in set(available_methods()) - before:
+        unregister_method(name)
+    assert set(available_methods()) == before
 
 
 def test_custom_method_fits_the_promise_of_under_30_lines():

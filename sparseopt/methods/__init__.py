@@ -31,6 +31,7 @@ __all__ = [
     "available_methods",
     "get_method",
     "register_method",
+    "unregister_method",
 ]
 
 _REGISTRY: dict[str, Callable[..., SparsityMethod]] = {}
@@ -73,6 +74,46 @@ def register_method(
             )
         warnings.warn(f"replacing registered method {key!r}", UserWarning, stacklevel=2)
     _REGISTRY[key] = factory
+
+
+def unregister_method(name: str) -> Callable[..., SparsityMethod]:
+    """Remove ``name`` (lower-cased) from the registry and return its factory.
+
+    Meant for tests and notebooks that register a method for a while: register it, use it, and
+    unregister it (or put the returned factory back with ``register_method``). Optimizers already
+    built with the method keep working; only new lookups by name fail.
+
+    Args:
+        name (str): a registered name, built-in ones included.
+
+    Returns:
+        Callable: the factory that was registered under ``name``.
+
+    Raises:
+        ValueError: if ``name`` is not registered; the message lists the registered names.
+        TypeError: if ``name`` is not a string.
+
+    Examples:
+        >>> from sparseopt.methods import RigL, available_methods, register_method
+        >>> from sparseopt.methods import unregister_method
+        >>> register_method("my-rigl", RigL)
+        >>> unregister_method("My-RigL") is RigL
+        True
+        >>> "my-rigl" in available_methods()
+        False
+        >>> unregister_method("my-rigl")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: method 'my-rigl' is not registered; registered methods are ['gmp', ...]
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"Expected name to be a str, but got {name!r}")
+    key = name.lower()
+    if key not in _REGISTRY:
+        raise ValueError(
+            f"method {key!r} is not registered; registered methods are {available_methods()}"
+        )
+    return _REGISTRY.pop(key)
 
 
 def available_methods() -> list[str]:
