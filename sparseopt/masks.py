@@ -84,31 +84,41 @@ def select_largest(scores: Tensor, k: int) -> Tensor:
     return _select(scores, k, largest=True)
 
 
-_SAMPLE = 1 << 16  # scores sampled to bracket the k-th value of a large tensor
+_SAMPLE_MIN, _SAMPLE_MAX = 1 << 14, 1 << 16  # scores sampled to bracket the k-th value
+
+
+def _sample_stride(n: int) -> int:
+    """The stride of the strided sample of ``n > _SAMPLE_MIN`` scores: n/64 of them, clamped."""
+    return n // max(_SAMPLE_MIN, min(_SAMPLE_MAX, n // 64))
 
 
 def _kth_value(flat: Tensor, k: int, largest: bool) -> Tensor:
     """The exact ``k``-th smallest (or largest) value of a 1-D float tensor, ``0 < k < n``.
 
-    ``kthvalue`` over millions of scores is the most expensive part of a topology update, and an
-    update keeps only a few percent of them. So, for a large tensor, a deterministic strided
-    sample of ``_SAMPLE`` scores gives a bound that at least ``k`` scores pass with a wide
-    statistical margin; ``kthvalue`` then runs on the scores that pass only. If fewer than ``k``
-    pass (the sample was unlucky), it runs on all of them. Either way the result is exact.
+    ``kthvalue`` over millions of scores is the most expensive part of a topology update. So, for
+    a large tensor, a deterministic strided sample (``_sample_stride``) brackets the wanted value
+    between two sample quantiles, each six standard deviations (of its rank in the sample) away
+    from the expected one. ``kthvalue`` then runs on the scores inside the bracket only, a few
+    percent of them, whatever ``k`` is: the global prune of GraNet keeps most of the active
+    weights, and a one-sided bound would leave almost all of them to search. If the value is not
+    inside (the sample was unlucky), it runs on all the scores. Either way the result is exact.
     """
     n = flat.numel()
-    if n <= 4 * _SAMPLE:
-        return torch.kthvalue(flat, n - k + 1 if largest else k).values
-    sample = flat[:: n // _SAMPLE]
+    rank = n - k + 1 if largest else k  # the k-th largest is the (n - k + 1)-th smallest
+    if n <= 4 * _SAMPLE_MIN:
+        return torch.kthvalue(flat, rank).values
+    sample = flat[:: _sample_stride(n)]
     m = sample.numel()
-    want = k * m / n
-    ks = min(m, math.ceil(want + 6 * math.sqrt(want) + 16))  # k's expected rank in the sample
-    bound = torch.kthvalue(sample, m - ks + 1 if largest else ks).values
-    passed = flat[flat >= bound] if largest else flat[flat <= bound]
-    c = passed.numel()
-    if c < k:
-        return torch.kthvalue(flat, n - k + 1 if largest else k).values
-    return torch.kthvalue(passed, c - k + 1 if largest else k).values
+    want = rank * m / n  # the expected rank of the wanted value in the sample
+    margin = 6 * math.sqrt(want * (1 - want / m)) + 16
+    lo_rank, hi_rank = max(1, math.floor(want - margin)), min(m, math.ceil(want + margin))
+    lo = torch.kthvalue(sample, lo_rank).values
+    hi = torch.kthvalue(sample, hi_rank).values
+    below = int(torch.count_nonzero(flat < lo))
+    inside = flat[(flat >= lo) & (flat <= hi)]
+    if below < rank <= below + inside.numel():  # the value lies in [lo, hi]
+        return torch.kthvalue(inside, rank - below).values
+    return torch.kthvalue(flat, rank).values
 
 
 def _select(scores: Tensor, k: int, largest: bool) -> Tensor:

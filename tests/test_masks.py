@@ -15,7 +15,13 @@ import torch
 from torch import nn
 
 from sparseopt import SparseOptimizer
-from sparseopt.masks import drop_and_grow, random_mask, select_largest, select_smallest
+from sparseopt.masks import (
+    _sample_stride,
+    drop_and_grow,
+    random_mask,
+    select_largest,
+    select_smallest,
+)
 from sparseopt.schedules import TopologySchedule
 
 INF = float("inf")
@@ -99,10 +105,11 @@ def _reference_select(scores, k, largest):
 @pytest.mark.parametrize(
     "kind", ["uniform", "few values", "mostly inf", "zeros and grads", "all equal", "adversarial"]
 )
-@pytest.mark.parametrize("k", [1, 777, 9_000, 150_000])
+@pytest.mark.parametrize("k", [1, 777, 9_000, 150_000, 280_000, 300_006])
 def test_select_on_large_tensors_matches_a_sort(kind, k):
-    # Above 4 * 2**16 scores the k-th value is searched among sampled-bound survivors only; the
-    # result must equal a full stable sort, ties and infinities included.
+    # Above 4 * 2**16 scores the k-th value is searched only between two quantiles of a strided
+    # sample; the result must equal a full stable sort, ties and infinities included, for k from 1
+    # to n - 1 (GraNet's global prune keeps most of the scores).
     g = torch.Generator().manual_seed(k)
     n = 300_007
     if kind == "uniform":
@@ -115,14 +122,24 @@ def test_select_on_large_tensors_matches_a_sort(kind, k):
         s = torch.where(torch.rand(n, generator=g) < 0.5, 0.0, torch.rand(n, generator=g))
     elif kind == "all equal":
         s = torch.full((n,), 0.25)
-    else:  # the strided sample sees only the best scores: the bound fails, the full search runs
+    else:  # the strided sample sees only the best scores: the bracket fails, the full search runs
         s = torch.ones(n)
-        s[:: n // 2**16] = 0.0
+        s[:: _sample_stride(n)] = 0.0
     for largest in (False, True):
         t = -s if largest and kind == "adversarial" else s
         got = (select_largest if largest else select_smallest)(t, k)
         assert int(got.sum()) == k
         assert torch.equal(got, _reference_select(t, k, largest)), (kind, k, largest)
+
+
+@pytest.mark.parametrize("n", [65_537, 4_500_001])  # the smallest and the largest sample sizes
+def test_select_matches_a_sort_at_the_ends_of_the_sample_sizes(n):
+    g = torch.Generator().manual_seed(n)
+    s = torch.where(torch.rand(n, generator=g) < 0.3, 0.0, torch.rand(n, generator=g))
+    for k in (1, n // 3, n - 2):
+        for largest in (False, True):
+            got = (select_largest if largest else select_smallest)(s, k)
+            assert torch.equal(got, _reference_select(s, k, largest)), (k, largest)
 
 
 def test_random_mask_exact_count():
