@@ -33,7 +33,7 @@ def test_a_script_past_its_timeout_is_ended_with_the_processes_it_started(tmp_pa
     pidfile = tmp_path / "child"
     start = time.monotonic()
     with pytest.raises(subprocess.TimeoutExpired):
-        run_isolated([sys.executable, "-c", HANG, str(pidfile)], cwd=tmp_path, timeout=3)
+        run_isolated([sys.executable, "-c", HANG, str(pidfile)], cwd=tmp_path, timeout=5)
     assert time.monotonic() - start < 30
     child = int(pidfile.read_text())
     deadline = time.monotonic() + 5
