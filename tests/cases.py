@@ -16,6 +16,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from sparseopt import available_methods, unregister_method
+
 __all__ = [
     "CASES",
     "FUSED_CASES",
@@ -28,6 +30,7 @@ __all__ = [
     "make_convnet",
     "make_mlp",
     "make_model",
+    "registry_restored",
     "single_thread",
     "train_step",
 ]
@@ -237,3 +240,14 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def registry_restored():
+    """On exit, unregister every method that was registered inside the block."""
+    before = set(available_methods())
+    try:
+        yield
+    finally:
+        for name in set(available_methods()) - before:
+            unregister_method(name)

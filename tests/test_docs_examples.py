@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cases import registry_restored
 
-from sparseopt import SparseOptimizer, available_methods, get_method, unregister_method
+from sparseopt import SparseOptimizer, available_methods, get_method
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 
@@ -26,9 +27,8 @@ def load_example():
         spec.loader.exec_module(module)
         return module
 
-    yield load
-    for name in set(available_methods()) - before:
-        unregister_method(name)
+    with registry_restored():
+        yield load
     assert set(available_methods()) == before
 
 

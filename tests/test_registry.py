@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import make_mlp
+from cases import make_mlp, registry_restored
 
 from sparseopt import SparseOptimizer, available_methods, register_method, unregister_method
 from sparseopt.methods import SET, RigL
@@ -25,10 +25,8 @@ class LoudSET(SET):
 @pytest.fixture
 def registry():
     """Leave the registry exactly as the test found it."""
-    before = set(available_methods())
-    yield
-    for name in set(available_methods()) - before:
-        unregister_method(name)
+    with registry_restored():
+        yield
     assert available_methods() == BUILT_IN
 
 
