@@ -19,7 +19,13 @@ from .masks import apply_masks_, count_active, random_mask
 from .methods import SparseLayer, SparsityMethod, get_method
 from .metrics import SparsityReport
 from .schedules import PRUNE_SCHEDULES, TopologySchedule
-from .superposition import Superposition, check_superposition_args
+from .superposition import (
+    BNUpdate,
+    Superposition,
+    check_bn_update,
+    check_superposition_args,
+    recompute_bn,
+)
 
 __all__ = ["SparseOptimizer"]
 
@@ -593,7 +599,12 @@ class SparseOptimizer(torch.optim.Optimizer):
         return 0 if self._superposition is None else self._superposition.tickets
 
     def consolidate(
-        self, *, averaging: str = "cia", beta: float = 0.8, reprune: str = "layer"
+        self,
+        *,
+        averaging: str = "cia",
+        beta: float = 0.8,
+        reprune: str = "layer",
+        bn_update: BNUpdate | None = None,
     ) -> None:
         r"""Add the live weights as one cheap ticket to the superposed copy, then re-prune it.
 
@@ -616,9 +627,20 @@ class SparseOptimizer(torch.optim.Optimizer):
             beta (float): the CIMA decay in [0, 1). Default: 0.8 (the paper's tuned value).
             reprune (str): ``"layer"`` keeps each layer's count (default); ``"global"`` keeps the
                 global top ``K`` over all sparse layers, as the official code does.
+            bn_update (Iterable | Callable | None): recompute the BatchNorm running statistics of
+                the superposed copy after the average and re-prune, as the official code does,
+                instead of keeping their average: an iterable of input batches goes to
+                ``torch.optim.swa_utils.update_bn`` on the model holding the superposed copy; a
+                callable is called with that model (in train mode, statistics reset, cumulative
+                momentum) and runs the forward passes itself. The live weights and statistics
+                are restored bit-exactly afterwards. Default: None (average them).
 
         Raises:
-            ValueError: for a bad argument, or one that differs from the first ticket's.
+            TypeError: if ``bn_update`` is neither callable nor a re-iterable (an iterator
+                would be used up by the first ticket).
+            ValueError: for a bad argument, or one that differs from the first ticket's;
+                ``bn_update`` without ``model=``; a ``bn_update`` that gives no batch or batches
+                the model cannot take (the superposed copy is then left as it was).
 
         Warns:
             UserWarning: on the first ticket without ``model=``: BatchNorm running statistics
@@ -642,7 +664,14 @@ class SparseOptimizer(torch.optim.Optimizer):
             3
         """
         check_superposition_args(averaging, beta, reprune)
+        check_bn_update(bn_update)
+        if bn_update is not None and self.model is None:
+            raise ValueError(
+                "consolidate(bn_update=...) recomputes the BatchNorm statistics of the model; "
+                "pass model= to SparseOptimizer"
+            )
         sup = self._superposition
+        backup = None if sup is None or bn_update is None else sup.state_dict()
         if sup is None:
             if self.model is None:
                 warnings.warn(
@@ -663,12 +692,34 @@ class SparseOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             sup.add(
                 self._all_params(),
-                [layer.index for layer in self._layers],
+                self._sparse_indices(),
                 [layer.mask for layer in self._layers],
                 [layer.count for layer in self._layers],
                 self._bn_buffers(),
             )
         self._superposition = sup
+        if bn_update is not None:
+            try:
+                self._recompute_superposed_bn(sup, bn_update)
+            except BaseException:
+                self._superposition = (
+                    None
+                    if backup is None
+                    else Superposition.from_state_dict(
+                        backup, self._all_params(), self._sparse_indices(), self._bn_buffers()
+                    )
+                )
+                raise
+
+    def _sparse_indices(self) -> list[int]:
+        return [layer.index for layer in self._layers]
+
+    def _recompute_superposed_bn(self, sup: Superposition, bn_update: BNUpdate) -> None:
+        """Recompute the superposed copy's BatchNorm statistics on the model, live restored."""
+        with self.superposed():
+            recompute_bn(self.model, bn_update)
+            for key, buf in self._bn_buffers().items():
+                sup.buffers[key].copy_(buf.detach())
 
     def _require_tickets(self, what: str) -> Superposition:
         if self._superposition is None:
@@ -716,7 +767,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             True
         """
         sup = self._require_tickets("finalize()")
-        sparse = [layer.index for layer in self._layers]
+        sparse = self._sparse_indices()
         masks = sup.masks(sparse, [layer.count for layer in self._layers])
         self._write_superposed(sup)
         for layer, mask, count in zip(self._layers, masks, count_active(masks), strict=True):
@@ -1090,7 +1141,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             else Superposition.from_state_dict(
                 sup,
                 self._all_params(),
-                [layer.index for layer in self._layers],
+                self._sparse_indices(),
                 self._bn_buffers(),
             )
         )

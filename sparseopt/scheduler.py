@@ -11,7 +11,7 @@ from typing import Any
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from .optimizer import SparseOptimizer
-from .superposition import check_superposition_args
+from .superposition import BNUpdate, check_bn_update, check_superposition_args
 
 __all__ = ["SupTicketsScheduler", "cyclic_lr"]
 
@@ -106,17 +106,32 @@ class SupTicketsScheduler(LRScheduler):
         reprune (str): ``"layer"`` or ``"global"``; see
             [`SparseOptimizer.consolidate`][sparseopt.SparseOptimizer.consolidate].
             Default: ``"layer"``.
+        include_phase1 (bool): count the model at the end of phase 1 as ticket 0, as the
+            official code does: it is consolidated before the first exploration, so the first
+            cycle's ticket is averaged with it (``S_1 = prune((T_0 + T_1) / 2)`` under CIA) and
+            ``optimizer.tickets`` ends at ``num_tickets + 1``. Default: False.
+        bn_update (Iterable | Callable | None): recompute the BatchNorm running statistics of
+            the superposed copy after every consolidate, from these batches (the official
+            code's ``--update_bn``), instead of averaging them; see
+            [`SparseOptimizer.consolidate`][sparseopt.SparseOptimizer.consolidate]. It must be
+            iterable again at every ticket (a ``DataLoader``, a list) or a callable that runs
+            the forward passes. It is not part of ``state_dict()``: pass it again on resume.
+            Default: None.
         last_epoch (int): as for every ``LRScheduler``. Default: -1.
 
     Raises:
-        TypeError: if ``optimizer`` is not a ``SparseOptimizer``, or ``base`` is not an
-            ``LRScheduler`` stepped per iteration (``ReduceLROnPlateau`` is refused).
+        TypeError: if ``optimizer`` is not a ``SparseOptimizer``, ``base`` is not an
+            ``LRScheduler`` stepped per iteration (``ReduceLROnPlateau`` is refused),
+            ``include_phase1`` is not a bool, or ``bn_update`` is neither callable nor
+            re-iterable.
         ValueError: for a non-positive ``total_steps``/``cycle_steps``/``lr_low``/``lr_high``,
             a ``superpose_fraction`` outside (0, 1), an ``explore_rate`` outside [0, 1], a bad
             ``averaging``/``beta``/``reprune``, a list of rates whose length is not the number
             of param groups, a ``base`` built on another optimizer, a cycle longer than
             ``superpose_fraction * total_steps`` (no ticket), a ``total_steps`` that differs
-            from the optimizer's, or a method whose pruning reaches into phase 2.
+            from the optimizer's, a method whose pruning reaches into phase 2, a ``bn_update``
+            on an optimizer without ``model=``, or ``include_phase1`` on a scheduler built after
+            phase 1 ended (``last_epoch >= phase1_steps``: the phase-1 model is gone).
 
     Warns:
         UserWarning: at the first phase-2 step, if the rate at the end of phase 1 is more than
@@ -162,6 +177,8 @@ class SupTicketsScheduler(LRScheduler):
         averaging: str = "cia",
         beta: float = 0.8,
         reprune: str = "layer",
+        include_phase1: bool = False,
+        bn_update: BNUpdate | None = None,
         last_epoch: int = -1,
     ) -> None:
         if not isinstance(optimizer, SparseOptimizer):
@@ -189,6 +206,16 @@ class SupTicketsScheduler(LRScheduler):
         ):
             raise ValueError(f"Expected explore_rate in [0, 1], but got {explore_rate!r}")
         check_superposition_args(averaging, beta, reprune)
+        if not isinstance(include_phase1, bool):
+            raise TypeError(
+                f"Expected include_phase1 to be a bool, but got {type(include_phase1).__name__}"
+            )
+        check_bn_update(bn_update)
+        if bn_update is not None and optimizer.model is None:
+            raise ValueError(
+                "bn_update recomputes the BatchNorm statistics of the superposed copy, which "
+                "needs the model: pass model= to SparseOptimizer"
+            )
         if base is not None:
             if isinstance(base, ReduceLROnPlateau) or not isinstance(base, LRScheduler):
                 raise TypeError(
@@ -218,6 +245,11 @@ class SupTicketsScheduler(LRScheduler):
             )
 
         phase1 = total_steps - num_tickets * cycle_steps
+        if include_phase1 and last_epoch >= phase1:
+            raise ValueError(
+                f"include_phase1=True counts the model at the end of phase 1 (step {phase1}) as "
+                f"ticket 0, but this scheduler starts at last_epoch={last_epoch}, after phase 1"
+            )
         settled = optimizer.method.density_final_step(optimizer)
         if settled is not None and settled > phase1:
             raise ValueError(
@@ -239,6 +271,8 @@ class SupTicketsScheduler(LRScheduler):
         self.averaging = averaging
         self.beta = float(beta)
         self.reprune = reprune
+        self.include_phase1 = include_phase1
+        self.bn_update = bn_update
         self._last_call: tuple[int, weakref.ref, int] | None = None
         super().__init__(optimizer, last_epoch)
 
@@ -286,9 +320,10 @@ class SupTicketsScheduler(LRScheduler):
     def step(self, epoch: int | None = None) -> None:
         """Advance one optimizer step: set the next rate; explore, consolidate, finalize on time.
 
-        At the end of phase 1 it stops the optimizer's periodic updates and asks for the first
-        exploration; at each ticket step it calls ``consolidate()`` and asks for the next
-        exploration, or, after the last step, calls ``finalize()``.
+        At the end of phase 1 it stops the optimizer's periodic updates, consolidates the phase-1
+        model as ticket 0 if ``include_phase1``, and asks for the first exploration; at each
+        ticket step it calls ``consolidate()`` and asks for the next exploration, or, after the
+        last step, calls ``finalize()``.
 
         Args:
             epoch (None): must be ``None``; the schedule is indexed by optimizer steps.
@@ -307,13 +342,21 @@ class SupTicketsScheduler(LRScheduler):
         opt: SparseOptimizer = self.optimizer  # type: ignore[assignment]
         if done == self.phase1_steps:
             opt.periodic_updates = False
+            if self.include_phase1:
+                self._consolidate()
             opt.explore(self.explore_rate)
         elif done in self.ticket_steps:
-            opt.consolidate(averaging=self.averaging, beta=self.beta, reprune=self.reprune)
+            self._consolidate()
             if done < self.total_steps:
                 opt.explore(self.explore_rate)
             else:
                 opt.finalize()
+
+    def _consolidate(self) -> None:
+        options = {"averaging": self.averaging, "beta": self.beta, "reprune": self.reprune}
+        if self.bn_update is not None:
+            options["bn_update"] = self.bn_update
+        self.optimizer.consolidate(**options)  # type: ignore[attr-defined]
 
     def _repeated_call(self) -> bool:
         """Whether this call repeats the last one within the same training iteration.
@@ -344,10 +387,12 @@ class SupTicketsScheduler(LRScheduler):
         return {**self.__dict__, "_last_call": None}  # a weak reference does not pickle
 
     def state_dict(self) -> dict[str, Any]:
-        """The scheduler's state, the base scheduler's nested under ``"base"``."""
-        state = {
-            k: v for k, v in self.__dict__.items() if k not in ("optimizer", "base", "_last_call")
-        }
+        """The scheduler's state, the base scheduler's nested under ``"base"``.
+
+        ``bn_update`` (the user's batches) is not part of it: pass it again when rebuilding.
+        """
+        skip = ("optimizer", "base", "_last_call", "bn_update")
+        state = {k: v for k, v in self.__dict__.items() if k not in skip}
         state["base"] = None if self.base is None else self.base.state_dict()
         return state
 
@@ -361,11 +406,20 @@ class SupTicketsScheduler(LRScheduler):
 
         Raises:
             ValueError: if the state was saved by a scheduler with another schedule
-                (``total_steps``, ``cycle_steps``, the split, ``averaging``, ``reprune``), or
+                (``total_steps``, ``cycle_steps``, the split, ``averaging``, ``reprune``,
+                ``include_phase1``), or
                 with a ``base`` where this one has none, or the reverse.
         """
         state = dict(state_dict)
-        keys = ("total_steps", "cycle_steps", "num_tickets", "phase1_steps", "averaging", "reprune")
+        keys = (
+            "total_steps",
+            "cycle_steps",
+            "num_tickets",
+            "phase1_steps",
+            "averaging",
+            "reprune",
+            "include_phase1",
+        )
         differ = [
             f"{k}={state[k]!r} vs this scheduler's {getattr(self, k)!r}"
             for k in keys

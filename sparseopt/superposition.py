@@ -25,16 +25,22 @@ of the pruned copy can be recomputed from its values exactly, and no mask is sto
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.optim.swa_utils import update_bn
 
 from ._dtensor import load_like
 from .masks import select_largest, select_largest_across
 
-__all__ = ["AVERAGING_RULES", "REPRUNE_MODES", "Superposition"]
+__all__ = ["AVERAGING_RULES", "REPRUNE_MODES", "BNUpdate", "Superposition", "recompute_bn"]
+
+#: What ``bn_update=`` takes: an iterable of input batches (a ``DataLoader``, a list; a batch may
+#: be ``(inputs, targets)``, of which the inputs are used), or a callable that runs the forward
+#: passes itself on the model it is given.
+BNUpdate = Iterable[Any] | Callable[[nn.Module], Any]
 
 AVERAGING_RULES = ("cia", "caa", "cima")
 REPRUNE_MODES = ("layer", "global")
@@ -48,6 +54,70 @@ def check_superposition_args(averaging: Any, beta: Any, reprune: Any) -> None:
         raise ValueError(f"Expected beta in [0, 1), but got {beta!r}")
     if reprune not in REPRUNE_MODES:
         raise ValueError(f"Expected reprune in {REPRUNE_MODES}, but got {reprune!r}")
+
+
+def check_bn_update(bn_update: Any) -> None:
+    """A ``TypeError`` unless ``bn_update`` is ``None``, callable, or a re-iterable of batches."""
+    if bn_update is None or callable(bn_update):
+        return
+    if isinstance(bn_update, Iterable) and iter(bn_update) is not bn_update:
+        return
+    kind = (
+        "an iterator (it would be used up by the first ticket)"
+        if isinstance(bn_update, Iterable)
+        else type(bn_update).__name__
+    )
+    raise TypeError(
+        "Expected bn_update to be an iterable of input batches that can be iterated again "
+        f"(a DataLoader, a list) or a callable that runs the forward passes, but got {kind}"
+    )
+
+
+def _norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def recompute_bn(model: nn.Module, bn_update: BNUpdate) -> None:
+    """Recompute the BatchNorm running statistics of ``model`` from ``bn_update``'s batches.
+
+    An iterable goes to ``torch.optim.swa_utils.update_bn`` (reset, cumulative average over one
+    pass in train mode, momenta and the training flag restored). A callable gets the same set-up
+    (reset, ``momentum=None``, train mode) around its own forward passes.
+
+    Raises:
+        ValueError: if no batch reached the BatchNorm layers, or the model could not take one.
+    """
+    layers = _norm_layers(model)
+    if not layers:
+        return
+    try:
+        if callable(bn_update):
+            momenta = {m: m.momentum for m in layers}
+            training = model.training
+            for m in layers:
+                m.reset_running_stats()
+                m.momentum = None
+            model.train()
+            try:
+                bn_update(model)
+            finally:
+                for m, momentum in momenta.items():
+                    m.momentum = momentum
+                model.train(training)
+        else:
+            update_bn(bn_update, model)
+    except Exception as e:
+        raise ValueError(
+            f"bn_update could not run the model on its batches ({type(e).__name__}: {e}); "
+            "the superposed copy is unchanged"
+        ) from e
+    if all(int(m.num_batches_tracked) == 0 for m in layers if m.num_batches_tracked is not None):
+        raise ValueError(
+            "bn_update gave no batch: the BatchNorm statistics of the superposed copy cannot be "
+            "recomputed; pass a non-empty iterable of input batches (or a callable that runs "
+            "forward passes); the superposed copy is unchanged"
+        )
 
 
 def support_masks(values: Sequence[Tensor], counts: Sequence[int], reprune: str) -> list[Tensor]:

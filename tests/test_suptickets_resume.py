@@ -35,7 +35,11 @@ CONFIGS = {
     "rigl-cia-adam": ("rigl", "cia", "adam"),
     "rigl-cima-sgd": ("rigl", "cima", "sgd"),
     "set-cia-adam": ("set", "cia", "adam"),
+    "rigl-official-sgd": ("rigl", "cia", "sgd"),
+    "set-ticket0-caa-adam": ("set", "caa", "adam"),
+    "rigl-bncall-cima-sgd": ("rigl", "cima", "sgd"),
 }
+
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -64,6 +68,29 @@ def batch(step: int) -> tuple[Tensor, Tensor]:
     return torch.randn(16, 3, 5, 5, generator=g), torch.randint(0, 4, (16,), generator=g)
 
 
+def _bn_batches() -> list[Tensor]:
+    return [batch(1000 + i)[0] for i in range(3)]
+
+
+def _bn_forward(model: nn.Module) -> None:
+    for x in _bn_batches():
+        model(x)
+
+
+# name -> the options of the official code's phase 2 (none for the others)
+OPTIONS: dict[str, dict[str, Any]] = {
+    "rigl-official-sgd": {"include_phase1": True, "bn_update": _bn_batches(), "reprune": "global"},
+    "set-ticket0-caa-adam": {"include_phase1": True},
+    "rigl-bncall-cima-sgd": {"bn_update": _bn_forward},
+}
+
+
+def tickets_after(config: str, k: int) -> int:
+    """``opt.tickets`` after step ``k``: ticket 0 at the end of phase 1 when included."""
+    ticket0 = OPTIONS.get(config, {}).get("include_phase1", False) and k >= PHASE1
+    return sum(t <= k for t in TICKETS) + int(ticket0)
+
+
 def build(config: str, model_seed: int = 0):
     method, averaging, inner_name = CONFIGS[config]
     model = make_model(model_seed)
@@ -77,7 +104,7 @@ def build(config: str, model_seed: int = 0):
     base = MultiStepLR(opt, milestones=[10, 20], gamma=0.1)  # ends phase 1 at lr_low
     sched = SupTicketsScheduler(
         opt, T, C, base=base, superpose_fraction=FRACTION, lr_low=low, lr_high=high,
-        averaging=averaging, beta=0.7,
+        averaging=averaging, beta=0.7, **OPTIONS.get(config, {}),
     )  # fmt: skip
     return model, opt, sched
 
@@ -178,6 +205,14 @@ def uninterrupted(config: str) -> dict[int, dict]:
         pytest.param("rigl-cima-sgd", 34, id="mid-cycle-rigl-cima"),
         pytest.param("set-caa-sgd", 38, id="mid-cycle-set-caa"),
         pytest.param("set-cia-adam", T - 1, id="one-before-last-set"),
+        pytest.param("rigl-official-sgd", 20, id="phase1-official"),
+        pytest.param("rigl-official-sgd", PHASE1, id="boundary-official"),
+        pytest.param("rigl-official-sgd", TICKETS[0], id="after-ticket1-official"),
+        pytest.param("rigl-official-sgd", 34, id="mid-cycle-official"),
+        pytest.param("set-ticket0-caa-adam", PHASE1, id="boundary-ticket0-caa"),
+        pytest.param("set-ticket0-caa-adam", 37, id="mid-cycle-ticket0-caa"),
+        pytest.param("rigl-bncall-cima-sgd", 33, id="mid-cycle-bn-callable"),
+        pytest.param("rigl-bncall-cima-sgd", TICKETS[1], id="after-ticket2-bn-callable"),
     ],
 )
 def test_resume_is_bit_exact(config, k):
@@ -185,7 +220,7 @@ def test_resume_is_bit_exact(config, k):
     model, opt, sched = build(config)
     run(model, opt, sched, 1, k)
     # what the checkpoint carries at this k
-    assert opt.tickets == sum(t <= k for t in TICKETS)
+    assert opt.tickets == tickets_after(config, k)
     assert (opt._pending_exploration is not None) == (k == PHASE1 or k in TICKETS[:-1])
     ckpt = save_load(checkpoint(model, opt, sched))
     del model, opt, sched
@@ -193,12 +228,12 @@ def test_resume_is_bit_exact(config, k):
     model, opt, sched = resume(ckpt, config)
     assert opt.step_count == k
     assert sched.last_epoch == k
-    assert opt.tickets == sum(t <= k for t in TICKETS)
+    assert opt.tickets == tickets_after(config, k)
     snaps = run(model, opt, sched, k + 1, T, snap_at=(T - 1, T))
     if k < T - 1:
         assert_identical(snaps[T - 1], expected[T - 1], "step T-1")
     assert_identical(snaps[T], expected[T], "step T")
-    assert opt.tickets == 3
+    assert opt.tickets == tickets_after(config, T)
 
 
 def test_reference_runs_differ_between_configs():
