@@ -2,6 +2,8 @@
 
 - :class:`DigitsCNN`: three 3x3 convolutions with BatchNorm and a linear classifier for the 8x8x1
   UCI digits; small enough that one training step takes a few milliseconds on one CPU core.
+- :class:`SignalCNN`: three 1-D convolutions with BatchNorm and a linear classifier for the
+  length-40 signals of MNIST-1D.
 - :func:`vgg16`: VGG-16 with BatchNorm, CIFAR variant (13 convolutions, five max-pools down to
   1x1, one linear classifier 512 -> classes).
 - :func:`resnet50`: ResNet-50 (bottleneck blocks 3-4-6-3), CIFAR variant: a 3x3 stride-1 stem and
@@ -23,6 +25,7 @@ __all__ = [
     "MODELS",
     "DigitsCNN",
     "ResNet",
+    "SignalCNN",
     "WideResNet",
     "build_model",
     "imagenet_resnet50",
@@ -64,6 +67,34 @@ class DigitsCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+class SignalCNN(nn.Module):
+    """A small 1-D CNN with BatchNorm for MNIST-1D (signals of shape ``(1, 40)``).
+
+    ``conv5(1->w) -> conv3/2(w->w) -> conv3/2(w->w) -> flatten -> linear(10w -> classes)``, each
+    convolution followed by BatchNorm and ReLU, on lengths 40, 20 and 10. The classifier sees
+    positions (no global pooling), which MNIST-1D needs. With ``width=32`` it has 9.6k weights in
+    four sparse tensors; a training step of batch 128 takes about a millisecond on one core.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 32, length: int = 40) -> None:
+        super().__init__()
+
+        def block(c_in: int, c_out: int, k: int, stride: int) -> list[nn.Module]:
+            return [
+                nn.Conv1d(c_in, c_out, k, stride=stride, padding=k // 2, bias=False),
+                nn.BatchNorm1d(c_out),
+                nn.ReLU(inplace=True),
+            ]
+
+        self.features = nn.Sequential(
+            *block(1, width, 5, 1), *block(width, width, 3, 2), *block(width, width, 3, 2)
+        )
+        self.classifier = nn.Linear(width * ((length + 3) // 4), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
 
 
 # --- VGG-16 ---------------------------------------------------------------------------------------

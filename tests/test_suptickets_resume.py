@@ -41,7 +41,6 @@ CONFIGS = {
 }
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny models: one intra-op thread is faster and immune to a busy machine; restored after."""
