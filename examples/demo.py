@@ -53,8 +53,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import mean_std, metrics_from_logits, predict
-from data import digits_split
-from models import DigitsCNN
+from data import digits_split, fashion_mnist_split, mnist1d_split
+from models import DigitsCNN, SignalCNN
 
 from sparseopt import SparseOptimizer, SupTicketsScheduler
 from sparseopt.distributions import exact_counts, layer_densities
@@ -76,8 +76,25 @@ NAMES = {
     "snip": "SNIP",
 }
 NUM_CLASSES = 10
+# Per dataset: the defaults of the flags left out. MNIST-1D: 120 epochs of 25 steps (3,200
+# training signals at batch 128), 4-epoch cycles. Fashion-MNIST: 20 epochs of 390 steps, 2-epoch
+# cycles in the last 20% (two tickets of 780 steps, the paper's order of magnitude).
+DATA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mnist1d": {
+        "steps": 3000, "batch_size": 128, "update_every": 50, "cycle_steps": 100,
+        "eval_every": 100, "width": 32, "superpose_fraction": 0.1,
+    },
+    "digits": {
+        "steps": 600, "batch_size": 64, "update_every": 50, "cycle_steps": 20, "eval_every": 25,
+        "width": 16, "superpose_fraction": 0.1,
+    },
+    "fashion": {
+        "steps": 7800, "batch_size": 128, "update_every": 780, "cycle_steps": 780,
+        "eval_every": 390, "width": 8, "superpose_fraction": 0.2,
+    },
+}  # fmt: skip
 QUICK = {"steps": 120, "update_every": 20, "cycle_steps": 6, "eval_every": 20}
-FULL = {"steps": 600, "update_every": 50, "cycle_steps": 20, "eval_every": 25}
+FULL = DATA_DEFAULTS["digits"]
 
 
 # --- one run --------------------------------------------------------------------------------------
@@ -95,7 +112,14 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
 
 
 def load_data(job: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The digits split of ``job``: train, and the held-out part it reports on (test or val)."""
+    """The split of ``job``: train, and the held-out part it reports on (test or val)."""
+    if job["data"] in ("mnist1d", "fashion"):
+        split = mnist1d_split() if job["data"] == "mnist1d" else fashion_mnist_split()
+        if job["eval_on"] == "val":
+            return {"x": split.x_train, "y": split.y_train, "x_eval": split.x_val,
+                    "y_eval": split.y_val}  # fmt: skip
+        return {"x": split.x_train, "y": split.y_train, "x_eval": split.x_test,
+                "y_eval": split.y_test}  # fmt: skip
     data = digits_split(
         seed=job["split_seed"],
         test_fraction=job["test_fraction"],
@@ -121,7 +145,9 @@ def run_one(
 
     seed, total, method, sup = job["seed"], job["steps"], job["method"], job["sup"]
     torch.manual_seed(seed)  # the same initial weights for every method at a given seed
-    model = DigitsCNN(width=job["width"])
+    model = (
+        SignalCNN(width=job["width"]) if job["data"] == "mnist1d" else DigitsCNN(width=job["width"])
+    )
     inner = torch.optim.SGD(
         model.parameters(), lr=job["lr"], momentum=0.9, weight_decay=job["weight_decay"]
     )
@@ -168,6 +194,11 @@ def run_one(
             lr_high=job["lr_high"],
             explore_rate=job["explore_rate"],
             averaging=job["averaging"],
+            reprune=job["reprune"],
+            include_phase1=job["include_phase1"],
+            bn_update=[x_tr[i : i + 128] for i in range(0, len(x_tr), 128)]
+            if job["bn"] == "recompute"
+            else None,
         )
         ticket_steps = sched.ticket_steps
     else:
@@ -296,7 +327,15 @@ def _worker_init(queue: Any, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _worker_run(job: dict[str, Any], data: dict[str, torch.Tensor]) -> dict[str, Any]:
+_DATA: dict[str, Any] = {}
+
+
+def _worker_run(job: dict[str, Any], data: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    """One run in a worker; ``data`` None: the worker loads it once (Fashion-MNIST is large)."""
+    if data is None:
+        if job["data"] not in _DATA:
+            _DATA[job["data"]] = load_data(job)
+        data = _DATA[job["data"]]
     key = job["index"]
     _QUEUE.put((key, 0))
     return run_one(job, data, lambda n: _QUEUE.put((key, n)))
@@ -352,7 +391,8 @@ def run_grid(jobs: list[dict[str, Any]], workers: int, threads: int, bars: bool)
     with ProcessPoolExecutor(
         workers, mp_context=ctx, initializer=_worker_init, initargs=(progress_queue, threads)
     ) as pool:
-        pending = {pool.submit(_worker_run, job, data): job for job in jobs}
+        shipped = None if jobs[0]["data"] == "fashion" else data
+        pending = {pool.submit(_worker_run, job, shipped): job for job in jobs}
         while pending:
             finished, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
             while True:
@@ -465,6 +505,55 @@ RUN_COLUMNS = [
 ]
 
 
+def paired_differences(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per sparse configuration: Sup-tickets minus the same method without it, seed by seed.
+
+    Both runs of a seed start from the same weights and see the same batches until phase 2, so
+    the difference of a seed is a paired measurement. Also the superposed minus the last live
+    ticket of the same run (what the averaging itself gives).
+    """
+    base = {(r["method"], r["sparsity"], r["seed"]): r for r in results if not r["sup_tickets"]}
+    groups: dict[tuple, list[tuple[int, float, float]]] = {}
+    for r in results:
+        b = base.get((r["method"], r["sparsity"], r["seed"]))
+        if r["sup_tickets"] and b is not None:
+            diff = 100 * (r["accuracy"] - b["accuracy"])
+            vs_live = 100 * (r["accuracy"] - r["live_accuracy"])
+            groups.setdefault((r["method"], r["sparsity"]), []).append((r["seed"], diff, vs_live))
+    rows = []
+    for (method, sparsity), values in groups.items():
+        diffs = [d for _, d, _ in values]
+        mean, std = mean_std(diffs)
+        rows.append(
+            {
+                "label": f"{NAMES.get(method, method)} {100 * sparsity:g}%",
+                "seeds": [s for s, _, _ in values],
+                "diffs": diffs,
+                "mean": mean,
+                "std": std,
+                "wins": sum(d > 0 for d in diffs),
+                "vs_live": mean_std([v for _, _, v in values])[0],
+            }
+        )
+    return rows
+
+
+def format_paired(rows: list[dict[str, Any]]) -> str:
+    head = (
+        f"{'configuration':<14}  {'Sup-tickets - base (points)':>28}  {'wins':>5}  "
+        f"{'superposed - live':>17}  per-seed differences"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        diff = f"{r['mean']:+.2f} ± {r['std']:.2f}"
+        seeds = " ".join(f"{d:+.2f}" for d in r["diffs"])
+        lines.append(
+            f"{r['label']:<14}  {diff:>28}  {r['wins']}/{len(r['diffs']):<3}  "
+            f"{r['vs_live']:>+17.2f}  {seeds}"
+        )
+    return "\n".join(lines)
+
+
 def write_files(out: str, config: dict, rows: list[dict], results: list[dict]) -> None:
     os.makedirs(out, exist_ok=True)
     schedules: dict[str, Any] = {}
@@ -479,7 +568,15 @@ def write_files(out: str, config: dict, rows: list[dict], results: list[dict]) -
     runs = [{k: v for k, v in r.items() if k != "lr"} for r in results]
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(
-            {"config": config, "rows": rows, "runs": runs, "schedules": schedules}, f, indent=1
+            {
+                "config": config,
+                "rows": rows,
+                "paired": paired_differences(results),
+                "runs": runs,
+                "schedules": schedules,
+            },
+            f,
+            indent=1,
         )
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
@@ -621,7 +718,25 @@ def plot(out: str, results: list[dict[str, Any]], split: str = "test") -> list[s
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
 
-    # 3. per-layer density of the final models (first seed)
+    # 3. the paired per-seed differences, Sup-tickets minus base
+    paired = paired_differences(results)
+    if paired:
+        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(paired), 3.4))
+        for i, r in enumerate(paired):
+            jitter = [i + 0.08 * (k - (len(r["diffs"]) - 1) / 2) for k in range(len(r["diffs"]))]
+            ax.plot(jitter, r["diffs"], "o", color="C1", ms=4, alpha=0.8)
+            ax.errorbar(i + 0.3, r["mean"], yerr=r["std"], fmt="s", color="C3", ms=5, capsize=3)
+        ax.axhline(0.0, color="grey", lw=1)
+        ax.set_xticks(range(len(paired)), [r["label"] for r in paired], rotation=20, fontsize=8)
+        ax.set_ylabel(f"{split} accuracy: Sup-tickets - base (points)")
+        ax.set_title("Per seed (dots), mean ± std (squares)", fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        written.append(os.path.join(out, "paired.png"))
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+
+    # 4. per-layer density of the final models (first seed)
     seed0 = min(r["seed"] for r in results)
     fig, axes = plt.subplots(
         1, max(1, len(sparsities)), figsize=(5.2 * len(sparsities), 3.4), squeeze=False
@@ -671,37 +786,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder")
     p.add_argument(
+        "--data",
+        choices=sorted(DATA_DEFAULTS),
+        help="mnist1d (default; generated offline), digits (scikit-learn's, --quick's), or "
+        "fashion (Debian's dataset-fashion-mnist; make demo-fashion)",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
-        help=f"a reduced configuration for tests: {QUICK} (explicit flags win)",
+        help=f"a reduced configuration on the digits, for tests: {QUICK} (explicit flags win)",
     )
-    p.add_argument("--steps", type=int, help=f"optimizer steps per run (default {FULL['steps']})")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default: per --data)")
+    p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--width", type=int, default=16, help="DigitsCNN base width")
+    p.add_argument("--width", type=int, help="model base width (default: per --data)")
     p.add_argument("--distribution", default="erk", choices=["erk", "er", "uniform"])
     p.add_argument(
-        "--update-every",
-        type=int,
-        help=f"ΔT, steps between topology updates (default {FULL['update_every']})",
+        "--update-every", type=int, help="ΔT, steps between topology updates (default: per --data)"
     )
     p.add_argument("--prune-rate", type=float, default=0.5)
     p.add_argument("--prune-schedule", default="cosine", choices=["cosine", "constant"])
     p.add_argument("--stop-fraction", type=float, default=0.75)
     p.add_argument("--prune-end", type=float, default=0.5, help="GraNet: target reached here")
-    p.add_argument(
-        "--cycle-steps", type=int, help=f"Sup-tickets cycle length (default {FULL['cycle_steps']})"
-    )
-    p.add_argument("--superpose-fraction", type=float, default=0.1)
+    p.add_argument("--cycle-steps", type=int, help="Sup-tickets cycle length (default: per --data)")
+    p.add_argument("--superpose-fraction", type=float, help="default: per --data")
     p.add_argument("--lr-low", type=float, default=0.001)
     p.add_argument("--lr-high", type=float, default=0.005)
     p.add_argument(
         "--explore-rate", type=float, default=0.1, help="0.1, chosen on val (paper: 0.5)"
     )
     p.add_argument("--averaging", default="cia", choices=["cia", "caa", "cima"])
+    p.add_argument("--reprune", default="layer", choices=["layer", "global"])
     p.add_argument(
-        "--eval-every", type=int, help=f"steps between curve points (default {FULL['eval_every']})"
+        "--include-phase1",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="the phase-1 model as ticket 0 (the official code)",
+    )
+    p.add_argument(
+        "--bn",
+        choices=["average", "recompute"],
+        default="average",
+        help="BatchNorm statistics of the superposed ticket: averaged, or recomputed over the "
+        "training data after each consolidate (the official code)",
+    )
+    p.add_argument(
+        "--eval-every", type=int, help="steps between curve points (default: per --data)"
     )
     p.add_argument(
         "--eval-on",
@@ -722,7 +853,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--no-plots", dest="plots", action="store_false")
     args = p.parse_args(argv)
-    defaults = QUICK if args.quick else FULL
+    if args.data is None:
+        args.data = "digits" if args.quick else "mnist1d"
+    if args.quick and args.data != "digits":
+        p.error("--quick is the reduced digits grid; leave out --data or use --data digits")
+    defaults = {**DATA_DEFAULTS[args.data], **(QUICK if args.quick else {})}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -736,7 +871,8 @@ def make_jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
             "steps", "batch_size", "lr", "weight_decay", "width", "distribution", "update_every",
             "prune_rate", "prune_schedule", "stop_fraction", "prune_end", "cycle_steps",
             "superpose_fraction", "lr_low", "lr_high", "explore_rate", "averaging", "eval_every",
-            "eval_on", "test_fraction", "val_fraction", "split_seed",
+            "eval_on", "test_fraction", "val_fraction", "split_seed", "data", "reprune",
+            "include_phase1", "bn",
         )
     }  # fmt: skip
     arms = {"both": [False, True], "on": [True], "off": [False]}[args.sup_tickets]
@@ -800,8 +936,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     jobs = make_jobs(args)
     what = "validation" if args.eval_on == "val" else "test"
+    what_data = {
+        "mnist1d": "SignalCNN on MNIST-1D (generated offline)",
+        "digits": "DigitsCNN on the UCI digits",
+        "fashion": "DigitsCNN on Fashion-MNIST",
+    }[args.data]
     print(
-        f"sparseopt demo: DigitsCNN on the UCI digits, {len(jobs)} runs of {args.steps} steps "
+        f"sparseopt demo: {what_data}, {len(jobs)} runs of {args.steps} steps "
         f"(batch {args.batch_size}), {what} split held out; {args.workers} worker(s)"
     )
     results = run_grid(jobs, args.workers, args.threads, args.progress)
@@ -809,6 +950,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print()
     print(f"{what} metrics, mean ± std over seeds {args.seeds}; FLOPs relative to dense")
     print(format_table(rows, "val" if args.eval_on == "val" else "test"))
+    paired = paired_differences(results)
+    if paired:
+        print(f"\npaired by seed: {what} accuracy of Sup-tickets minus the same method without it")
+        print(format_paired(paired))
     print(layer_report(results, args.distribution))
     config = {k: v for k, v in vars(args).items() if k not in ("progress", "plots")}
     write_files(args.out, config, rows, results)
@@ -820,7 +965,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         + (", " + ", ".join(os.path.basename(w) for w in written) if written else "")
         + f" to {args.out}/ in {elapsed:.1f} s"
     )
-    return {"rows": rows, "runs": results, "out": args.out, "seconds": elapsed}
+    return {"rows": rows, "runs": results, "paired": paired, "out": args.out, "seconds": elapsed}
 
 
 if __name__ == "__main__":

@@ -122,9 +122,38 @@ def test_demo_grid_flags():
         ("granet", 0.8, False, 4),
         ("granet", 0.8, True, 4),
     ]
-    assert {j["steps"] for j in jobs} == {600}  # the same budget for every run
+    assert {j["steps"] for j in jobs} == {3000}  # the same budget for every run
+    assert {j["data"] for j in jobs} == {"mnist1d"}  # the main table
     full = demo.make_jobs(demo.parse_args([]))
     assert len(full) == 39  # 1 dense + 3 methods x 2 arms x 2 sparsities, x 3 seeds
+    digits = demo.make_jobs(demo.parse_args(["--data", "digits"]))
+    assert {(j["steps"], j["batch_size"], j["cycle_steps"]) for j in digits} == {(600, 64, 20)}
+    quick = demo.make_jobs(demo.parse_args(["--quick"]))
+    assert {(j["data"], j["steps"]) for j in quick} == {("digits", 120)}
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--quick", "--data", "mnist1d"])
+
+
+def test_demo_mnist1d_grid_at_a_tiny_size(tmp_path):
+    """The main table's data set and the paired differences, at a few hundred steps."""
+    pytest.importorskip("mnist1d")
+    argv = [
+        "--methods", "rigl", "--sparsities", "0.9", "--seeds", "0", "1", "--steps", "200",
+        "--cycle-steps", "10", "--eval-every", "50", "--workers", "1", "--no-progress",
+        "--out", str(tmp_path),
+    ]  # fmt: skip
+    result = demo.main(argv)
+    (row,) = result["paired"]
+    runs = {(r["seed"], r["sup_tickets"]): r for r in result["runs"]}
+    expected = [100 * (runs[(s, True)]["accuracy"] - runs[(s, False)]["accuracy"]) for s in (0, 1)]
+    assert row["diffs"] == pytest.approx(expected)
+    assert row["label"] == "RigL 90%"
+    assert row["wins"] == sum(d > 0 for d in expected)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["paired"][0]["diffs"] == pytest.approx(expected)
+    assert saved["config"]["data"] == "mnist1d"
+    assert (tmp_path / "paired.png").stat().st_size > 1000
+    assert "superposed - live" in demo.format_paired(result["paired"])
 
 
 SMOKE = [
