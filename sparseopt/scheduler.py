@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
@@ -275,6 +276,71 @@ class SupTicketsScheduler(LRScheduler):
         self.bn_update = bn_update
         self._last_call: tuple[int, weakref.ref, int] | None = None
         super().__init__(optimizer, last_epoch)
+
+    #: The official code's phase 2 (luuyin/Sup-tickets, its CIFAR README), as options.
+    OFFICIAL: Mapping[str, Any] = MappingProxyType(
+        {
+            "include_phase1": True,
+            "reprune": "global",
+            "averaging": "cia",
+            "explore_rate": 0.5,
+            "lr_low": 0.001,
+            "lr_high": 0.005,
+        }
+    )
+
+    @classmethod
+    def official(
+        cls,
+        optimizer: SparseOptimizer,
+        total_steps: int,
+        cycle_steps: int,
+        bn_update: BNUpdate | None,
+        **overrides: Any,
+    ) -> SupTicketsScheduler:
+        """The phase 2 that the official code runs, which differs from the paper's text.
+
+        The phase-1 model is ticket 0 (``include_phase1=True``); the BatchNorm statistics of the
+        superposed copy are recomputed from ``bn_update`` after every consolidate (its
+        ``--update_bn``; ``None`` averages them instead); the re-prune is global
+        (``reprune="global"``); each cycle opens with an exploration at rate 0.5 with the
+        method's growth (``--large-death-rate 0.5``); the running mean over the pruned previous
+        copy and the new ticket is what the code calls CAA and this library ``"cia"``; the rates
+        are its README's, 0.001 -> 0.005 -> 0.001. See ``docs/sup-tickets.md`` for what this
+        measured against the defaults and the base method.
+
+        Args:
+            optimizer (SparseOptimizer): the sparse optimizer (with ``model=`` for
+                ``bn_update``).
+            total_steps (int): the length of training in optimizer steps.
+            cycle_steps (int): steps per cycle.
+            bn_update (Iterable | Callable | None): the batches that recompute the BatchNorm
+                statistics (the official code: one pass over the training loader).
+            **overrides: any other argument of the constructor (``base``,
+                ``superpose_fraction``, ...), or one of the options above to change it.
+
+        Returns:
+            The scheduler.
+
+        Examples:
+            >>> import torch
+            >>> from sparseopt import SparseOptimizer, SupTicketsScheduler
+            >>> nn = torch.nn
+            >>> model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 2))
+            >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.001), "rigl", 0.8,
+            ...                       model=model)
+            >>> batches = [torch.randn(8, 8) for _ in range(4)]
+            >>> sched = SupTicketsScheduler.official(opt, 100, 5, batches)
+            >>> sched.include_phase1, sched.reprune, sched.explore_rate, sched.num_tickets
+            (True, 'global', 0.5, 2)
+        """
+        return cls(
+            optimizer,
+            total_steps,
+            cycle_steps,
+            bn_update=bn_update,
+            **{**cls.OFFICIAL, **overrides},
+        )
 
     @property
     def ticket_steps(self) -> list[int]:

@@ -317,3 +317,40 @@ def test_a_failing_later_consolidate_leaves_the_superposed_copy_as_it_was():
     for k, b in saved["buffers"].items():
         assert torch.equal(now["buffers"][k], b)
     assert all(torch.equal(live_before[k], v) for k, v in model.state_dict().items())
+
+
+# --- the official preset --------------------------------------------------------------------------
+def test_official_preset_is_the_explicit_options():
+    runs = []
+    for make in ("preset", "explicit"):
+        model = make_model()
+        inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        opt = SparseOptimizer(inner, "rigl", 0.8, model=model, update_every=5, seed=0)
+        base = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[8, 16], gamma=0.1)
+        if make == "preset":
+            sched = SupTicketsScheduler.official(
+                opt, T, C, BN_BATCHES, base=base, superpose_fraction=FRACTION
+            )
+        else:
+            sched = SupTicketsScheduler(
+                opt, T, C, base=base, superpose_fraction=FRACTION, include_phase1=True,
+                bn_update=BN_BATCHES, reprune="global", averaging="cia", explore_rate=0.5,
+                lr_low=0.001, lr_high=0.005,
+            )  # fmt: skip
+        train(model, opt, sched, T)
+        runs.append({k: v.clone() for k, v in model.state_dict().items()})
+        assert opt.tickets == 3
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_official_preset_takes_overrides_and_keeps_its_table():
+    model = make_model()
+    opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.001), "set", 0.8, model=model)
+    sched = SupTicketsScheduler.official(
+        opt, T, C, None, superpose_fraction=FRACTION, explore_rate=0.1
+    )
+    assert (sched.include_phase1, sched.reprune, sched.explore_rate) == (True, "global", 0.1)
+    assert sched.bn_update is None
+    assert SupTicketsScheduler.OFFICIAL["explore_rate"] == 0.5
+    with pytest.raises(TypeError):
+        SupTicketsScheduler.OFFICIAL["explore_rate"] = 0.1  # read-only
