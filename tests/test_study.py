@@ -124,3 +124,32 @@ def test_cli_and_report_choose_on_validation(tmp_path):
     study.main(["--tiny", "--methods", "rigl", "--sparsities", "0.9", "--seeds", "0", "1",
                 "--variants", "default", "explore0", "--out", str(tmp_path)])  # fmt: skip
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 6
+
+
+def test_shared_phase1_is_the_base_run_and_its_continuation_equals_it():
+    """In the "shared" regimes phase 1 is the base run's start, and the base continued from the
+    phase-1 checkpoint ends where the uninterrupted base run ends, bit for bit."""
+    cell = study.Cell(tiny_job(regime="short-shared"), study.load("mnist1d", tiny=True))
+    model, opt, base = cell.build(None)
+    cell.train(model, opt, base, 1, cell.total)
+    expected = study.state_of(model)
+
+    model, opt, sched = cell.build(cell.fraction, {})
+    phase1 = sched.phase1_steps
+    seen = {}
+    cell.train(model, opt, sched, 1, phase1 - 1)
+    x, y = cell.batch_at(phase1)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    ckpt = {"model": study.state_of(model), "opt": opt.state_dict(), "sched": sched.state_dict()}
+    model, opt, base = study.continue_base(cell, ckpt)
+    seen = study.state_of(model)
+    assert all(torch.equal(expected[k], seen[k]) for k in expected)
+    # negative control: the compressed phase 1 is another trajectory
+    compressed = study.Cell(tiny_job(), study.load("mnist1d", tiny=True))
+    model, opt, sched = compressed.build(compressed.fraction, {})
+    compressed.train(model, opt, sched, 1, phase1)
+    assert not torch.equal(
+        study.state_of(model)["features.0.weight"], ckpt["model"]["features.0.weight"]
+    )
