@@ -460,6 +460,32 @@ def print_report(path: str, out: str | None = None) -> str:
             f"| {avg('vs_phase1')} | {avg('disagreement', '{:.3f}')} | {avg('overlap', '{:.3f}')} "
             f"| {avg('line_mid')} |"
         )
+    # where the difference comes from, per variant over every cell of the regime:
+    # Sup - base = (phase-1 model - base) + (live - phase-1 model) + (superposed - live)
+    emit("\n## Where the difference comes from (validation, mean over every cell of the regime)\n")
+    emit(
+        "| regime | variant | Sup − base | phase-1 model − base | live − phase-1 model "
+        "| superposed − live | disagreement | mask overlap | midpoint − best end |"
+    )
+    emit("|---|---|---|---|---|---|---|---|---|")
+    pooled: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for k, row in val.items():
+        for name in ("diff", "vs_live", "vs_phase1", "disagreement", "overlap", "line_mid"):
+            pooled[(k[0], k[3])][name].extend(row.get(name, []))
+    for (regime, variant), d in sorted(
+        pooled.items(), key=lambda kv: -statistics.fmean(kv[1]["diff"])
+    ):
+
+        def mean(name: str, fmt: str = "{:+.2f}", d=d) -> str:
+            return fmt.format(statistics.fmean(d[name])) if d[name] else "–"
+
+        phase1 = statistics.fmean(d["diff"]) - statistics.fmean(d["vs_live"])
+        phase1 -= statistics.fmean(d["vs_phase1"])
+        emit(
+            f"| {regime} | {variant} | {mean('diff')} | {phase1:+.2f} | {mean('vs_phase1')} "
+            f"| {mean('vs_live')} | {mean('disagreement', '{:.3f}')} | {mean('overlap', '{:.2f}')} "
+            f"| {mean('line_mid')} |"
+        )
     # choose on validation: the variant with the best mean paired difference over every cell of
     # the regime (all methods and sparsities), then show it, the default and the official on test
     by_variant: dict[tuple[str, str], list[float]] = defaultdict(list)
