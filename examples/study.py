@@ -514,6 +514,16 @@ def print_report(path: str, out: str | None = None) -> str:
             f"| {k[0]} | {k[1]} | {100 * k[2]:g}% | {name} | {_ms(row['base'])[1:]} "
             f"| {_ms(row['acc'])[1:]} | {_paired(row['diff'])} | {_seeds(row['diff'])} |"
         )
+    emit("\n## Test, pooled over every cell of the regime\n")
+    emit("| regime | variant | diff mean ± std | 95% CI | wins |")
+    emit("|---|---|---|---|---|")
+    pooled_test: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for k, row in test.items():
+        if k[3] in {chosen.get(k[0]), "default", "official"}:
+            pooled_test[(k[0], k[3])].extend(row["diff"])
+    for (regime, variant), d in sorted(pooled_test.items()):
+        name = variant + (" (chosen)" if variant == chosen.get(regime) else "")
+        emit(f"| {regime} | {name} | {_paired(d)} |")
     text = "\n".join(lines)
     if out:
         with open(out, "w") as f:
