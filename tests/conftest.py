@@ -8,6 +8,8 @@ unless ``--device`` names one.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -36,6 +38,12 @@ def pytest_configure(config):
         )
     if device.type not in ("cpu", "cuda"):
         raise pytest.UsageError(f"Expected --device to be cpu or cuda[:N], but got {name!r}")
+    if device.type == "cuda":
+        # The tests compare runs bit for bit: no autotuned or atomic-add kernels.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def pytest_collection_modifyitems(config, items):
