@@ -41,7 +41,7 @@ test-matrix:
 # The prepared GPU check (CUDA tests + benchmarks, < 8 min); without a GPU a < 1 min CPU smoke run.
 GPU_CHECK_OUT ?= runs/gpu_check
 gpu-check: $(STAMP)
-	PYTHON=$(PY) benchmarks/gpu_check.sh $(GPU_CHECK_OUT)
+	GPU_CHECK_PYTHON=$(PY) benchmarks/gpu_check.sh $(GPU_CHECK_OUT)
 
 # mkdocs-material prints a notice about its end of life (May 2027) on every build; the versions
 # are pinned in constraints.txt, so the notice is silenced here.
