@@ -164,3 +164,37 @@ def test_the_initial_masks_depend_only_on_the_seed(method, device):
         return [layer.mask.cpu() for layer in opt.layers]
 
     assert all(torch.equal(a, b) for a, b in zip(masks("cpu"), masks(device), strict=True))
+
+
+@pytest.mark.cuda
+@pytest.mark.filterwarnings("ignore:the learning rate at the end of phase 1")
+def test_check_consistency_with_a_ticket_on_cuda(device):
+    """Issue 14 on the hardware: the superposed copy's digest once a ticket exists, and a resume."""
+    torch.manual_seed(0)
+    model = _model().to(device)
+    x, y = torch.randn(32, 8).to(device), torch.randint(0, 3, (32,)).to(device)
+    opt = SparseOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        method="rigl",
+        sparsity=0.8,
+        model=model,
+        update_every=2,
+        total_steps=40,
+        seed=1,
+    )
+    sched = SupTicketsScheduler(opt, total_steps=40, cycle_steps=4, superpose_fraction=0.3)
+    for _ in range(38):  # tickets at steps 32 and 36, finalize at 40
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    assert opt.tickets >= 1
+    opt.check_consistency()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt.load_state_dict(torch.load(buf, weights_only=True, map_location="cpu"))
+    opt.check_consistency()
+    assert all(layer.mask.device == layer.param.device for layer in opt.layers)
+    assert all(layer.mask.device.type == "cuda" for layer in opt.layers)
