@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip install --constraint constraints.txt
 STAMP  := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: demo demo-fashion fashion-data test lint venv docs docs-check clean
+.PHONY: demo demo-fashion fashion-data test test-gpu test-matrix gpu-check lint venv docs docs-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,21 @@ demo-fashion: $(STAMP) fashion-data
 test: $(STAMP) fashion-data
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# The device-generic tests on a GPU (tests/conftest.py: --device); the rest run on the CPU as usual.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q --device cuda
+
+# The suite on every supported Python x {floor, pinned} torch, one venv per cell (README:
+# "Supported versions"); PYTHONS, TORCHES, TORCH_INDEX and PYTEST_ARGS select the cells.
+MATRIX_OUT ?= runs/test_matrix
+test-matrix:
+	scripts/test_matrix.sh $(MATRIX_OUT)
+
+# The prepared GPU check (CUDA tests + benchmarks, < 8 min); without a GPU a < 1 min CPU smoke run.
+GPU_CHECK_OUT ?= runs/gpu_check
+gpu-check: $(STAMP)
+	GPU_CHECK_PYTHON=$(PY) benchmarks/gpu_check.sh $(GPU_CHECK_OUT)
 
 # mkdocs-material prints a notice about its end of life (May 2027) on every build; the versions
 # are pinned in constraints.txt, so the notice is silenced here.

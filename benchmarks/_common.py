@@ -159,14 +159,43 @@ def param_set(name: str) -> list[tuple[int, ...]]:
 
 
 def make_params(shapes: Iterable[Sequence[int]], seed: int = 0) -> list[nn.Parameter]:
-    """Parameters of the given shapes with N(0, 0.02) values and N(0, 1e-3) gradients."""
+    """Parameters of the given shapes with N(0, 0.02) values and N(0, 1e-3) gradients.
+
+    Drawn on the CPU (the same numbers on every device), then moved to :data:`DEVICE`.
+    """
     g = torch.Generator().manual_seed(seed)
     out = []
     for shape in shapes:
-        p = nn.Parameter(torch.empty(shape).normal_(0, 0.02, generator=g))
-        p.grad = torch.empty(shape).normal_(0, 1e-3, generator=g)
+        p = nn.Parameter(torch.empty(shape).normal_(0, 0.02, generator=g).to(DEVICE))
+        p.grad = torch.empty(shape).normal_(0, 1e-3, generator=g).to(DEVICE)
         out.append(p)
     return out
+
+
+# --- device --------------------------------------------------------------------------------------
+DEVICE = torch.device("cpu")
+"""Where the benchmarks put parameters, models and data: ``--device`` (:func:`use_device`)."""
+
+
+def add_device_arg(ap: Any) -> None:
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+
+
+def use_device(name: str) -> torch.device:
+    """Set :data:`DEVICE`; exit with a clear message if it is not available."""
+    global DEVICE
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"Expected --device {name} to be available, but it is not")
+    DEVICE = device
+    return device
+
+
+def clock() -> float:
+    """``time.perf_counter()`` once the device has finished the work queued so far."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+    return time.perf_counter()
 
 
 # --- timing --------------------------------------------------------------------------------------
@@ -192,9 +221,9 @@ def time_interleaved(
     for r in range(repeats):
         k = r % len(names)
         for n in names[k:] + names[:k]:
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[n]()
-            times[n].append(time.perf_counter() - t0)
+            times[n].append(clock() - t0)
     return times
 
 
@@ -206,14 +235,14 @@ def bandwidth(numel: int = 1 << 25, repeats: int = 10) -> float:
     ``torch.add(a, b, out=c)`` also reads ``c`` into the cache before writing it (write-allocate),
     so counting 12 bytes for it understates the bandwidth by about a quarter.
     """
-    a = torch.zeros(numel)
-    b = torch.full((numel,), 1e-3)
+    a = torch.zeros(numel, device=DEVICE)
+    b = torch.full((numel,), 1e-3, device=DEVICE)
     a.add_(b)
     ts = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         a.add_(b)
-        ts.append(time.perf_counter() - t0)
+        ts.append(clock() - t0)
     return 12 * numel / median(ts)
 
 
@@ -277,6 +306,8 @@ def machine_info() -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
+        "device": str(DEVICE)
+        + (f" ({torch.cuda.get_device_name(DEVICE)})" if DEVICE.type == "cuda" else ""),
         "python": platform.python_version(),
         "loadavg_1min": round(load, 2),
     }
@@ -326,4 +357,5 @@ def header(title: str, argv: Sequence[str] | None, threads: int | str) -> str:
         f"- command: `.venv/bin/python {cmd}`\n"
         f"- machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
         f"threads {threads}, 1-min load {info['loadavg_1min']}, {info['date']}\n"
+        f"- device: {info['device']}\n"
     )

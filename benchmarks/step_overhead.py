@@ -106,7 +106,7 @@ def bench_iteration(
     batch: int, width: int, repeats: int, warmup: int, optimizer: str
 ) -> dict[str, Any]:
     torch.manual_seed(0)
-    model_a = C.SmallCNN(width)
+    model_a = C.SmallCNN(width).to(C.DEVICE)
     model_b = copy.deepcopy(model_a)
     opt_a = OPTIMIZERS[optimizer](list(model_a.parameters()))
     opt_b = SparseOptimizer(
@@ -117,8 +117,8 @@ def bench_iteration(
         model=model_b,
         seed=0,
     )
-    x = torch.randn(batch, 3, 32, 32)
-    y = torch.randint(0, 10, (batch,))
+    x = torch.randn(batch, 3, 32, 32).to(C.DEVICE)
+    y = torch.randint(0, 10, (batch,)).to(C.DEVICE)
 
     def it(model: torch.nn.Module, opt: torch.optim.Optimizer) -> Callable[[], None]:
         def run() -> None:
@@ -162,6 +162,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-iteration", action="store_true", help="skip the training-iteration table")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (smoke test)")
     ap.add_argument("--json", default=None, help="write the results to this JSON file")
+    C.add_device_arg(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.repeats, args.big_repeats, args.warmup = "tiny", 3, 2, 1
@@ -171,6 +172,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
+    C.use_device(args.device)
     cmd = "benchmarks/step_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
     threads = [int(t) for t in args.threads.split(",")]
     optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]

@@ -10,6 +10,7 @@ Examples:
     ['gmp', 'granet', 'rigl', 'set', 'snip', 'static']
 """
 
+from . import _compat  # noqa: F401  (first: a too-old torch fails here with a clear message)
 from .methods import (
     SparsityMethod,
     available_methods,

@@ -6,8 +6,41 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
+from packaging.version import Version
 
-__all__ = ["drop_unpicklable", "hook_registry_names", "init_optimizer_hooks"]
+__all__ = [
+    "TORCH_FLOOR",
+    "check_torch_version",
+    "drop_unpicklable",
+    "hook_registry_names",
+    "init_optimizer_hooks",
+]
+
+TORCH_FLOOR = "2.13"
+"""The oldest torch the test matrix runs; ``pyproject.toml`` declares the same floor."""
+
+
+def check_torch_version(version: str = torch.__version__) -> None:
+    """Raise ``ImportError`` naming the needed torch if ``version`` is older than the floor.
+
+    An older torch is untested and lacks APIs sparseopt uses (``fully_shard`` and ``FSDPModule``
+    in ``torch.distributed.fsdp`` appeared in 2.6, for one); this turns an ``AttributeError`` deep
+    inside a step into one clear message at import.
+
+    Args:
+        version (str): a torch version string. Default: the installed torch's.
+
+    Raises:
+        ImportError: if ``version`` is older than :data:`TORCH_FLOOR`.
+    """
+    if Version(Version(version).base_version) < Version(TORCH_FLOOR):
+        raise ImportError(
+            f"Expected torch >= {TORCH_FLOOR}, but got torch {version}: sparseopt is tested on "
+            f"torch {TORCH_FLOOR} and newer (pip install 'torch>={TORCH_FLOOR}')"
+        )
+
+
+check_torch_version()
 
 _HOOK_REGISTRIES = (
     "_optimizer_step_pre_hooks",

@@ -256,7 +256,7 @@ def _radix_select(keys: list[Tensor], k: int, group: Any, coord: int, shards: in
     mine = torch.tensor([coord] + [int(c.sum()) for c in cand], dtype=torch.int64, device=device)
     table = [torch.empty_like(mine) for _ in range(shards)]
     dist.all_gather(table, mine, group=group)
-    ties = torch.zeros(shards, len(keys), dtype=torch.int64)
+    ties = torch.zeros(shards, len(keys), dtype=torch.int64, device="cpu")  # read on the host
     for row in table:
         ties[int(row[0])] = row[1:].cpu()
     before = (ties.sum(0).cumsum(0) - ties.sum(0)) + ties[:coord].sum(0)

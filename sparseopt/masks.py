@@ -229,8 +229,8 @@ def random_mask(shape: Sequence[int], count: int, generator: torch.Generator) ->
         n *= s
     if not 0 <= count <= n:
         raise ValueError(f"Expected 0 <= count <= {n}, but got count={count}")
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[torch.randperm(n, generator=generator)[:count]] = True
+    mask = torch.zeros(n, dtype=torch.bool, device="cpu")
+    mask[torch.randperm(n, generator=generator, device="cpu")[:count]] = True
     return mask.view(tuple(shape))
 
 

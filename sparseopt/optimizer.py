@@ -198,7 +198,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         self._total_steps = total_steps
 
         self.seed = torch.initial_seed() if seed is None else seed
-        self._generator = torch.Generator().manual_seed(self.seed)
+        # a CPU generator whatever the parameters' device: the same seed, the same masks
+        self._generator = torch.Generator(device="cpu").manual_seed(self.seed)
         self._layers: list[SparseLayer] = []
         self._num_params = 0
         self._step = 0
@@ -840,14 +841,16 @@ class SparseOptimizer(torch.optim.Optimizer):
             digest = [float(mask.sum()), float(idx.sum()), float(idx.square().sum())]
             if sup is not None:
                 v = _dtensor.local(sup.params[layer.index]).detach().reshape(-1).to(torch.float64)
-                digest += [float(v.sum()), float((v * torch.arange(1, v.numel() + 1)).sum())]
+                weights = torch.arange(1, v.numel() + 1, dtype=torch.float64, device=v.device)
+                digest += [float(v.sum()), float((v * weights).sum())]
             shard = _dtensor.shard_of(layer.mask)
             if shard is None:
                 out.append((layer.name, None, [float(layer.count), *digest], []))
             else:
                 out.append((layer.name, shard, [float(layer.count)], digest))
-        state = self._generator.get_state().to(torch.float64)
-        weighted = float((state * torch.arange(1, state.numel() + 1)).sum())
+        state = self._generator.get_state().to(torch.float64)  # a CPU generator: on the CPU
+        weights = torch.arange(1, state.numel() + 1, dtype=torch.float64, device=state.device)
+        weighted = float((state * weights).sum())
         out.append(("generator", None, [float(state.sum()), weighted], []))
         out.append(("step/tickets", None, [float(self._step), float(self.tickets)], []))
         return out
@@ -1158,7 +1161,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        generator = torch.Generator()
+        generator = torch.Generator(device="cpu")
         generator.set_state(state.pop("_generator"))
         self.__dict__.update(state)
         self._generator = generator

@@ -143,16 +143,16 @@ def case_params(cases: Sequence[OptimCase] = CASES) -> list:
 
 
 # --- models and data --------------------------------------------------------------------------
-def make_mlp(seed: int = 0) -> nn.Module:
-    """A three-layer MLP 8 -> 16 -> 16 -> 4, initialised from ``seed``."""
+def make_mlp(seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
+    """A three-layer MLP 8 -> 16 -> 16 -> 4, initialised from ``seed`` on the CPU, on ``device``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return nn.Sequential(
             nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)
-        )
+        ).to(device)
 
 
-def make_convnet(seed: int = 0) -> nn.Module:
+def make_convnet(seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
     """Two 3x3 convs with BatchNorm and a linear head, on 3x6x6 inputs, from ``seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -166,19 +166,24 @@ def make_convnet(seed: int = 0) -> nn.Module:
             nn.AdaptiveAvgPool2d(2),
             nn.Flatten(),
             nn.Linear(32, 4),
-        )
+        ).to(device)
 
 
-def make_model(kind: str, seed: int = 0) -> nn.Module:
-    return {"mlp": make_mlp, "convnet": make_convnet}[kind](seed)
+def make_model(kind: str, seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
+    return {"mlp": make_mlp, "convnet": make_convnet}[kind](seed, device)
 
 
-def batches(kind: str, n: int, seed: int = 0, batch_size: int = 8) -> list[tuple[Tensor, Tensor]]:
-    """``n`` fixed (input, label) batches for a ``make_model(kind)`` model."""
+def batches(
+    kind: str, n: int, seed: int = 0, batch_size: int = 8, device: torch.device | str = "cpu"
+) -> list[tuple[Tensor, Tensor]]:
+    """``n`` fixed (input, label) batches for a ``make_model(kind)`` model, drawn on the CPU."""
     g = torch.Generator().manual_seed(1000 + seed)
     shape = (batch_size, 8) if kind == "mlp" else (batch_size, 3, 6, 6)
     return [
-        (torch.randn(shape, generator=g), torch.randint(0, 4, (batch_size,), generator=g))
+        (
+            torch.randn(shape, generator=g).to(device),
+            torch.randint(0, 4, (batch_size,), generator=g).to(device),
+        )
         for _ in range(n)
     ]
 

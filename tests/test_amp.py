@@ -47,7 +47,7 @@ def _assert_sparse(opt, sparsity):
 def _scaled_step(model, opt, scaler, batch, dtype, inf_at=None):
     x, y = batch
     opt.zero_grad()
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(x.device.type, dtype=dtype):
         out = model(x)
         assert out.dtype == dtype  # autocast is really on
         loss = nn.functional.cross_entropy(out, y)
@@ -62,14 +62,14 @@ def _scaled_step(model, opt, scaler, batch, dtype, inf_at=None):
 @pytest.mark.parametrize(
     "case", [pytest.param(get_case(i), id=i) for i in ("sgd_momentum-foreach", "adamw-fused")]
 )
-def test_autocast_bf16_trains_with_exact_counts_and_fp32_master_zeros(case):
-    model = make_convnet()
+def test_autocast_bf16_trains_with_exact_counts_and_fp32_master_zeros(case, device):
+    model = make_convnet(device=device)
     opt = SparseOptimizer(case.make(model.parameters()), "rigl", 0.8, update_every=2,
                           model=model, seed=0)  # fmt: skip
     first = [m.clone() for m in opt.masks.values()]
-    for x, y in batches("convnet", 6):
+    for x, y in batches("convnet", 6, device=device):
         opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             out = model(x)
             assert out.dtype == torch.bfloat16
             loss = nn.functional.cross_entropy(out, y)
@@ -83,10 +83,10 @@ def test_autocast_bf16_trains_with_exact_counts_and_fp32_master_zeros(case):
 
 # --- GradScaler ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", case_params(FUSED_CASES))
-def test_grad_scaler_fp16_autocast_fused_static_equals_manual_masking(case):
+def test_grad_scaler_fp16_autocast_fused_static_equals_manual_masking(case, device):
     """Extends the contract's GradScaler test (fp32 forward) to an fp16 autocast forward."""
-    data = batches("convnet", 5)
-    model, ref_model = make_convnet(), make_convnet()
+    data = batches("convnet", 5, device=device)
+    model, ref_model = make_convnet(device=device), make_convnet(device=device)
     opt = SparseOptimizer(case.make(model.parameters()), "static", 0.7, model=model, seed=0)
     opt.apply_masks()
     ref = case.make(ref_model.parameters())
@@ -95,12 +95,12 @@ def test_grad_scaler_fp16_autocast_fused_static_equals_manual_masking(case):
     with torch.no_grad():
         for q, mask in pairs:
             q.mul_(mask)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**12)
+    ref_scaler = torch.amp.GradScaler(device.type, init_scale=2.0**12)
     for x, y in data:
         _scaled_step(model, opt, scaler, (x, y), torch.float16)
         ref.zero_grad()
-        with torch.autocast("cpu", dtype=torch.float16):
+        with torch.autocast(device.type, dtype=torch.float16):
             loss = nn.functional.cross_entropy(ref_model(x), y)
         ref_scaler.scale(loss).backward()
         for q, mask in pairs:
@@ -114,12 +114,12 @@ def test_grad_scaler_fp16_autocast_fused_static_equals_manual_masking(case):
 
 
 @pytest.mark.parametrize("case", case_params(FUSED_CASES))
-def test_grad_scaler_fp16_autocast_fused_rigl_keeps_counts_and_zeros(case):
-    model = make_convnet()
+def test_grad_scaler_fp16_autocast_fused_rigl_keeps_counts_and_zeros(case, device):
+    model = make_convnet(device=device)
     opt = SparseOptimizer(case.make(model.parameters()), "rigl", 0.8, update_every=2,
                           model=model, seed=0)  # fmt: skip
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    for batch in batches("convnet", 6):
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**12)
+    for batch in batches("convnet", 6, device=device):
         _scaled_step(model, opt, scaler, batch, torch.float16)
     assert opt.step_count == 6
     assert opt.report()["updates"]["updates"] == 3
@@ -129,17 +129,17 @@ def test_grad_scaler_fp16_autocast_fused_rigl_keeps_counts_and_zeros(case):
 @pytest.mark.parametrize(
     "case", [pytest.param(get_case(i), id=i) for i in ("adam-fused", "sgd_momentum-foreach")]
 )
-def test_skipped_step_defers_the_due_update_to_the_next_finite_step(case):
+def test_skipped_step_defers_the_due_update_to_the_next_finite_step(case, device):
     """The update due at step 3 meets an inf gradient: GradScaler skips the whole step.
 
     Exactly one step is skipped (the scale halves once); ``step_count`` does not advance, so the
     step that follows is step 3, and the update due there happens on it, on finite gradients.
     """
-    model = make_mlp()
+    model = make_mlp(device=device)
     opt = SparseOptimizer(case.make(model.parameters()), "rigl", 0.8, update_every=3,
                           model=model, seed=0)  # fmt: skip
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
-    data = batches("mlp", 7)
+    scaler = torch.amp.GradScaler(device.type, init_scale=1024.0, growth_interval=1000)
+    data = batches("mlp", 7, device=device)
     for batch in data[:2]:
         _scaled_step(model, opt, scaler, batch, torch.bfloat16)
     assert opt.step_count == 2
@@ -173,23 +173,23 @@ def test_skipped_step_defers_the_due_update_to_the_next_finite_step(case):
     _assert_sparse(opt, 0.8)
 
 
-def test_skipped_step_still_advances_sup_tickets_and_the_run_ends_finalized():
+def test_skipped_step_still_advances_sup_tickets_and_the_run_ends_finalized(device):
     """``SupTicketsScheduler`` counts iterations, as every ``LRScheduler`` stepped in the loop.
 
     A skipped step shifts the optimizer's count by one against the scheduler's; the run of
     ``total_steps`` iterations still ends with the ultimate ticket written into the model.
     """
-    model = make_mlp()
+    model = make_mlp(device=device)
     total = 12
     opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), "rigl",
                           0.8, update_every=2, model=model, seed=0)  # fmt: skip
     sched = SupTicketsScheduler(opt, total, 2, superpose_fraction=0.34, lr_low=0.01,
                                 lr_high=0.05)  # fmt: skip
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler = torch.amp.GradScaler(device.type, init_scale=1024.0)
     finalized = []
     real_finalize = opt.finalize
     opt.finalize = lambda: (finalized.append(opt.step_count), real_finalize())
-    for t, batch in enumerate(batches("mlp", total)):
+    for t, batch in enumerate(batches("mlp", total, device=device)):
         _scaled_step(model, opt, scaler, batch, torch.bfloat16,
                      inf_at=model[0].weight if t == 3 else None)  # fmt: skip
         sched.step()
@@ -202,13 +202,13 @@ def test_skipped_step_still_advances_sup_tickets_and_the_run_ends_finalized():
 
 # --- low-precision parameters --------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_model_masks_its_own_parameters(dtype):
+def test_low_precision_model_masks_its_own_parameters(dtype, device):
     """``model.half()``: no master copy; the fp16 weights and fp16 momentum are masked."""
-    model = make_mlp().to(dtype)
+    model = make_mlp(device=device).to(dtype)
     opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), "rigl",
                           0.8, update_every=1, model=model, seed=0)  # fmt: skip
     first = [m.clone() for m in opt.masks.values()]
-    for x, y in batches("mlp", 4):
+    for x, y in batches("mlp", 4, device=device):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x.to(dtype)).float(), y).backward()
         opt.step()
@@ -221,21 +221,21 @@ def test_low_precision_model_masks_its_own_parameters(dtype):
         assert opt.optimizer.state[layer.param]["momentum_buffer"].dtype == dtype
 
 
-def test_grad_scaler_refuses_fp16_parameters():
+def test_grad_scaler_refuses_fp16_parameters(device):
     """torch's own rule, stated in the docs: GradScaler needs fp32 parameters (autocast)."""
-    model = make_mlp().half()
+    model = make_mlp(device=device).half()
     opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), "rigl", 0.8, seed=0)
-    scaler = torch.amp.GradScaler("cpu")
-    x, y = batches("mlp", 1)[0]
+    scaler = torch.amp.GradScaler(device.type)
+    x, y = batches("mlp", 1, device=device)[0]
     scaler.scale(nn.functional.cross_entropy(model(x.half()).float(), y)).backward()
     with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
         scaler.step(opt)
     assert opt.step_count == 0
 
 
-def test_fp32_master_copy_recipe_carries_exact_zeros_into_the_bf16_model():
+def test_fp32_master_copy_recipe_carries_exact_zeros_into_the_bf16_model(device):
     """Masters in the optimizer, a bf16 working copy refreshed from them after each step."""
-    model = make_mlp().to(torch.bfloat16)
+    model = make_mlp(device=device).to(torch.bfloat16)
     masters = [nn.Parameter(p.detach().float()) for p in model.parameters()]
     opt = SparseOptimizer(torch.optim.SGD(masters, lr=0.05, momentum=0.9), "rigl", 0.8,
                           update_every=2, seed=0)  # fmt: skip
@@ -243,7 +243,7 @@ def test_fp32_master_copy_recipe_carries_exact_zeros_into_the_bf16_model():
     with torch.no_grad():
         for p, m in zip(model.parameters(), masters, strict=True):
             p.copy_(m)
-    for x, y in batches("mlp", 6):
+    for x, y in batches("mlp", 6, device=device):
         model.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(x.to(torch.bfloat16)).float(), y).backward()
         for p, m in zip(model.parameters(), masters, strict=True):

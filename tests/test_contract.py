@@ -78,8 +78,8 @@ def _assert_inner_state_equal(o1, o2):
 
 # --- identity --------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ALL)
-def test_is_a_torch_optimizer(case):
-    model = make_mlp()
+def test_is_a_torch_optimizer(case, device):
+    model = make_mlp(device=device)
     opt = _sparse(case, model)
     assert isinstance(opt, torch.optim.Optimizer)
     assert opt.optimizer.__class__.__name__ in repr(opt)
@@ -141,11 +141,11 @@ _HYPER = ("lr", "momentum", "betas")
 
 @pytest.mark.parametrize("sched_name", list(SCHEDULERS))
 @pytest.mark.parametrize("case", ALL)
-def test_lr_scheduler_composes_and_reaches_inner_groups(case, sched_name):
+def test_lr_scheduler_composes_and_reaches_inner_groups(case, sched_name, device):
     """A scheduler on the wrapper sets the same hyper-parameters as on a bare inner optimizer."""
     make_sched = SCHEDULERS[sched_name]
-    model, ref_model = make_mlp(), make_mlp()
-    data = batches("mlp", N_SCHED_STEPS)
+    model, ref_model = make_mlp(device=device), make_mlp(device=device)
+    data = batches("mlp", N_SCHED_STEPS, device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
         opt = _sparse(case, model, update_every=2)
@@ -171,23 +171,23 @@ def test_lr_scheduler_composes_and_reaches_inner_groups(case, sched_name):
     assert opt.step_count == N_SCHED_STEPS
 
 
-def test_scheduler_order_warning_propagates_through_wrapper():
+def test_scheduler_order_warning_propagates_through_wrapper(device):
     case = get_case("sgd_momentum-foreach")
-    opt = _sparse(case, make_mlp())
+    opt = _sparse(case, make_mlp(device=device))
     sched = lrs.StepLR(opt, step_size=1)
     with pytest.warns(UserWarning, match=r"lr_scheduler\.step\(\)` before `optimizer\.step\(\)"):
         sched.step()
 
 
 @pytest.mark.parametrize("case", [pytest.param(get_case("adam-forloop"), id="adam-forloop")])
-def test_scheduler_on_the_inner_optimizer(case):
+def test_scheduler_on_the_inner_optimizer(case, device):
     """A scheduler attached to ``opt.optimizer`` sees the wrapper's step (no order warning)."""
-    model = make_mlp()
+    model = make_mlp(device=device)
     opt = _sparse(case, model)
     sched = lrs.StepLR(opt.optimizer, step_size=1, gamma=0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for batch in batches("mlp", 3):
+        for batch in batches("mlp", 3, device=device):
             train_step(model, opt, batch)
             sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5**3)
@@ -195,8 +195,8 @@ def test_scheduler_on_the_inner_optimizer(case):
 
 # --- hooks --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ALL)
-def test_step_hooks_fire_exactly_once_per_step(case):
-    model = make_mlp()
+def test_step_hooks_fire_exactly_once_per_step(case, device):
+    model = make_mlp(device=device)
     opt = _sparse(case, model, update_every=1)
     calls = []
     opt.register_step_pre_hook(lambda o, a, k: calls.append(("pre", o)))
@@ -206,7 +206,7 @@ def test_step_hooks_fire_exactly_once_per_step(case):
     global_calls = []
     handle = register_optimizer_step_post_hook(lambda o, a, k: global_calls.append(o))
     try:
-        data = batches("mlp", 7)
+        data = batches("mlp", 7, device=device)
         for i, batch in enumerate(data[:3], start=1):
             train_step(model, opt, batch)
             assert calls == [("pre", opt), ("post", opt)] * i
@@ -236,10 +236,10 @@ def test_step_hooks_fire_exactly_once_per_step(case):
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES[:3]])
-def test_state_dict_hooks_fire_once(case):
-    model = make_mlp()
+def test_state_dict_hooks_fire_once(case, device):
+    model = make_mlp(device=device)
     opt = _sparse(case, model)
-    train_step(model, opt, batches("mlp", 1)[0])
+    train_step(model, opt, batches("mlp", 1, device=device)[0])
     events = []
     opt.register_state_dict_pre_hook(lambda o: events.append("sd_pre"))
     opt.register_state_dict_post_hook(lambda o, sd: events.append("sd_post"))
@@ -254,17 +254,18 @@ def test_state_dict_hooks_fire_once(case):
 # --- param groups and zero_grad -----------------------------------------------------------------
 @pytest.mark.parametrize("case", ALL)
 @pytest.mark.parametrize("after_first_step", [False, True], ids=["before-step", "after-step"])
-def test_add_param_group(case, after_first_step):
+def test_add_param_group(case, after_first_step, device):
     sparsity = 0.75
-    model = make_mlp()
+    model = make_mlp(device=device)
     opt = _sparse(case, model, sparsity=sparsity, update_every=2)
-    data = batches("mlp", 6)
+    data = batches("mlp", 6, device=device)
     head = nn.Linear(4, 6)
     dense_head = nn.Linear(6, 5)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
         head.reset_parameters()
         dense_head.reset_parameters()
+    head, dense_head = head.to(device), dense_head.to(device)
 
     def full(x):
         return dense_head(head(model(x)))
@@ -308,10 +309,10 @@ def test_add_param_group(case, after_first_step):
 
 
 @pytest.mark.parametrize("case", ALL)
-def test_zero_grad(case):
-    model = make_mlp()
+def test_zero_grad(case, device):
+    model = make_mlp(device=device)
     opt = _sparse(case, model)
-    data = batches("mlp", 2)
+    data = batches("mlp", 2, device=device)
     train_step(model, opt, data[0])
     assert all(p.grad is not None for p in model.parameters())
     opt.zero_grad(set_to_none=False)
@@ -330,13 +331,13 @@ def test_zero_grad(case):
 # --- pickling -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ALL)
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
-def test_pickle_and_deepcopy(case, how):
-    model = make_convnet()
+def test_pickle_and_deepcopy(case, how, device):
+    model = make_convnet(device=device)
     opt = _sparse(case, model, "rigl", update_every=2)
     sched = lrs.StepLR(opt, step_size=1, gamma=0.5)
     fired = []
     opt.register_step_post_hook(lambda o, a, k: fired.append(1))
-    for batch in batches("convnet", 3):
+    for batch in batches("convnet", 3, device=device):
         train_step(model, opt, batch)
         sched.step()
     clone = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
@@ -367,7 +368,7 @@ def test_pickle_and_deepcopy(case, how):
     g = torch.Generator().manual_seed(5)
     for _ in range(3):  # update_every=2: includes a topology update
         for p, q in zip(params, clone_params, strict=True):
-            p.grad = torch.randn(p.shape, generator=g)
+            p.grad = torch.randn(p.shape, generator=g).to(device)
             q.grad = p.grad.clone()
         opt.step()
         clone.step()
@@ -382,14 +383,14 @@ def test_pickle_and_deepcopy(case, how):
 
 # --- live views and checkpoints -----------------------------------------------------------------
 @pytest.mark.parametrize("case", ALL)
-def test_param_groups_state_defaults_are_live_views(case):
-    model = make_mlp()
+def test_param_groups_state_defaults_are_live_views(case, device):
+    model = make_mlp(device=device)
     opt = _sparse(case, model)
     inner = opt.optimizer
     assert opt.param_groups is inner.param_groups
     assert opt.state is inner.state
     assert opt.defaults is inner.defaults
-    for batch in batches("mlp", 2):
+    for batch in batches("mlp", 2, device=device):
         train_step(model, opt, batch)
     sd = opt.state_dict()
     sd["param_groups"][0]["lr"] = 0.123
@@ -410,12 +411,12 @@ def test_param_groups_state_defaults_are_live_views(case):
 
 @pytest.mark.parametrize("method", ["set", "rigl"])
 @pytest.mark.parametrize("case", ALL)
-def test_state_dict_round_trip_is_bit_identical(case, method, tmp_path):
-    data = batches("convnet", 14)
+def test_state_dict_round_trip_is_bit_identical(case, method, tmp_path, device):
+    data = batches("convnet", 14, device=device)
     k = 5
 
     def build(seed):
-        model = make_convnet(0)
+        model = make_convnet(0, device=device)
         opt = SparseOptimizer(
             case.make(model.parameters()),
             method,
@@ -463,13 +464,13 @@ def test_state_dict_round_trip_is_bit_identical(case, method, tmp_path):
 
 
 @pytest.mark.parametrize("case", case_params(CASES[::5]))
-def test_state_dict_round_trip_before_the_first_step(case, tmp_path):
+def test_state_dict_round_trip_before_the_first_step(case, tmp_path, device):
     """A checkpoint taken before any step (masks drawn, not yet applied) resumes bit-exactly."""
-    data = batches("mlp", 4)
-    m1 = make_mlp()
+    data = batches("mlp", 4, device=device)
+    m1 = make_mlp(device=device)
     o1 = _sparse(case, m1, "set", update_every=1)
     torch.save(o1.state_dict(), tmp_path / "opt.pt")
-    m2 = make_mlp()
+    m2 = make_mlp(device=device)
     o2 = _sparse(case, m2, "set", update_every=1, seed=99)
     assert any(
         not torch.equal(a, b) for a, b in zip(o1.masks.values(), o2.masks.values(), strict=True)
@@ -487,9 +488,9 @@ def test_state_dict_round_trip_before_the_first_step(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", ALL)
-def test_load_state_dict_does_not_mutate_its_argument(case, tmp_path):
-    data = batches("mlp", 8)
-    model = make_mlp()
+def test_load_state_dict_does_not_mutate_its_argument(case, tmp_path, device):
+    data = batches("mlp", 8, device=device)
+    model = make_mlp(device=device)
     opt = _sparse(case, model, "rigl", update_every=1)
     for batch in data[:3]:
         train_step(model, opt, batch)
@@ -497,7 +498,7 @@ def test_load_state_dict_does_not_mutate_its_argument(case, tmp_path):
     loaded = torch.load(tmp_path / "opt.pt", weights_only=True)
     snapshot = copy.deepcopy(loaded)
 
-    model2 = make_mlp()
+    model2 = make_mlp(device=device)
     model2.load_state_dict(model.state_dict())
     opt2 = _sparse(case, model2, "rigl", update_every=1)
     opt2.load_state_dict(loaded)
@@ -524,14 +525,14 @@ def _mask_weights_and_state(inner, masks):
 
 
 @pytest.mark.parametrize("case", ALL)
-def test_grad_scaler_dense_equals_unwrapped(case):
+def test_grad_scaler_dense_equals_unwrapped(case, device):
     """At sparsity 0 the wrapped run (updates included) is exactly the unwrapped one."""
-    data = batches("convnet", 6)
-    model, ref_model = make_convnet(), make_convnet()
+    data = batches("convnet", 6, device=device)
+    model, ref_model = make_convnet(device=device), make_convnet(device=device)
     opt = _sparse(case, model, "rigl", sparsity=0.0, update_every=1)
     ref = case.make(ref_model.parameters())
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    ref_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler = torch.amp.GradScaler(device.type, init_scale=1024.0)
+    ref_scaler = torch.amp.GradScaler(device.type, init_scale=1024.0)
     for batch in data:
         train_step(model, opt, batch, scaler)
         train_step(ref_model, ref, batch, ref_scaler)
@@ -544,14 +545,14 @@ def test_grad_scaler_dense_equals_unwrapped(case):
 
 
 @pytest.mark.parametrize("case", ALL)
-def test_grad_scaler_sparse_equals_manually_masked_run(case):
+def test_grad_scaler_sparse_equals_manually_masked_run(case, device):
     """Static sparse training under GradScaler equals a bare run that masks by hand.
 
     The reference masks the weights (and any inner state) once, masks the gradients before
     ``scaler.step`` and re-masks weights and state after it: the textbook sparse step.
     """
-    data = batches("convnet", 6)
-    model, ref_model = make_convnet(), make_convnet()
+    data = batches("convnet", 6, device=device)
+    model, ref_model = make_convnet(device=device), make_convnet(device=device)
     opt = _sparse(case, model, "static", sparsity=0.7)
     opt.apply_masks()  # mask before the first forward, as the reference does
     ref = case.make(ref_model.parameters())
@@ -561,8 +562,8 @@ def test_grad_scaler_sparse_equals_manually_masked_run(case):
         if p in opt.masks
     }
     _mask_weights_and_state(ref, masks)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    ref_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler = torch.amp.GradScaler(device.type, init_scale=1024.0)
+    ref_scaler = torch.amp.GradScaler(device.type, init_scale=1024.0)
     for x, y in data:
         train_step(model, opt, (x, y), scaler)
 
@@ -582,11 +583,11 @@ def test_grad_scaler_sparse_equals_manually_masked_run(case):
 
 
 @pytest.mark.parametrize("case", case_params(FUSED_CASES) + case_params(CASES[:2]))
-def test_grad_scaler_skipped_step_changes_nothing(case):
-    data = batches("convnet", 4)
-    model = make_convnet()
+def test_grad_scaler_skipped_step_changes_nothing(case, device):
+    data = batches("convnet", 4, device=device)
+    model = make_convnet(device=device)
     opt = _sparse(case, model, "rigl", update_every=1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler = torch.amp.GradScaler(device.type, init_scale=1024.0)
     train_step(model, opt, data[0], scaler)
     assert opt.step_count == 1
     masks = [m.clone() for m in opt.masks.values()]
@@ -614,10 +615,10 @@ def test_grad_scaler_skipped_step_changes_nothing(case):
 
 # --- non-finite gradients without a scaler -------------------------------------------------------
 @pytest.mark.parametrize("case", case_params(CASES[::4]))
-def test_nonfinite_gradient_skips_topology_update(case):
-    model = make_mlp()
+def test_nonfinite_gradient_skips_topology_update(case, device):
+    model = make_mlp(device=device)
     opt = _sparse(case, model, "rigl", update_every=1)
-    data = batches("mlp", 2)
+    data = batches("mlp", 2, device=device)
     train_step(model, opt, data[0])
     masks = [m.clone() for m in opt.masks.values()]
     x, y = data[1]
@@ -661,11 +662,11 @@ _NAN_LIMITATION = (
 @pytest.mark.parametrize(
     "case", [pytest.param(get_case(i), id=i) for i in ("sgd-forloop", "adam-foreach")]
 )
-def test_inf_gradient_at_inactive_position_keeps_weight_zero(case, update_due, remask):
+def test_inf_gradient_at_inactive_position_keeps_weight_zero(case, update_due, remask, device):
     """An inf gradient of a pruned weight is masked away: the weight stays exactly 0."""
-    model = make_mlp()
+    model = make_mlp(device=device)
     opt = _sparse(case, model, "rigl" if update_due else "static", update_every=1, remask=remask)
-    data = batches("mlp", 3)
+    data = batches("mlp", 3, device=device)
     train_step(model, opt, data[0])
     layer = opt.layers[0]
     inactive = tuple((~layer.mask).nonzero()[0])
@@ -735,10 +736,10 @@ def test_an_optimizer_off_the_list_would_break_the_zeros_without_remask(case):
 
 # --- report and density ---------------------------------------------------------------------------
 @pytest.mark.parametrize("case", case_params(CASES[:3]))
-def test_report_and_density_agree_with_masks(case):
-    model = make_convnet()
+def test_report_and_density_agree_with_masks(case, device):
+    model = make_convnet(device=device)
     opt = _sparse(case, model, "set", sparsity=0.9, update_every=1)
-    for batch in batches("convnet", 3):
+    for batch in batches("convnet", 3, device=device):
         train_step(model, opt, batch)
     report = opt.report()
     names = [n for n, p in model.named_parameters() if p.ndim >= 2]
@@ -755,12 +756,12 @@ def test_report_and_density_agree_with_masks(case):
     assert "total" in str(report)
 
 
-def test_factored_state_is_left_unmasked_with_a_warning_and_weights_stay_masked():
+def test_factored_state_is_left_unmasked_with_a_warning_and_weights_stay_masked(device):
     """Adafactor keeps row/column second moments that cannot be masked elementwise."""
-    model = make_mlp()
+    model = make_mlp(device=device)
     opt = SparseOptimizer(torch.optim.Adafactor(model.parameters(), lr=0.01), "rigl", 0.8,
                           model=model, update_every=1, seed=0)  # fmt: skip
-    data = batches("mlp", 3)
+    data = batches("mlp", 3, device=device)
     with pytest.warns(UserWarning, match="cannot be masked elementwise"):
         train_step(model, opt, data[0])
     for x, y in data[1:]:

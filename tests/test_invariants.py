@@ -44,8 +44,8 @@ shape_4d = st.tuples(st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st
 shape_lists = st.lists(st.one_of(shape_2d, shape_4d), min_size=1, max_size=3)
 
 
-def _params(shapes, g):
-    return [nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+def _params(shapes, g, device="cpu"):
+    return [nn.Parameter(torch.randn(s, generator=g).to(device)) for s in shapes]
 
 
 def _check_layers(opt, counts0, prev_masks):
@@ -93,7 +93,7 @@ def _k(count, numel, rate):
 
 
 def _smallest(scores, k):
-    out = torch.zeros(scores.numel(), dtype=torch.bool)
+    out = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     out[scores.flatten().argsort(stable=True)[:k]] = True
     return out.view_as(scores)
 
@@ -110,14 +110,14 @@ def _smallest(scores, k):
     gradless=st.lists(st.booleans(), min_size=4, max_size=4),
 )
 def test_invariants_after_every_step(
-    shapes, sparsity, method, case_id, update_every, steps, seed, gradless
+    shapes, sparsity, method, case_id, update_every, steps, seed, gradless, device
 ):
     """Every step equals a replayed inner step followed by the documented drop/grow."""
     case = get_case(case_id)
     rate = 0.5
     g = torch.Generator().manual_seed(seed)
-    sparse = _params(shapes, g)
-    bias = nn.Parameter(torch.randn(5, generator=g))
+    sparse = _params(shapes, g, device)
+    bias = nn.Parameter(torch.randn(5, generator=g).to(device))
     params = [*sparse, bias]
     opt = SparseOptimizer(
         case.make(params),
@@ -139,6 +139,7 @@ def test_invariants_after_every_step(
             None if gradless[(step + i) % 4] and step > 1 else torch.randn(p.shape, generator=g)
             for i, p in enumerate(sparse)
         ] + [torch.randn(5, generator=g)]
+        grads = [None if grad is None else grad.to(device) for grad in grads]
         for p, grad in zip(params, grads, strict=True):
             p.grad = None if grad is None else grad.clone()
         masks = {layer.param: m for layer, m in zip(opt.layers, prev, strict=True)}
@@ -155,7 +156,7 @@ def test_invariants_after_every_step(
             assert bool((new & kept).eq(kept).all()), f"layer {i}: a kept connection was lost"
             assert int((old & ~new).sum()) <= k
             if method == "rigl" and updating:
-                grad = grads[i] if grads[i] is not None else torch.zeros(layer.param.shape)
+                grad = grads[i] if grads[i] is not None else torch.zeros_like(layer.param)
                 scores = torch.where(kept, -torch.inf, grad.abs())
                 grown = _smallest(-scores, k)
                 assert torch.equal(new, kept | grown), f"layer {i}: not grown by |dense grad|"
@@ -300,9 +301,10 @@ def test_explore_and_set_drop_the_smallest_magnitudes(method):
 
 # --- the inner optimizer's lazy state -------------------------------------------------------------
 @pytest.mark.parametrize("case", case_params(CASES))
-def test_nothing_written_into_inner_state_before_its_first_step(case):
+def test_nothing_written_into_inner_state_before_its_first_step(case, device):
     g = torch.Generator().manual_seed(0)
-    params = [nn.Parameter(torch.randn(6, 5, generator=g)), nn.Parameter(torch.randn(5))]
+    params = [nn.Parameter(torch.randn(6, 5, generator=g).to(device)),
+              nn.Parameter(torch.randn(5).to(device))]  # fmt: skip
     ref_params = [nn.Parameter(p.detach().clone()) for p in params]
     inner, ref = case.make(params), case.make(ref_params)
     opt = SparseOptimizer(inner, "rigl", 0.5, update_every=1, seed=0)
@@ -312,7 +314,7 @@ def test_nothing_written_into_inner_state_before_its_first_step(case):
     ]
     for _ in range(2):
         for p, q in zip(params, ref_params, strict=True):
-            p.grad = torch.randn(p.shape, generator=g)
+            p.grad = torch.randn(p.shape, generator=g).to(device)
             q.grad = p.grad.clone()
         opt.step()
         ref.step()

@@ -82,15 +82,16 @@ def test_expected_split_table(total, cycle, fraction, m, phase1):
 
 
 # --- helpers -------------------------------------------------------------------------------------
-def make_model(seed: int = 0) -> nn.Module:
+def make_model(seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).to(device)
 
 
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(step: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(500 + step)
-    return torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    return x.to(device), y.to(device)
 
 
 def make_opt(model: nn.Module, lrs=(0.1,), method: str = "set", **kwargs) -> SparseOptimizer:
@@ -110,7 +111,7 @@ def run(model, opt, sched, steps: int, hook=None) -> list[list[float]]:
     """Train ``steps`` steps; returns the rates of every group read right before each step."""
     lrs = []
     for s in range(1, steps + 1):
-        x, y = batch(s)
+        x, y = batch(s, next(model.parameters()).device)
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         lrs.append([g["lr"] for g in opt.param_groups])
@@ -151,9 +152,9 @@ SPLITS = [(40, 4, 0.3), (50, 6, 0.25), (100, 29, 0.29), (30, 5, 0.5), (20, 1, 0.
 
 @pytest.mark.parametrize("base_kind", ["multistep", "cosine"])
 @pytest.mark.parametrize(("total", "cycle", "fraction"), SPLITS)
-def test_rates_follow_base_then_eq3(total, cycle, fraction, base_kind):
+def test_rates_follow_base_then_eq3(total, cycle, fraction, base_kind, device):
     m, phase1 = expected_split(total, cycle, fraction)
-    model = make_model()
+    model = make_model(device=device)
     opt = make_opt(model)
     base = make_base(base_kind, opt, phase1)
     sched = SupTicketsScheduler(
@@ -183,8 +184,8 @@ def test_rates_follow_base_then_eq3(total, cycle, fraction, base_kind):
     assert opt.param_groups[0]["lr"] == pytest.approx(0.001, rel=1e-12)
 
 
-def test_rates_without_base_are_constant_in_phase1():
-    model = make_model()
+def test_rates_without_base_are_constant_in_phase1(device):
+    model = make_model(device=device)
     opt = make_opt(model, lrs=(0.001,))
     sched = SupTicketsScheduler(opt, 40, 4, superpose_fraction=0.3, lr_low=0.001, lr_high=0.004)
     lrs = run(model, opt, sched, 40)
@@ -192,8 +193,8 @@ def test_rates_without_base_are_constant_in_phase1():
     assert [r[0] for r in lrs[28:]] == pytest.approx([0.0025, 0.004, 0.0025, 0.001] * 3, rel=1e-12)
 
 
-def test_per_group_rates_scale_with_initial_lr_ratio():
-    model = make_model()
+def test_per_group_rates_scale_with_initial_lr_ratio(device):
+    model = make_model(device=device)
     opt = make_opt(model, lrs=(0.1, 0.01))
     base = MultiStepLR(opt, milestones=[9, 18], gamma=0.1)  # group 0 ends phase 1 at 0.001
     sched = SupTicketsScheduler(opt, 40, 4, base=base, superpose_fraction=0.3)
@@ -221,8 +222,8 @@ def base_alone_multistep_two_groups() -> list[list[float]]:
     return out
 
 
-def test_per_group_rates_from_lists():
-    model = make_model()
+def test_per_group_rates_from_lists(device):
+    model = make_model(device=device)
     opt = make_opt(model, lrs=(0.001, 0.0002))
     sched = SupTicketsScheduler(
         opt, 30, 5, superpose_fraction=0.5, lr_low=[0.001, 0.0002], lr_high=[0.006, 0.0032]
@@ -279,9 +280,9 @@ def test_warning_threshold(lr, warns):
 
 
 # --- what the scheduler makes the optimizer do -------------------------------------------------
-def test_tickets_explorations_and_finalize_happen_on_time(monkeypatch):
+def test_tickets_explorations_and_finalize_happen_on_time(monkeypatch, device):
     total, cycle, fraction = 50, 6, 0.25  # M = 2, phase 1 = 38, tickets after 44 and 50
-    model = make_model()
+    model = make_model(device=device)
     opt = make_opt(model, update_every=3, stop_fraction=1.0, prune_schedule="constant")
     sched = SupTicketsScheduler(
         opt, total, cycle, superpose_fraction=fraction, lr_low=0.1, lr_high=0.2,
@@ -311,7 +312,7 @@ def test_tickets_explorations_and_finalize_happen_on_time(monkeypatch):
 
     in_phase2 = []
     for s in range(1, total + 1):
-        x, y = batch(s)
+        x, y = batch(s, device)
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
@@ -362,15 +363,15 @@ def test_tickets_explorations_and_finalize_happen_on_time(monkeypatch):
         assert torch.equal(p, s)
 
 
-def test_total_steps_is_filled_in():
-    model = make_model()
+def test_total_steps_is_filled_in(device):
+    model = make_model(device=device)
     opt = make_opt(model, stop_fraction=0.5)
     assert opt.total_steps is None
     SupTicketsScheduler(opt, 60, 5, superpose_fraction=0.25, lr_low=0.1)
     assert opt.total_steps == 60
     assert opt.schedule.end_step == 30
     # an optimizer that knows its total_steps keeps it when they agree
-    opt2 = make_opt(make_model(), total_steps=60)
+    opt2 = make_opt(make_model(device=device), total_steps=60)
     SupTicketsScheduler(opt2, 60, 5, superpose_fraction=0.25, lr_low=0.1)
     assert opt2.total_steps == 60
 
@@ -412,18 +413,18 @@ BAD = [
 
 
 @pytest.mark.parametrize(("override", "exc", "match"), BAD)
-def test_bad_arguments(override, exc, match):
-    opt = make_opt(make_model())
+def test_bad_arguments(override, exc, match, device):
+    opt = make_opt(make_model(device=device))
     with pytest.raises(exc, match=match):
         SupTicketsScheduler(opt, **{**_good_kwargs(), **override})
     assert opt.total_steps is None  # a refused scheduler leaves the optimizer alone
     assert "initial_lr" not in opt.param_groups[0]
 
 
-def test_no_ticket_hint_is_right():
+def test_no_ticket_hint_is_right(device):
     # the M == 0 message above suggests cycle_steps <= 10 for total 100 at fraction 0.1
     for cycle, tickets in ((10, 1), (11, None), (5, 2)):
-        opt = make_opt(make_model())
+        opt = make_opt(make_model(device=device))
         if tickets is None:
             with pytest.raises(ValueError, match=r"cycle_steps <= 10"):
                 SupTicketsScheduler(opt, 100, cycle, superpose_fraction=0.1)
@@ -432,45 +433,45 @@ def test_no_ticket_hint_is_right():
             assert sched.num_tickets == tickets
 
 
-def test_bad_plain_optimizer():
-    inner = torch.optim.SGD(make_model().parameters(), lr=0.1)
+def test_bad_plain_optimizer(device):
+    inner = torch.optim.SGD(make_model(device=device).parameters(), lr=0.1)
     with pytest.raises(TypeError, match=r"optimizer.*SparseOptimizer"):
         SupTicketsScheduler(inner, 100, 5)
 
 
-def test_bad_total_steps_mismatch():
-    opt = make_opt(make_model(), total_steps=200)
+def test_bad_total_steps_mismatch(device):
+    opt = make_opt(make_model(device=device), total_steps=200)
     with pytest.raises(ValueError, match=r"total_steps=100.*total_steps=200"):
         SupTicketsScheduler(opt, 100, 5)
 
 
-def test_bad_base_plateau():
-    opt = make_opt(make_model())
+def test_bad_base_plateau(device):
+    opt = make_opt(make_model(device=device))
     with pytest.raises(TypeError, match=r"base.*ReduceLROnPlateau"):
         SupTicketsScheduler(opt, 100, 5, base=ReduceLROnPlateau(opt))
 
 
-def test_bad_base_not_a_scheduler():
-    opt = make_opt(make_model())
+def test_bad_base_not_a_scheduler(device):
+    opt = make_opt(make_model(device=device))
     with pytest.raises(TypeError, match=r"base"):
         SupTicketsScheduler(opt, 100, 5, base=lambda step: 0.1)
 
 
-def test_bad_base_on_another_optimizer():
-    opt = make_opt(make_model())
-    other = torch.optim.SGD(make_model(1).parameters(), lr=0.1)
+def test_bad_base_on_another_optimizer(device):
+    opt = make_opt(make_model(device=device))
+    other = torch.optim.SGD(make_model(1, device=device).parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"base.*same optimizer"):
         SupTicketsScheduler(opt, 100, 5, base=MultiStepLR(other, [10]))
 
 
-def test_base_on_inner_optimizer_is_accepted():
-    opt = make_opt(make_model())
+def test_base_on_inner_optimizer_is_accepted(device):
+    opt = make_opt(make_model(device=device))
     sched = SupTicketsScheduler(opt, 100, 5, base=MultiStepLR(opt.optimizer, [10]), lr_low=0.01)
     assert sched.base.optimizer is opt.optimizer
 
 
-def test_step_with_epoch_is_refused():
-    opt = make_opt(make_model())
+def test_step_with_epoch_is_refused(device):
+    opt = make_opt(make_model(device=device))
     sched = SupTicketsScheduler(opt, 100, 5)
     with pytest.raises(ValueError, match=r"epoch"):
         sched.step(3)
@@ -521,9 +522,9 @@ def test_state_dict_round_trip(k):
     assert opt2.tickets == 3
 
 
-def test_load_state_dict_base_mismatch():
+def test_load_state_dict_base_mismatch(device):
     _, _, _, sched = _build()
-    opt = make_opt(make_model())
+    opt = make_opt(make_model(device=device))
     no_base = SupTicketsScheduler(opt, 40, 4, superpose_fraction=0.3)
     with pytest.raises(ValueError, match=r"base"):
         no_base.load_state_dict(sched.state_dict())

@@ -34,7 +34,7 @@ def keep_largest(values: Tensor, k: int) -> Tensor:
     """Bool mask of the ``k`` largest ``|values|``, ties to the lowest flat index (by sorting)."""
     flat = values.detach().abs().reshape(-1).tolist()
     order = sorted(range(len(flat)), key=lambda i: (-flat[i], i))
-    keep = torch.zeros(len(flat), dtype=torch.bool)
+    keep = torch.zeros(len(flat), dtype=torch.bool, device=values.device)
     keep[order[:k]] = True
     return keep.view(values.shape)
 
@@ -94,23 +94,24 @@ class RefSuperposition:
 
 
 # --- models, data, a run -------------------------------------------------------------------------
-def make_mlp_bn(seed: int = 0) -> nn.Module:
+def make_mlp_bn(seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return nn.Sequential(
             nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(),
             nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU(),
             nn.Linear(32, 4),
-        )  # fmt: skip
+        ).to(device)  # fmt: skip
 
 
 MODELS = {"mlp_bn": make_mlp_bn, "convnet_bn": make_convnet}
 
 
-def batch(kind: str, step: int) -> tuple[Tensor, Tensor]:
+def batch(kind: str, step: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(7000 + step)
     shape = (16, 8) if kind == "mlp_bn" else (16, 3, 6, 6)
-    return torch.randn(shape, generator=g), torch.randint(0, 4, (16,), generator=g)
+    x, y = torch.randn(shape, generator=g), torch.randint(0, 4, (16,), generator=g)
+    return x.to(device), y.to(device)
 
 
 def bn_buffers(model: nn.Module) -> dict[str, Tensor]:
@@ -123,15 +124,15 @@ def bn_buffers(model: nn.Module) -> dict[str, Tensor]:
 
 
 def train_step(kind, model, opt, step):
-    x, y = batch(kind, step)
+    x, y = batch(kind, step, next(model.parameters()).device)
     opt.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
 
 
 def build(kind="mlp_bn", method="rigl", inner=None, sparsity=0.8, total=40, cycle=4,
-          fraction=0.3, **sched_kwargs):  # fmt: skip
-    model = MODELS[kind]()
+          fraction=0.3, device="cpu", **sched_kwargs):  # fmt: skip
+    model = MODELS[kind](0, device)
     if inner is None:
         inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     else:
@@ -164,9 +165,9 @@ def sparse_positions(model) -> list[int]:
 @pytest.mark.parametrize("kind", ["mlp_bn", "convnet_bn"])
 @pytest.mark.parametrize("reprune", ["layer", "global"])
 @pytest.mark.parametrize("averaging", ["cia", "caa", "cima"])
-def test_superposition_matches_reference(kind, averaging, reprune):
+def test_superposition_matches_reference(kind, averaging, reprune, device):
     beta = 0.55
-    model, opt, sched = build(kind, averaging=averaging, beta=beta, reprune=reprune)
+    model, opt, sched = build(kind, averaging=averaging, beta=beta, reprune=reprune, device=device)
     params = list(model.parameters())
     sparse = sparse_positions(model)
     assert [layer.index for layer in opt.layers] == sparse
@@ -278,8 +279,10 @@ def test_caa_differs_from_cia_on_a_hand_example():
 # --- finalize -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("reprune", ["layer", "global"])
 @pytest.mark.parametrize("inner", ["sgd_momentum-forloop", "adam-foreach"])
-def test_finalize_exact_counts_and_zeros(reprune, inner):
-    model, opt, sched = build("convnet_bn", inner=get_case(inner).make, reprune=reprune)
+def test_finalize_exact_counts_and_zeros(reprune, inner, device):
+    model, opt, sched = build(
+        "convnet_bn", inner=get_case(inner).make, reprune=reprune, device=device
+    )
     params = list(model.parameters())
     shapes = [tuple(p.shape) for p in params if p.ndim >= 2]
     numels = [math.prod(s) for s in shapes]
@@ -320,8 +323,8 @@ def test_finalize_exact_counts_and_zeros(reprune, inner):
 
 
 # --- the superposed() context ---------------------------------------------------------------------
-def _after_first_ticket(kind="convnet_bn"):
-    model, opt, sched = build(kind)
+def _after_first_ticket(kind="convnet_bn", device="cpu"):
+    model, opt, sched = build(kind, device=device)
     for step in range(1, 35):  # ticket 1 after step 32; two steps into cycle 2
         train_step(kind, model, opt, step)
         sched.step()
@@ -363,28 +366,29 @@ def _assert_holds_superposed(model, opt):
         assert torch.equal(b, expected), k
 
 
-def test_superposed_context_swaps_in_and_restores():
-    model, opt, _ = _after_first_ticket()
+def test_superposed_context_swaps_in_and_restores(device):
+    model, opt, _ = _after_first_ticket(device=device)
     before = _snapshot(model, opt)
     live_differs = any(not torch.equal(p, s) for p, s in zip(before[0], before[3], strict=True))
     assert live_differs  # otherwise the test would be trivial
     with opt.superposed():
         _assert_holds_superposed(model, opt)
         model.train()
-        model(batch("convnet_bn", 99)[0])  # changes the BN running stats inside
+        model(batch("convnet_bn", 99, device=device)[0])  # changes the BN running stats
         with torch.no_grad():
             next(model.parameters()).add_(1.0)
     _assert_same(_snapshot(model, opt), before)
 
 
-def test_superposed_context_restores_on_exception():
-    model, opt, _ = _after_first_ticket()
+def test_superposed_context_restores_on_exception(device):
+    model, opt, _ = _after_first_ticket(device=device)
     before = _snapshot(model, opt)
 
     def evaluate_and_fail():
         with opt.superposed():
             _assert_holds_superposed(model, opt)
-            model(batch("convnet_bn", 99)[0])  # train mode: moves the BN running stats
+            # train mode: moves the BN running stats
+            model(batch("convnet_bn", 99, device=device)[0])
             with torch.no_grad():
                 for p in model.parameters():
                     p.mul_(3.0)
@@ -395,9 +399,9 @@ def test_superposed_context_restores_on_exception():
     _assert_same(_snapshot(model, opt), before)
 
 
-def test_superposed_context_evaluates_like_the_finalized_model():
-    model, opt, _ = _after_first_ticket("mlp_bn")
-    x = batch("mlp_bn", 123)[0]
+def test_superposed_context_evaluates_like_the_finalized_model(device):
+    model, opt, _ = _after_first_ticket("mlp_bn", device=device)
+    x = batch("mlp_bn", 123, device=device)[0]
     model.eval()
     with opt.superposed(), torch.no_grad():
         inside = model(x)
@@ -406,8 +410,8 @@ def test_superposed_context_evaluates_like_the_finalized_model():
         assert torch.equal(model(x), inside)
 
 
-def test_no_ticket_errors():
-    model, opt, sched = build("mlp_bn")
+def test_no_ticket_errors(device):
+    model, opt, sched = build("mlp_bn", device=device)
     with pytest.raises(ValueError, match=r"superposed\(\).*consolidate"), opt.superposed():
         pass
     with pytest.raises(ValueError, match=r"finalize\(\).*consolidate"):
@@ -431,8 +435,8 @@ def test_no_ticket_errors():
         ({"reprune": "layer"}, {"reprune": "global"}, "reprune"),
     ],
 )
-def test_consolidate_must_keep_its_settings(first, second, match):
-    model, opt, _ = build("mlp_bn")
+def test_consolidate_must_keep_its_settings(first, second, match, device):
+    model, opt, _ = build("mlp_bn", device=device)
     train_step("mlp_bn", model, opt, 1)
     opt.consolidate(**first)
     kept = [s.clone() for s in opt._superposition.params]
@@ -445,13 +449,13 @@ def test_consolidate_must_keep_its_settings(first, second, match):
     assert opt.tickets == 2
 
 
-def test_failed_consolidate_leaves_the_superposed_copy_alone():
+def test_failed_consolidate_leaves_the_superposed_copy_alone(device):
     """A consolidate() refusing changed BatchNorm buffers neither counts nor folds the ticket."""
-    model, opt, _ = build("mlp_bn")
+    model, opt, _ = build("mlp_bn", device=device)
     train_step("mlp_bn", model, opt, 1)
     opt.consolidate()
     kept = [s.clone() for s in opt._superposition.params]
-    model.add_module("extra", nn.BatchNorm1d(4))  # new BN buffers, no new parameters
+    model.add_module("extra", nn.BatchNorm1d(4).to(device))  # new BN buffers, no new params
     train_step("mlp_bn", model, opt, 2)  # the live weights move away from the first ticket
     with pytest.raises(ValueError, match="BatchNorm buffers changed"):
         opt.consolidate()
@@ -460,8 +464,8 @@ def test_failed_consolidate_leaves_the_superposed_copy_alone():
         assert torch.equal(a, b)
 
 
-def test_consolidate_bad_arguments():
-    _, opt, _ = build("mlp_bn")
+def test_consolidate_bad_arguments(device):
+    _, opt, _ = build("mlp_bn", device=device)
     for kwargs, match in [({"averaging": "x"}, "averaging"), ({"beta": 1.0}, "beta"),
                           ({"reprune": "x"}, "reprune")]:  # fmt: skip
         with pytest.raises(ValueError, match=match):
@@ -479,10 +483,10 @@ INNER = [
 
 @pytest.mark.parametrize("inner", INNER)
 @pytest.mark.parametrize("method", ["static", "set", "rigl"])
-def test_methods_and_inner_optimizers(method, inner):
+def test_methods_and_inner_optimizers(method, inner, device):
     case = get_case(inner)
     model, opt, sched = build("mlp_bn", method=method, inner=case.make, total=24, cycle=3,
-                              fraction=0.25)  # fmt: skip
+                              fraction=0.25, device=device)  # fmt: skip
     assert sched.ticket_steps == [21, 24]
     params = list(model.parameters())
     sparse = sparse_positions(model)

@@ -51,7 +51,7 @@ def _one_thread():
 
 
 # --- building and running ------------------------------------------------------------------------
-def make_model(seed: int) -> nn.Module:
+def make_model(seed: int, device: torch.device | str = "cpu") -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return nn.Sequential(
@@ -59,26 +59,28 @@ def make_model(seed: int) -> nn.Module:
             nn.Flatten(),
             nn.Linear(8 * 5 * 5, 24), nn.BatchNorm1d(24), nn.ReLU(),
             nn.Linear(24, 4),
-        )  # fmt: skip
+        ).to(device)  # fmt: skip
 
 
-def batch(step: int) -> tuple[Tensor, Tensor]:
+def batch(step: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(31337 + step)
-    return torch.randn(16, 3, 5, 5, generator=g), torch.randint(0, 4, (16,), generator=g)
+    x, y = torch.randn(16, 3, 5, 5, generator=g), torch.randint(0, 4, (16,), generator=g)
+    return x.to(device), y.to(device)
 
 
-def _bn_batches() -> list[Tensor]:
-    return [batch(1000 + i)[0] for i in range(3)]
+def _bn_batches(device: torch.device | str = "cpu") -> list[Tensor]:
+    return [batch(1000 + i, device)[0] for i in range(3)]
 
 
 def _bn_forward(model: nn.Module) -> None:
-    for x in _bn_batches():
+    for x in _bn_batches(next(model.parameters()).device):
         model(x)
 
 
-# name -> the options of the official code's phase 2 (none for the others)
+# name -> the options of the official code's phase 2 (none for the others); a bn_update of
+# _bn_batches is called with the device to give the batches
 OPTIONS: dict[str, dict[str, Any]] = {
-    "rigl-official-sgd": {"include_phase1": True, "bn_update": _bn_batches(), "reprune": "global"},
+    "rigl-official-sgd": {"include_phase1": True, "bn_update": _bn_batches, "reprune": "global"},
     "set-ticket0-caa-adam": {"include_phase1": True},
     "rigl-bncall-cima-sgd": {"bn_update": _bn_forward},
 }
@@ -90,9 +92,9 @@ def tickets_after(config: str, k: int) -> int:
     return sum(t <= k for t in TICKETS) + int(ticket0)
 
 
-def build(config: str, model_seed: int = 0):
+def build(config: str, model_seed: int = 0, device: torch.device | str = "cpu"):
     method, averaging, inner_name = CONFIGS[config]
-    model = make_model(model_seed)
+    model = make_model(model_seed, device)
     if inner_name == "sgd":
         inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
         low, high = 0.001, 0.005
@@ -101,9 +103,12 @@ def build(config: str, model_seed: int = 0):
         low, high = 0.0001, 0.0005
     opt = SparseOptimizer(inner, method, 0.8, model=model, update_every=5, seed=0)
     base = MultiStepLR(opt, milestones=[10, 20], gamma=0.1)  # ends phase 1 at lr_low
+    options = dict(OPTIONS.get(config, {}))
+    if options.get("bn_update") is _bn_batches:
+        options["bn_update"] = _bn_batches(device)
     sched = SupTicketsScheduler(
         opt, T, C, base=base, superpose_fraction=FRACTION, lr_low=low, lr_high=high,
-        averaging=averaging, beta=0.7, **OPTIONS.get(config, {}),
+        averaging=averaging, beta=0.7, **options,
     )  # fmt: skip
     return model, opt, sched
 
@@ -112,7 +117,7 @@ def run(model, opt, sched, start: int, stop: int, snap_at=()) -> dict[int, dict]
     """Optimizer steps ``start..stop`` (1-based, inclusive); snapshots after the listed steps."""
     snaps = {}
     for step in range(start, stop + 1):
-        x, y = batch(step)
+        x, y = batch(step, next(model.parameters()).device)
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
@@ -126,9 +131,9 @@ def checkpoint(model, opt, sched) -> dict[str, Any]:
     return {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
 
 
-def resume(ckpt: dict[str, Any], config: str):
+def resume(ckpt: dict[str, Any], config: str, device: torch.device | str = "cpu"):
     """Fresh model (another init), optimizer, base and scheduler; then load model, opt, sched."""
-    model, opt, sched = build(config, model_seed=1)
+    model, opt, sched = build(config, model_seed=1, device=device)
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["opt"])
     sched.load_state_dict(ckpt["sched"])
@@ -180,15 +185,16 @@ def save_load(obj: Any) -> Any:
     return torch.load(buf, weights_only=True)
 
 
-_REFERENCE: dict[str, dict[int, dict]] = {}
+_REFERENCE: dict[tuple[str, str], dict[int, dict]] = {}
 
 
-def uninterrupted(config: str) -> dict[int, dict]:
-    """Snapshots after steps T - 1 and T of the uninterrupted run (computed once per config)."""
-    if config not in _REFERENCE:
-        model, opt, sched = build(config)
-        _REFERENCE[config] = run(model, opt, sched, 1, T, snap_at=(T - 1, T))
-    return _REFERENCE[config]
+def uninterrupted(config: str, device: torch.device | str = "cpu") -> dict[int, dict]:
+    """Snapshots after steps T - 1 and T of the uninterrupted run (once per config and device)."""
+    key = (config, str(device))
+    if key not in _REFERENCE:
+        model, opt, sched = build(config, device=device)
+        _REFERENCE[key] = run(model, opt, sched, 1, T, snap_at=(T - 1, T))
+    return _REFERENCE[key]
 
 
 # --- in-process resumes --------------------------------------------------------------------------
@@ -214,9 +220,9 @@ def uninterrupted(config: str) -> dict[int, dict]:
         pytest.param("rigl-bncall-cima-sgd", TICKETS[1], id="after-ticket2-bn-callable"),
     ],
 )
-def test_resume_is_bit_exact(config, k):
-    expected = uninterrupted(config)
-    model, opt, sched = build(config)
+def test_resume_is_bit_exact(config, k, device):
+    expected = uninterrupted(config, device)
+    model, opt, sched = build(config, device=device)
     run(model, opt, sched, 1, k)
     # what the checkpoint carries at this k
     assert opt.tickets == tickets_after(config, k)
@@ -224,7 +230,7 @@ def test_resume_is_bit_exact(config, k):
     ckpt = save_load(checkpoint(model, opt, sched))
     del model, opt, sched
 
-    model, opt, sched = resume(ckpt, config)
+    model, opt, sched = resume(ckpt, config, device)
     assert opt.step_count == k
     assert sched.last_epoch == k
     assert opt.tickets == tickets_after(config, k)
@@ -235,25 +241,28 @@ def test_resume_is_bit_exact(config, k):
     assert opt.tickets == tickets_after(config, T)
 
 
-def test_reference_runs_differ_between_configs():
+def test_reference_runs_differ_between_configs(device):
     """The comparisons above are not vacuous: different settings give different results."""
-    a, b = uninterrupted("set-caa-sgd")[T], uninterrupted("rigl-cima-sgd")[T]
+    a, b = uninterrupted("set-caa-sgd", device)[T], uninterrupted("rigl-cima-sgd", device)[T]
     assert not torch.equal(a["model"]["0.weight"], b["model"]["0.weight"])
     # the ultimate ticket differs from the live ticket right before finalize
-    live, final = uninterrupted("set-caa-sgd")[T - 1], uninterrupted("set-caa-sgd")[T]
+    live, final = (
+        uninterrupted("set-caa-sgd", device)[T - 1],
+        uninterrupted("set-caa-sgd", device)[T],
+    )
     assert not torch.equal(live["model"]["4.weight"], final["model"]["4.weight"])
     assert not torch.equal(live["model"]["1.running_mean"], final["model"]["1.running_mean"])
 
 
-def test_resume_without_loading_the_generator_differs():
+def test_resume_without_loading_the_generator_differs(device):
     """SET's random growth depends on the saved generator: a resume that skips it diverges."""
     config, k = "set-caa-sgd", 30
-    expected = uninterrupted(config)
-    model, opt, sched = build(config)
+    expected = uninterrupted(config, device)
+    model, opt, sched = build(config, device=device)
     run(model, opt, sched, 1, k)
     ckpt = save_load(checkpoint(model, opt, sched))
     ckpt["opt"]["sparseopt"]["generator"] = torch.Generator().manual_seed(123).get_state()
-    model, opt, sched = resume(ckpt, config)
+    model, opt, sched = resume(ckpt, config, device)
     snaps = run(model, opt, sched, k + 1, T, snap_at=(T,))
     assert not torch.equal(snaps[T]["masks"][0], expected[T]["masks"][0]) or not torch.equal(
         snaps[T]["masks"][1], expected[T]["masks"][1]

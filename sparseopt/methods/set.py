@@ -46,5 +46,5 @@ class SET(SparsityMethod):
     def grow_scores(
         self, layer: SparseLayer, grad: Tensor | None, generator: torch.Generator
     ) -> Tensor:
-        scores = torch.rand(layer.param.shape, generator=generator)
+        scores = torch.rand(layer.param.shape, generator=generator, device="cpu")
         return shard_like(scores, layer.param)

@@ -1,0 +1,61 @@
+"""The ``--device`` option: the device-generic tests run on ``cpu`` (default) or e.g. ``cuda``.
+
+``make test-gpu`` runs ``pytest --device cuda``. Tests that take the ``device`` fixture build their
+models and batches on the CPU from a seed and move them there, so a seed means the same numbers
+on every device. A test marked ``cuda`` needs a CUDA device and is skipped, with that reason,
+unless ``--device`` names one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="device for the device-generic tests: cpu (default), cuda, cuda:1, ...",
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (pytest --device cuda)")
+    name = config.getoption("--device", default="cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise pytest.UsageError(
+            f"Expected --device to name a torch device, but got {name!r}"
+        ) from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(
+            f"Expected --device {name} to be available, but torch.cuda.is_available() is False "
+            f"(torch {torch.__version__})"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"Expected --device to be cpu or cuda[:N], but got {name!r}")
+    if device.type == "cuda":
+        # The tests compare runs bit for bit: no autotuned or atomic-add kernels.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.device(config.getoption("--device")).type == "cuda":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device: run pytest --device cuda (make test-gpu)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig) -> torch.device:
+    """The device of ``--device``: where device-generic tests put their models and data."""
+    return torch.device(pytestconfig.getoption("--device"))
