@@ -10,6 +10,7 @@ Examples:
     ['gmp', 'granet', 'rigl', 'set', 'snip', 'static']
 """
 
+from .export import load_sparse, save_sparse, to_sparse_inference
 from .methods import (
     SparsityMethod,
     available_methods,
@@ -33,6 +34,9 @@ __all__ = [
     "available_methods",
     "cyclic_lr",
     "get_method",
+    "load_sparse",
     "register_method",
+    "save_sparse",
+    "to_sparse_inference",
     "unregister_method",
 ]
