@@ -233,8 +233,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--sparsities", default="0.8,0.9,0.95,0.98")
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--repeats", type=int, default=15, help="timed rounds per model row")
-    ap.add_argument("--grid-repeats", type=int, default=20, help="timed rounds per grid row")
+    ap.add_argument("--repeats", type=int, default=10, help="timed rounds per model row")
+    ap.add_argument("--grid-repeats", type=int, default=15, help="timed rounds per grid row")
     ap.add_argument(
         "--grid-shapes", default="256x256,512x512,2048x512,512x2048", help="out x in, or 'none'"
     )

@@ -474,26 +474,31 @@ _LAYOUTS = ("csr", "bsr")
 def min_sparsity_rule(numel: int, batch_size: int) -> float:
     """The sparsity above which a CSR layer beat dense on CPU in our measurement.
 
-    Measured with ``benchmarks/inference.py --grid`` (torch 2.13, MKL sparse kernels, 1 and 2
-    threads, ``docs/benchmarks.md``): per-call overhead makes small layers (fewer than 2**18
-    weights, e.g. 512x512) need more sparsity than large ones, and a single input row
-    (matrix-vector) needs more than a batch.
+    Measured with ``benchmarks/inference.py`` (torch 2.13, MKL sparse kernels, one thread; the
+    table is in ``docs/benchmarks.md``): per-call overhead makes small layers need more sparsity
+    than large ones, and a few input rows need more than a batch. A layer of at most 2**16
+    weights (256x256) never won; one of at most 2**18 (512x512) won only at batch 64, from 90%;
+    larger ones won at batch 1 from 95% and at batch 8 and 64 from 90%.
 
     Args:
         numel (int): the layer's weight count.
         batch_size (int): rows of the GEMM (the batch; for a 1x1 convolution at least the batch).
 
     Returns:
-        The minimum sparsity in ``[0, 1]`` at which the layer is converted.
+        The minimum sparsity in ``[0, 1]`` at which the layer is converted (1.0: only an all-zero
+        layer).
 
     Examples:
-        >>> min_sparsity_rule(2048 * 512, 1), min_sparsity_rule(512 * 512, 64)
-        (0.9, 0.9)
+        >>> min_sparsity_rule(2048 * 512, 1), min_sparsity_rule(2048 * 512, 8)
+        (0.95, 0.9)
+        >>> min_sparsity_rule(512 * 512, 8), min_sparsity_rule(512 * 512, 64)
+        (0.99, 0.9)
     """
-    small = numel <= 1 << 18
-    if batch_size < 8:
-        return 0.97 if small else 0.9
-    return 0.9 if small else 0.8
+    if numel <= 1 << 16:
+        return 1.0
+    if numel <= 1 << 18:
+        return 0.9 if batch_size >= 64 else 0.99
+    return 0.9 if batch_size >= 8 else 0.95
 
 
 class SparseLinear(nn.Module):
@@ -591,7 +596,10 @@ class SparseLinear(nn.Module):
             torch.Size([2, 5, 4])
         """
         rows = x.reshape(-1, self.in_features)
-        out = torch.sparse.mm(self.sparse_weight(), rows.t()).t()
+        if rows.shape[0] == 1:  # a matrix-vector product: MKL's sparse mv is 2-3x faster
+            out = torch.mv(self.sparse_weight(), rows[0]).unsqueeze(0)
+        else:
+            out = torch.sparse.mm(self.sparse_weight(), rows.t()).t()
         if self.bias is not None:
             out = out + self.bias
         shape = list(x.shape[:-1])

@@ -349,7 +349,7 @@ def test_report_lists_converted_dense_and_unsupported_layers():
     for i in (0, 1, 6):
         _sparsify(model[i], 0.99, i)
     model.add_module("emb", nn.Embedding(10, 4))
-    fast = to_sparse_inference(model, batch_size=64)
+    fast = to_sparse_inference(model, min_sparsity=0.9)
     report = {r["name"]: r for r in fast.sparse_inference_report}
     assert fast.sparse_inference_report.converted == ["1", "6"]
     assert "only 1x1" in report["0"]["reason"]
@@ -362,7 +362,8 @@ def test_report_lists_converted_dense_and_unsupported_layers():
 
 def test_the_rule_needs_more_sparsity_at_batch_1_and_for_small_layers():
     assert ex.min_sparsity_rule(512 * 2048, 1) > ex.min_sparsity_rule(512 * 2048, 64)
-    assert ex.min_sparsity_rule(128 * 128, 1) > ex.min_sparsity_rule(512 * 2048, 1)
+    assert ex.min_sparsity_rule(512 * 512, 1) > ex.min_sparsity_rule(512 * 2048, 1)
+    assert ex.min_sparsity_rule(128 * 128, 64) == 1.0
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
