@@ -197,8 +197,8 @@ def save_sparse(
     parameters with ``ndim >= 2``, when its nonzeros take fewer bytes than the dense tensor. A
     sparse tensor is its active values (in its own dtype) plus their positions, as a packed
     bitmask (one bit per weight) or as one byte per gap between positions (a zero byte skips 255),
-    whichever is smaller: gaps below about 88% density, the bitmask above. Everything else
-    (biases, norms, buffers such as ``num_batches_tracked``) is stored as it is.
+    whichever is smaller: gaps below about 12% density (above 88% sparsity), the bitmask above.
+    Everything else (biases, norms, buffers such as ``num_batches_tracked``) is stored as it is.
 
     The file is safetensors if the package is installed, otherwise a ``torch.save`` archive of
     tensors and strings only; [`load_sparse`][sparseopt.export.load_sparse] reads both.
@@ -692,7 +692,7 @@ class InferenceReport(list):
 
     Examples:
         >>> row = {"name": "fc", "type": "Linear", "shape": (4, 8), "sparsity": 0.95,
-        ...        "converted": "csr", "reason": "sparsity 0.950 >= 0.900"}
+        ...        "converted": "csr", "reason": "sparsity 0.950 reaches 0.900"}
         >>> report = InferenceReport([row])
         >>> report.converted
         ['fc']
@@ -757,7 +757,7 @@ def to_sparse_inference(
         model (nn.Module): the trained model (masked weights exactly 0).
         min_sparsity (float | None): convert layers at least this sparse. Default: ``None``, the
             measured rule [`min_sparsity_rule`][sparseopt.export.min_sparsity_rule] for each
-            layer's size and ``batch_size``.
+            layer's size and ``batch_size`` (with 0.005 of slack, for masks drawn at random).
         layout (str): ``"csr"``, or ``"bsr"`` (square blocks; only layers whose shape the block
             divides). Default: ``"csr"``.
         batch_size (int): the batch the model will serve, for the default rule. Default: 1.
@@ -847,10 +847,13 @@ def to_sparse_inference(
         if w.dtype not in (torch.float32, torch.float64):
             row["reason"] = f"{w.dtype}: torch's CPU sparse kernels take float32/float64"
             continue
-        threshold = (
-            min_sparsity if min_sparsity is not None else min_sparsity_rule(w.numel(), batch_size)
-        )
-        if sparsity < threshold:
+        if min_sparsity is None:  # half a percent of slack: a 95% mask may hold 94.97% zeros
+            threshold = min_sparsity_rule(w.numel(), batch_size)
+            converts = sparsity >= threshold - 0.005
+        else:
+            threshold = min_sparsity
+            converts = sparsity >= threshold
+        if not converts:
             row["reason"] = f"sparsity {sparsity:.3f} < {threshold:.3f}: dense is faster"
             continue
         shape2d = (w.shape[0], w.numel() // w.shape[0])
@@ -863,7 +866,7 @@ def to_sparse_inference(
         cls = SparseLinear if isinstance(module, nn.Linear) else SparseConv1x1
         replace.append((name, cls(module, layout, block) if layout == "bsr" else cls(module)))
         row["converted"] = layout
-        row["reason"] = f"sparsity {sparsity:.3f} >= {threshold:.3f}"
+        row["reason"] = f"sparsity {sparsity:.3f} reaches {threshold:.3f}"
     for name, new in replace:
         new.train(out.training)
         if name == "":

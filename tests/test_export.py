@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from cases import batches, make_model, train_step
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -20,7 +21,6 @@ from sparseopt import (
     save_sparse,
     to_sparse_inference,
 )
-from tests.cases import batches, make_model, train_step
 
 METHODS = ["static", "set", "rigl", "granet", "gmp", "snip"]
 
@@ -367,6 +367,18 @@ def test_the_rule_needs_more_sparsity_at_batch_1_and_for_small_layers():
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize(("zeros", "converted"), [(0.948, ["0"]), (0.94, [])])
+def test_the_default_rule_allows_half_a_percent_of_slack(zeros, converted):
+    layer = nn.Sequential(nn.Linear(512, 1024))
+    with torch.no_grad():
+        flat = layer[0].weight.view(-1)
+        flat[: round(zeros * flat.numel())] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        fast = to_sparse_inference(layer, batch_size=1)  # the rule says 0.95 at this size
+    assert fast.sparse_inference_report.converted == converted
+
+
 def test_converted_model_copies_saves_and_scripts(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
