@@ -28,6 +28,9 @@ Checkpoints (``--checkpoint PATH``, written after every epoch) hold the model, t
 its masks and superposed copy), the scheduler, the epoch, the RNG state and the FLOPs counters;
 they load with ``torch.load(weights_only=True)``. ``--resume PATH`` rebuilds everything (the
 schedulers first) and loads them: the continued run is bit-identical to an uninterrupted one.
+``--export PATH`` writes the trained model's compact sparse file (``sparseopt.save_sparse``, the
+exact masks included) and prints its size against ``torch.save`` and the batch-1 latency of the
+dense model and of its ``sparseopt.to_sparse_inference`` copy (``examples/deploy.py``).
 ``--stop-after N`` ends the run after epoch N with the schedule of ``--epochs`` intact (a job
 time limit), for a later ``--resume``.
 
@@ -179,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", help="continue from this checkpoint")
     g.add_argument("--stop-after", type=int, help="end after this epoch (schedule unchanged)")
     g.add_argument("--results", help="write the final metrics as JSON here")
+    g.add_argument(
+        "--export",
+        metavar="PATH",
+        help="after training, write the compact sparse file (sparseopt.save_sparse) here and "
+        "print dense vs compact size and batch-1 latency (examples/deploy.py)",
+    )
     g.add_argument(
         "--smoke",
         action="store_true",
@@ -543,6 +552,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"inference {flops.inference_ratio():.3f}x\n"
             )
             log(opt.report())
+        if args.export:
+            from deploy import deploy, format_deploy
+
+            masks = opt.masks if args.method != "dense" else None
+            example = torch.zeros(1, *shape, device=device)
+            deployed = deploy(model, args.export, example, masks=masks)
+            result["export"] = deployed
+            log(format_deploy(deployed, args.export))
         if args.results:
             with open(args.results, "w") as f:
                 json.dump(result, f, indent=1)

@@ -11,6 +11,7 @@ Examples:
 """
 
 from . import _compat  # noqa: F401  (first: a too-old torch fails here with a clear message)
+from .export import load_sparse, save_sparse, to_sparse_inference
 from .methods import (
     SparsityMethod,
     available_methods,
@@ -34,6 +35,9 @@ __all__ = [
     "available_methods",
     "cyclic_lr",
     "get_method",
+    "load_sparse",
     "register_method",
+    "save_sparse",
+    "to_sparse_inference",
     "unregister_method",
 ]

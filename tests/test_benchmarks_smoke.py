@@ -40,6 +40,8 @@ def _keep_threads():
         ("memory", ("rows",), ("| model | optimizer | phase |",)),
         ("peers", ("rows",), ("| threads | model | batch | variant |",)),
         ("compiled_step", ("rows",), ("| params | variant | ms |", "compiled wrapped")),
+        ("inference", ("grid", "rows"), ("| threads | shape |", "| threads | model |")),
+        ("export_size", ("rows",), ("| model | params (M) |",)),
     ],
 )
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -186,6 +186,18 @@ def test_train_smoke(dataset, model, extra, capsys):
         assert "total" in printed  # opt.report()
 
 
+def test_train_export_writes_the_compact_file_and_reports(tmp_path, capsys):
+    path = tmp_path / "ticket.sparse"
+    result = train.main(["--smoke", "--sparsity", "0.95", "--quiet", "--export", str(path)])
+    printed = capsys.readouterr().out
+    assert path.exists()
+    exported = result["export"]
+    assert exported["compact_bytes"] == path.stat().st_size
+    assert exported["compact_bytes"] < 0.3 * exported["dense_bytes"]
+    assert "compact file" in printed
+    assert "batch-1 latency: dense" in printed
+
+
 def _state(path):
     return torch.load(path, weights_only=True)
 

@@ -1,0 +1,886 @@
+"""Deploying a trained sparse model: a compact checkpoint file and sparse inference modules.
+
+- [`save_sparse`][sparseopt.export.save_sparse] / [`load_sparse`][sparseopt.export.load_sparse]:
+  a checkpoint that holds only the active weights of the sparse tensors (their values, and their
+  positions as a bitmask or as byte-sized gaps, whichever is smaller for that tensor) and the rest
+  of the ``state_dict`` as it is. The file is
+  [safetensors](https://github.com/huggingface/safetensors) when that package is installed (the
+  ``export`` extra): a format that cannot hold code, read without unpickling anything. Without
+  it, the same tensors go through ``torch.save`` and are read back with
+  ``torch.load(weights_only=True)``, which unpickles only tensors and plain containers. Both
+  files carry a header (format version, per-tensor encoding, shape, dtype, CRC-32 of each stored
+  tensor) that ``load_sparse`` checks in full before it changes the model.
+- [`to_sparse_inference`][sparseopt.export.to_sparse_inference]: a copy of a model whose sparse
+  enough ``nn.Linear`` and 1x1 ``nn.Conv2d`` layers compute with ``torch.sparse`` (CSR or BSR).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import warnings
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "InferenceReport",
+    "SparseConv1x1",
+    "SparseLinear",
+    "load_sparse",
+    "min_sparsity_rule",
+    "save_sparse",
+    "to_sparse_inference",
+]
+
+_FORMAT = "sparseopt.sparse_checkpoint"
+_VERSION = 1
+_SEP = "::"  # stored tensor name = state_dict name + _SEP + part ("values", "pos", "neg")
+_MAGIC_TORCH = b"PK"  # torch.save writes a zip archive
+
+
+# --- positions: a packed bitmask or byte-sized gaps --------------------------------------------
+_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def _pack_bits(mask: Tensor) -> Tensor:
+    """``np.packbits`` of a flat bool tensor, big-endian bit order, zero-padded to whole bytes."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8) * _BITS.to(flat.device)).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bits(packed: Tensor, numel: int) -> Tensor:
+    bits = (packed.view(-1, 1) & _BITS.to(packed.device)) != 0
+    return bits.reshape(-1)[:numel]
+
+
+def _gap_bytes(index: Tensor) -> Tensor:
+    """Increasing flat indices as uint8 gaps: byte ``b > 0`` advances ``b`` and marks a position,
+    byte 0 advances 255 and marks nothing. ``k`` indices over ``n`` elements take at most
+    ``k + n // 255`` bytes."""
+    gaps = torch.diff(index, prepend=index.new_full((1,), -1))  # >= 1
+    skips = (gaps - 1) // 255
+    ends = torch.cumsum(skips + 1, 0) - 1
+    out = torch.zeros(int(ends[-1]) + 1 if ends.numel() else 0, dtype=torch.uint8)
+    out[ends] = (gaps - 255 * skips).to(torch.uint8)
+    return out
+
+
+def _gap_index(code: Tensor) -> Tensor:
+    steps = torch.where(code == 0, 255, code.to(torch.int64))
+    return (torch.cumsum(steps, 0) - 1)[code != 0]
+
+
+def _gap_size(index: Tensor) -> int:
+    if index.numel() == 0:
+        return 0
+    gaps = torch.diff(index, prepend=index.new_full((1,), -1))
+    return int(((gaps - 1) // 255 + 1).sum())
+
+
+def _encode_positions(mask: Tensor) -> tuple[str, Tensor]:
+    """The smaller of a packed bitmask and the gap bytes of a flat bool mask."""
+    index = torch.nonzero(mask.reshape(-1)).reshape(-1)
+    if _gap_size(index) < (mask.numel() + 7) // 8:
+        return "gaps", _gap_bytes(index)
+    return "bitmask", _pack_bits(mask)
+
+
+def _decode_positions(kind: str, code: Tensor, numel: int) -> Tensor:
+    """The flat bool mask of ``numel`` elements; ``ValueError`` if the code does not fit."""
+    if kind == "bitmask":
+        if code.numel() != (numel + 7) // 8:
+            raise ValueError(f"a bitmask of {code.numel()} bytes for {numel} elements")
+        return _unpack_bits(code, numel)
+    if kind == "gaps":
+        index = _gap_index(code)
+        if index.numel() and int(index[-1]) >= numel:
+            raise ValueError(f"a position {int(index[-1])} beyond {numel} elements")
+        mask = torch.zeros(numel, dtype=torch.bool)
+        mask[index] = True
+        return mask
+    raise ValueError(f"unknown position encoding {kind!r}")
+
+
+# --- the file ------------------------------------------------------------------------------------
+def _have_safetensors() -> bool:
+    try:
+        import safetensors.torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _crc(t: Tensor) -> int:
+    flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    return zlib.crc32(flat.numpy().tobytes()) if flat.numel() else 0
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _resolve_masks(
+    model: nn.Module, masks: Mapping[Any, Tensor] | None, names: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """``{state_dict name: bool mask}`` from a mapping keyed by parameter tensors or by names."""
+    if masks is None:
+        return {}
+    if not isinstance(masks, Mapping):
+        raise TypeError(
+            f"Expected masks to be a mapping (parameter or name -> bool mask) or None, but got "
+            f"{type(masks).__name__}"
+        )
+    by_id: dict[int, list[str]] = {}
+    for name, t in names.items():
+        by_id.setdefault(id(t), []).append(name)
+    out: dict[str, Tensor] = {}
+    unknown = []
+    for key, mask in masks.items():
+        if isinstance(key, str):
+            targets = [key] if key in names else []
+        elif isinstance(key, Tensor):
+            targets = by_id.get(id(key), [])
+        else:
+            raise TypeError(
+                f"Expected the keys of masks to be parameters or names, but got "
+                f"{type(key).__name__}"
+            )
+        if not targets:
+            unknown.append(key if isinstance(key, str) else f"a tensor of shape {tuple(key.shape)}")
+        for name in targets:
+            out[name] = mask
+    if unknown:
+        raise ValueError(
+            f"Expected masks to hold tensors of the model, but got {len(unknown)} others: "
+            + ", ".join(map(str, unknown[:5]))
+        )
+    for name, mask in out.items():
+        t = names[name]
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != t.shape:
+            got = (
+                f"{mask.dtype} {tuple(mask.shape)}"
+                if isinstance(mask, Tensor)
+                else type(mask).__name__
+            )
+            raise ValueError(
+                f"Expected the mask of {name!r} to be a bool tensor of shape {tuple(t.shape)}, "
+                f"but got {got}"
+            )
+        outside = int(torch.count_nonzero(t.detach()[~mask.to(t.device)]))
+        if outside:
+            raise ValueError(
+                f"Expected the weights of {name!r} outside its mask to be 0, but got {outside} "
+                "nonzeros (call opt.apply_masks() first, or pass no masks)"
+            )
+    return out
+
+
+def save_sparse(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    masks: Mapping[Any, Tensor] | None = None,
+    *,
+    zero_signs: bool = False,
+) -> dict[str, Any]:
+    """Write ``model.state_dict()`` to ``path`` with only the active weights of sparse tensors.
+
+    A tensor is stored sparse when ``masks`` has a mask for it, or, for the other floating
+    parameters with ``ndim >= 2``, when its nonzeros take fewer bytes than the dense tensor. A
+    sparse tensor is its active values (in its own dtype) plus their positions, as a packed
+    bitmask (one bit per weight) or as one byte per gap between positions (a zero byte skips 255),
+    whichever is smaller: gaps below about 12% density (above 88% sparsity), the bitmask above.
+    Everything else (biases, norms, buffers such as ``num_batches_tracked``) is stored as it is.
+
+    The file is safetensors if the package is installed, otherwise a ``torch.save`` archive of
+    tensors and strings only; [`load_sparse`][sparseopt.export.load_sparse] reads both.
+
+    Args:
+        model (nn.Module): the model; its ``state_dict()`` is saved.
+        path (str | os.PathLike): the file to write (replaced if it exists).
+        masks (Mapping | None): the active positions, a mapping from parameter tensors (such as
+            ``SparseOptimizer.masks``) or ``state_dict`` names to bool masks of their shape. An
+            active weight that is exactly 0 stays active in the file. Default: ``None``, the
+            nonzeros of each tensor.
+        zero_signs (bool): also store which inactive weights are ``-0.0`` (masking multiplies by
+            0, so a negative weight becomes ``-0.0``), so that the loaded ``state_dict`` is
+            bit-identical even in the sign bit of those zeros. It costs one more bitmask or gap
+            stream per tensor that has any. Default: ``False``: inactive weights load as
+            ``+0.0``, which compares equal and computes the same.
+
+    Returns:
+        A dict: ``file_bytes`` (size of the file), ``dense_bytes`` (bytes of the ``state_dict``'s
+        tensors), ``format`` (``"safetensors"`` or ``"torch"``), and ``tensors``, one entry per
+        ``state_dict`` name with its ``encoding`` (``"dense"``, ``"bitmask"`` or ``"gaps"``),
+        ``numel`` and ``nnz`` (active weights).
+
+    Raises:
+        TypeError: if ``model`` is not an ``nn.Module`` or ``masks`` is not a mapping of
+            parameters or names.
+        ValueError: if a mask belongs to no tensor of the model, is not a bool tensor of its
+            tensor's shape, or leaves nonzero weights outside it.
+
+    Examples:
+        >>> import os, tempfile, torch
+        >>> from sparseopt import load_sparse, save_sparse
+        >>> model = torch.nn.Linear(100, 100)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.mul_(torch.rand(100, 100) < 0.1)
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.sparse")
+        >>> info = save_sparse(model, path)
+        >>> info["tensors"]["weight"]["encoding"], info["file_bytes"] < info["dense_bytes"] / 3
+        ('gaps', True)
+        >>> fresh = torch.nn.Linear(100, 100)
+        >>> masks = load_sparse(fresh, path)
+        >>> torch.equal(fresh.weight, model.weight)
+        True
+        >>> torch.equal(masks["weight"], model.weight != 0)
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected model to be an nn.Module, but got {type(model).__name__}")
+    if not isinstance(zero_signs, bool):
+        raise TypeError(f"Expected zero_signs to be a bool, but got {type(zero_signs).__name__}")
+    state = model.state_dict(keep_vars=True)
+    params = {id(p) for p in model.parameters()}
+    chosen = _resolve_masks(model, masks, state)
+    tensors: dict[str, Tensor] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    dense_bytes = 0
+    for name, value in state.items():
+        if _SEP in name:
+            raise ValueError(f"Expected state_dict names without {_SEP!r}, but got {name!r}")
+        t = value.detach()
+        dense_bytes += t.numel() * t.element_size()
+        entry: dict[str, Any] = {
+            "shape": list(t.shape),
+            "dtype": _dtype_name(t.dtype),
+            "numel": t.numel(),
+        }
+        mask = chosen.get(name)
+        if mask is None and id(value) in params and t.ndim >= 2 and t.is_floating_point():
+            nonzero = t != 0
+            nnz = int(nonzero.sum())
+            index_bytes = min((t.numel() + 7) // 8, nnz + t.numel() // 255 + 1)
+            if nnz * t.element_size() + index_bytes < t.numel() * t.element_size():
+                mask = nonzero
+        cpu = t.cpu()
+        if mask is None:
+            entry["encoding"] = "dense"
+            entry["nnz"] = t.numel()
+            tensors[name] = cpu.clone().contiguous()
+        else:
+            mask = mask.detach().cpu()
+            kind, pos = _encode_positions(mask)
+            values = cpu[mask].contiguous()
+            entry.update(encoding=kind, nnz=values.numel())
+            tensors[name + _SEP + "values"] = values
+            tensors[name + _SEP + "pos"] = pos
+            if zero_signs and t.is_floating_point():
+                negative = (cpu == 0) & torch.signbit(cpu) & ~mask
+                if bool(negative.any()):
+                    neg_kind, neg_pos = _encode_positions(negative)
+                    entry["zero_signs"] = neg_kind
+                    tensors[name + _SEP + "neg"] = neg_pos
+        entries[name] = entry
+    for key, t in tensors.items():
+        part = key.rsplit(_SEP, 1)[-1] if _SEP in key else "dense"
+        entries[key.rsplit(_SEP, 1)[0] if _SEP in key else key].setdefault("crc", {})[part] = _crc(
+            t
+        )
+    if not any(e["encoding"] != "dense" for e in entries.values()):
+        warnings.warn(
+            "save_sparse stored every tensor dense (no masks given and no weight tensor sparse "
+            "enough to pay): nothing was gained over torch.save",
+            UserWarning,
+            stacklevel=2,
+        )
+    header = {"format": _FORMAT, "version": str(_VERSION), "tensors": json.dumps(entries)}
+    path = os.fspath(path)
+    if _have_safetensors():
+        from safetensors.torch import save_file
+
+        save_file(tensors, path, metadata=header)
+        fmt = "safetensors"
+    else:
+        torch.save({"header": header, "tensors": tensors}, path)
+        fmt = "torch"
+    return {
+        "file_bytes": os.path.getsize(path),
+        "dense_bytes": dense_bytes,
+        "format": fmt,
+        "tensors": {
+            n: {"encoding": e["encoding"], "numel": e["numel"], "nnz": e["nnz"]}
+            for n, e in entries.items()
+        },
+    }
+
+
+def _read(path: str) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """The header and tensors of a file written by ``save_sparse``; ``ValueError`` if unreadable."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:2] == _MAGIC_TORCH:
+        try:
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable sparse checkpoint: {e}") from e
+        if not (isinstance(obj, dict) and isinstance(obj.get("header"), dict)):
+            raise ValueError(f"{path} is a torch file but not a sparse checkpoint")
+        return obj["header"], obj["tensors"]
+    if not _have_safetensors():
+        raise ValueError(
+            f"{path} is not a torch archive; reading a safetensors file needs the safetensors "
+            "package (pip install 'sparseopt[export]')"
+        )
+    from safetensors.torch import load
+
+    try:
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+        tensors = load(data)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable sparse checkpoint: {e}") from e
+    return header, tensors
+
+
+def _decode(
+    name: str, entry: Mapping[str, Any], tensors: Mapping[str, Tensor]
+) -> tuple[Tensor, Tensor | None]:
+    """The dense tensor of one entry (and its mask if it is stored sparse)."""
+    shape, numel, kind = entry["shape"], entry["numel"], entry["encoding"]
+    dtype = getattr(torch, entry["dtype"])
+    crcs = entry["crc"]
+    parts = {"dense": name} if kind == "dense" else {}
+    if kind != "dense":
+        parts = {p: name + _SEP + p for p in crcs}
+    for part, key in parts.items():
+        if key not in tensors:
+            raise ValueError(f"{key!r} is missing")
+        if _crc(tensors[key]) != crcs[part]:
+            raise ValueError(f"{key!r} fails its checksum (the file is corrupted)")
+    if math.prod(shape) != numel:
+        raise ValueError(f"shape {shape} does not hold {numel} elements")
+    if kind == "dense":
+        t = tensors[name]
+        if t.dtype != dtype or list(t.shape) != shape:
+            raise ValueError(f"stored as {t.dtype} {list(t.shape)}, header says {dtype} {shape}")
+        return t, None
+    values = tensors[name + _SEP + "values"]
+    mask = _decode_positions(kind, tensors[name + _SEP + "pos"], numel)
+    if values.dtype != dtype or values.ndim != 1 or values.numel() != int(mask.sum()):
+        raise ValueError(
+            f"{values.numel()} {values.dtype} values for {int(mask.sum())} {dtype} positions"
+        )
+    out = torch.zeros(numel, dtype=dtype)
+    if "zero_signs" in entry:
+        out[_decode_positions(entry["zero_signs"], tensors[name + _SEP + "neg"], numel)] = -0.0
+    out[mask] = values
+    return out.view(shape), mask.view(shape)
+
+
+def load_sparse(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Load a file written by [`save_sparse`][sparseopt.export.save_sparse] into ``model``.
+
+    The whole file is read and checked first: its header (format, version), every tensor's
+    checksum and encoding, and that its names, shapes and dtypes are exactly those of
+    ``model.state_dict()``. Only then is the ``state_dict`` loaded, so a file that does not fit,
+    or is truncated or corrupted, leaves the model unchanged. Nothing is unpickled except, for a
+    file written without safetensors, tensors and plain containers (``weights_only=True``).
+
+    Args:
+        model (nn.Module): the model to load into, built like the one saved (same names, shapes
+            and dtypes); any device.
+        path (str | os.PathLike): the file.
+
+    Returns:
+        ``{name: bool mask}`` of the active positions of every tensor stored sparse, on CPU
+        (pass them on to rebuild a ``SparseOptimizer``'s masks, or to check them).
+
+    Raises:
+        TypeError: if ``model`` is not an ``nn.Module``.
+        ValueError: if the file is not a sparse checkpoint of a known version, is truncated or
+            corrupted, or does not fit the model (the message names the tensors).
+
+    Examples:
+        >>> import os, tempfile, torch
+        >>> from sparseopt import load_sparse, save_sparse
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.sparse")
+        >>> model = torch.nn.Linear(8, 4)
+        >>> _ = save_sparse(model, path, masks={"weight": model.weight != 0})
+        >>> load_sparse(torch.nn.Linear(8, 3), path)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: ... does not fit the model: weight: shape [4, 8] in the file, [3, 8] ...
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected model to be an nn.Module, but got {type(model).__name__}")
+    path = os.fspath(path)
+    header, tensors = _read(path)
+    if header.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not a sparse checkpoint (no {_FORMAT!r} header)")
+    if header.get("version") != str(_VERSION):
+        raise ValueError(
+            f"Expected a sparse checkpoint of version {_VERSION}, but got version "
+            f"{header.get('version')!r} in {path}"
+        )
+    try:
+        entries = json.loads(header["tensors"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} has an unreadable header: {e}") from e
+    target = model.state_dict()
+    problems = [f"{n}: missing from the file" for n in target if n not in entries]
+    problems += [f"{n}: in the file, not in the model" for n in entries if n not in target]
+    for name, t in target.items():
+        entry = entries.get(name)
+        if entry is None:
+            continue
+        if entry.get("shape") != list(t.shape):
+            problems.append(
+                f"{name}: shape {entry.get('shape')} in the file, {list(t.shape)} in the model"
+            )
+        if entry.get("dtype") != _dtype_name(t.dtype):
+            problems.append(
+                f"{name}: dtype {entry.get('dtype')} in the file, {_dtype_name(t.dtype)} in "
+                "the model"
+            )
+    if problems:
+        raise ValueError(f"{path} does not fit the model: " + "; ".join(problems))
+    loaded: dict[str, Tensor] = {}
+    masks: dict[str, Tensor] = {}
+    for name, entry in entries.items():
+        try:
+            loaded[name], mask = _decode(name, entry, tensors)
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+            raise ValueError(f"{path} is corrupted at {name!r}: {e}") from e
+        if mask is not None:
+            masks[name] = mask
+    model.load_state_dict(loaded, strict=True)
+    return masks
+
+
+# --- sparse inference ----------------------------------------------------------------------------
+_LAYOUTS = ("csr", "bsr")
+
+
+def min_sparsity_rule(numel: int, batch_size: int) -> float:
+    """The sparsity above which a CSR layer beat dense on CPU in our measurement.
+
+    Measured with ``benchmarks/inference.py`` (torch 2.13, MKL sparse kernels, one thread; the
+    table is in ``docs/benchmarks.md``): per-call overhead makes small layers need more sparsity
+    than large ones, and a few input rows need more than a batch. A layer of at most 2**16
+    weights (256x256) never won; one of at most 2**18 (512x512) won only at batch 64, from 90%;
+    larger ones won at batch 1 from 95% and at batch 8 and 64 from 90%.
+
+    Args:
+        numel (int): the layer's weight count.
+        batch_size (int): rows of the GEMM (the batch; for a 1x1 convolution at least the batch).
+
+    Returns:
+        The minimum sparsity in ``[0, 1]`` at which the layer is converted (1.0: only an all-zero
+        layer).
+
+    Examples:
+        >>> min_sparsity_rule(2048 * 512, 1), min_sparsity_rule(2048 * 512, 8)
+        (0.95, 0.9)
+        >>> min_sparsity_rule(512 * 512, 8), min_sparsity_rule(512 * 512, 64)
+        (0.99, 0.9)
+    """
+    if numel <= 1 << 16:
+        return 1.0
+    if numel <= 1 << 18:
+        return 0.9 if batch_size >= 64 else 0.99
+    return 0.9 if batch_size >= 8 else 0.95
+
+
+class SparseLinear(nn.Module):
+    """``nn.Linear`` computing with a ``torch.sparse`` CSR or BSR weight (inference).
+
+    The compressed weight is kept as plain dense buffers (``crow_indices``, ``col_indices``,
+    ``values``) and wrapped into a sparse tensor at each call (no copy), so the module
+    deep-copies, saves and loads like any other. Built by
+    [`to_sparse_inference`][sparseopt.export.to_sparse_inference].
+
+    Args:
+        linear (nn.Linear): the dense layer (float32 or float64); its weight is compressed.
+        layout (str): ``"csr"`` or ``"bsr"``. Default: ``"csr"``.
+        blocksize (int): the square block of ``"bsr"``; must divide both weight dimensions.
+            Default: 4.
+
+    Raises:
+        ValueError: if ``layout`` is unknown or ``blocksize`` does not divide the weight.
+
+    Examples:
+        >>> import torch
+        >>> from sparseopt.export import SparseLinear
+        >>> dense = torch.nn.Linear(8, 4)
+        >>> sparse = SparseLinear(dense)
+        >>> x = torch.randn(3, 8)
+        >>> torch.allclose(sparse(x), dense(x), atol=1e-6)
+        True
+    """
+
+    def __init__(self, linear: nn.Linear, layout: str = "csr", blocksize: int = 4) -> None:
+        super().__init__()
+        if layout not in _LAYOUTS:
+            raise ValueError(f"Expected layout to be one of {_LAYOUTS}, but got {layout!r}")
+        weight = linear.weight.detach()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.layout = layout
+        if layout == "bsr" and (weight.shape[0] % blocksize or weight.shape[1] % blocksize):
+            raise ValueError(
+                f"Expected blocksize to divide the weight's shape {tuple(weight.shape)}, "
+                f"but got {blocksize}"
+            )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+            if layout == "bsr":
+                compressed = weight.to_sparse_bsr((blocksize, blocksize))
+            else:
+                compressed = weight.to_sparse_csr()
+        self.register_buffer("crow_indices", compressed.crow_indices().clone())
+        self.register_buffer("col_indices", compressed.col_indices().clone())
+        self.register_buffer("values", compressed.values().clone())
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        self.register_buffer("bias", bias)
+
+    def sparse_weight(self) -> Tensor:
+        """The weight as a sparse CSR or BSR tensor (a view of the buffers).
+
+        Returns:
+            A ``torch.sparse_csr`` or ``torch.sparse_bsr`` tensor of shape
+            ``(out_features, in_features)``.
+
+        Examples:
+            >>> import torch
+            >>> from sparseopt.export import SparseLinear
+            >>> SparseLinear(torch.nn.Linear(8, 4)).sparse_weight().layout
+            torch.sparse_csr
+        """
+        size = [self.out_features, self.in_features]
+        layout = torch.sparse_bsr if self.layout == "bsr" else torch.sparse_csr
+        if torch.jit.is_scripting():  # TorchScript does not know check_invariants
+            return torch.sparse_compressed_tensor(
+                self.crow_indices, self.col_indices, self.values, size, layout=layout
+            )
+        return torch.sparse_compressed_tensor(
+            self.crow_indices,
+            self.col_indices,
+            self.values,
+            size,
+            layout=layout,
+            check_invariants=False,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x @ weight.T + bias`` over the last dimension of ``x``.
+
+        Args:
+            x (Tensor): ``(*, in_features)``.
+
+        Returns:
+            ``(*, out_features)``.
+
+        Examples:
+            >>> import torch
+            >>> from sparseopt.export import SparseLinear
+            >>> SparseLinear(torch.nn.Linear(8, 4))(torch.randn(2, 5, 8)).shape
+            torch.Size([2, 5, 4])
+        """
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] == 1:  # a matrix-vector product: MKL's sparse mv is 2-3x faster
+            out = torch.mv(self.sparse_weight(), rows[0]).unsqueeze(0)
+        else:
+            out = torch.sparse.mm(self.sparse_weight(), rows.t()).t()
+        if self.bias is not None:
+            out = out + self.bias
+        shape = list(x.shape[:-1])
+        shape.append(self.out_features)
+        return out.reshape(shape)
+
+    def extra_repr(self) -> str:
+        nnz = self.values.numel()
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"layout={self.layout}, nnz={nnz}, bias={self.bias is not None}"
+        )
+
+
+class SparseConv1x1(SparseLinear):
+    """A 1x1 ``nn.Conv2d`` (stride 1, no padding, one group) as a sparse GEMM over the pixels.
+
+    Args:
+        conv (nn.Conv2d): the dense layer; its ``(out, in, 1, 1)`` weight is compressed.
+        layout (str): ``"csr"`` or ``"bsr"``. Default: ``"csr"``.
+        blocksize (int): the square block of ``"bsr"``. Default: 4.
+
+    Raises:
+        ValueError: if ``conv`` is not a 1x1, stride-1, unpadded, single-group convolution.
+
+    Examples:
+        >>> import torch
+        >>> from sparseopt.export import SparseConv1x1
+        >>> dense = torch.nn.Conv2d(8, 4, 1)
+        >>> x = torch.randn(2, 8, 5, 5)
+        >>> torch.allclose(SparseConv1x1(dense)(x), dense(x), atol=1e-6)
+        True
+    """
+
+    def __init__(self, conv: nn.Conv2d, layout: str = "csr", blocksize: int = 4) -> None:
+        reason = _conv_unsupported(conv)
+        if reason:
+            raise ValueError(
+                f"Expected a 1x1, stride-1, unpadded, ungrouped conv, but got {reason}"
+            )
+        linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None)
+        linear.weight = nn.Parameter(conv.weight.detach().reshape(conv.out_channels, -1))
+        linear.bias = conv.bias
+        super().__init__(linear, layout, blocksize)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The convolution of ``x``, ``(N, C_in, H, W) -> (N, C_out, H, W)``.
+
+        Args:
+            x (Tensor): ``(N, in_channels, H, W)``.
+
+        Returns:
+            ``(N, out_channels, H, W)``, contiguous.
+
+        Examples:
+            >>> import torch
+            >>> from sparseopt.export import SparseConv1x1
+            >>> SparseConv1x1(torch.nn.Conv2d(8, 4, 1))(torch.randn(2, 8, 3, 3)).shape
+            torch.Size([2, 4, 3, 3])
+        """
+        n, c, h, w = x.shape
+        cols = x.transpose(0, 1).reshape(c, n * h * w)
+        out = torch.sparse.mm(self.sparse_weight(), cols)
+        if self.bias is not None:
+            out = out + self.bias.unsqueeze(1)
+        return out.reshape(self.out_features, n, h, w).transpose(0, 1).contiguous()
+
+    def extra_repr(self) -> str:
+        return "kernel_size=(1, 1), " + super().extra_repr()
+
+
+def _conv_unsupported(conv: nn.Conv2d) -> str:
+    if conv.kernel_size != (1, 1):
+        return f"kernel {conv.kernel_size}"
+    if conv.stride != (1, 1) or conv.groups != 1 or conv.padding_mode != "zeros":
+        return f"stride {conv.stride}, groups {conv.groups}, padding mode {conv.padding_mode}"
+    if conv.padding not in ((0, 0), "valid"):
+        return f"padding {conv.padding}"
+    return ""
+
+
+class InferenceReport(list):
+    """What [`to_sparse_inference`][sparseopt.export.to_sparse_inference] did, one row per layer.
+
+    A ``list`` of dicts with ``name``, ``type``, ``shape``, ``sparsity``, ``converted`` (the
+    layout, or ``None`` when the layer stayed dense) and ``reason``. It prints as a table.
+
+    Args:
+        iterable (Iterable[dict]): the rows. Default: none.
+
+    Examples:
+        >>> row = {"name": "fc", "type": "Linear", "shape": (4, 8), "sparsity": 0.95,
+        ...        "converted": "csr", "reason": "sparsity 0.950 reaches 0.900"}
+        >>> report = InferenceReport([row])
+        >>> report.converted
+        ['fc']
+    """
+
+    @property
+    def converted(self) -> list[str]:
+        """Names of the layers now computing sparse.
+
+        Returns:
+            The names, in module order.
+
+        Examples:
+            >>> InferenceReport([]).converted
+            []
+        """
+        return [r["name"] for r in self if r["converted"]]
+
+    def __str__(self) -> str:
+        lines = [f"{'layer':<32} {'type':<10} {'sparsity':>8}  {'as':<6} reason"]
+        for r in self:
+            sp = "" if r["sparsity"] is None else f"{r['sparsity']:.3f}"
+            lines.append(
+                f"{r['name']:<32} {r['type']:<10} {sp:>8}  {r['converted'] or 'dense':<6} "
+                f"{r['reason']}"
+            )
+        return "\n".join(lines)
+
+
+def _block_for(shape: tuple[int, ...]) -> int | None:
+    for b in (16, 8, 4, 2):
+        if shape[0] % b == 0 and shape[1] % b == 0:
+            return b
+    return None
+
+
+def to_sparse_inference(
+    model: nn.Module,
+    *,
+    min_sparsity: float | None = None,
+    layout: str = "csr",
+    batch_size: int = 1,
+    blocksize: int | None = None,
+) -> nn.Module:
+    """A copy of ``model`` whose sparse enough layers compute with ``torch.sparse`` (inference).
+
+    Each ``nn.Linear`` and each 1x1 ``nn.Conv2d`` (stride 1, no padding, one group) whose weight
+    is float32 or float64 and at least ``min_sparsity`` sparse becomes a
+    [`SparseLinear`][sparseopt.export.SparseLinear] or
+    [`SparseConv1x1`][sparseopt.export.SparseConv1x1]. Other layers stay dense: larger
+    convolutions (im2col plus a sparse GEMM lost to oneDNN's dense convolution in our
+    measurement), half-precision weights (torch's CPU CSR kernels take float32/float64 only) and
+    every other module type. The outputs equal the dense model's within float32 rounding (the
+    sums run in another order). ``model`` itself is not changed.
+
+    The report is attached as ``sparse_inference_report`` (an
+    [`InferenceReport`][sparseopt.export.InferenceReport]); a warning says when no layer was
+    converted. The copy works with ``torch.jit.script`` and ``torch.export.export`` (CSR; see
+    ``docs/deploying.md``). Put it in ``eval()`` mode and call it under ``torch.inference_mode()``.
+
+    Args:
+        model (nn.Module): the trained model (masked weights exactly 0).
+        min_sparsity (float | None): convert layers at least this sparse. Default: ``None``, the
+            measured rule [`min_sparsity_rule`][sparseopt.export.min_sparsity_rule] for each
+            layer's size and ``batch_size`` (with 0.005 of slack, for masks drawn at random).
+        layout (str): ``"csr"``, or ``"bsr"`` (square blocks; only layers whose shape the block
+            divides). Default: ``"csr"``.
+        batch_size (int): the batch the model will serve, for the default rule. Default: 1.
+        blocksize (int | None): the block of ``"bsr"``. Default: ``None``, the largest of 16, 8,
+            4, 2 that divides the layer's weight.
+
+    Returns:
+        The converted copy, in the mode (train or eval) of ``model``.
+
+    Raises:
+        TypeError: if ``model`` is not an ``nn.Module`` or a number argument has the wrong type.
+        ValueError: if ``min_sparsity`` is outside ``[0, 1]``, ``layout`` is unknown, or
+            ``batch_size`` or ``blocksize`` is not positive.
+
+    Examples:
+        >>> import torch
+        >>> from sparseopt import to_sparse_inference
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(),
+        ...                             torch.nn.Linear(64, 10))
+        >>> with torch.no_grad():
+        ...     _ = model[0].weight.mul_(torch.rand(64, 64) < 0.02)
+        >>> fast = to_sparse_inference(model, min_sparsity=0.9)
+        >>> fast.sparse_inference_report.converted
+        ['0']
+        >>> x = torch.randn(3, 64)
+        >>> torch.allclose(fast(x), model(x), atol=1e-5)
+        True
+    """
+    import copy
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected model to be an nn.Module, but got {type(model).__name__}")
+    if min_sparsity is not None:
+        if isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float)):
+            raise TypeError(
+                "Expected min_sparsity to be a float or None, but got "
+                f"{type(min_sparsity).__name__}"
+            )
+        if not 0.0 <= min_sparsity <= 1.0:
+            raise ValueError(f"Expected min_sparsity to be in [0, 1], but got {min_sparsity}")
+    if not isinstance(layout, str):
+        raise TypeError(f"Expected layout to be a str, but got {type(layout).__name__}")
+    if layout not in _LAYOUTS:
+        raise ValueError(f"Expected layout to be one of {_LAYOUTS}, but got {layout!r}")
+    for arg, value in (("batch_size", batch_size), ("blocksize", blocksize)):
+        if value is None and arg == "blocksize":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"Expected {arg} to be an int, but got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"Expected {arg} to be positive, but got {value}")
+    out = copy.deepcopy(model)
+    report = InferenceReport()
+    replace: list[tuple[str, nn.Module]] = []
+    for name, module in out.named_modules():
+        if module is out and not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        kind = type(module).__name__
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            if isinstance(weight, Tensor) and weight.ndim >= 2:
+                report.append(
+                    {
+                        "name": name,
+                        "type": kind,
+                        "shape": tuple(weight.shape),
+                        "sparsity": 1 - int(torch.count_nonzero(weight)) / weight.numel(),
+                        "converted": None,
+                        "reason": "layer type not supported (stays dense)",
+                    }
+                )
+            continue
+        w = module.weight.detach()
+        sparsity = 1 - int(torch.count_nonzero(w)) / w.numel()
+        row = {
+            "name": name,
+            "type": kind,
+            "shape": tuple(w.shape),
+            "sparsity": sparsity,
+            "converted": None,
+            "reason": "",
+        }
+        report.append(row)
+        if isinstance(module, nn.Conv2d) and _conv_unsupported(module):
+            row["reason"] = f"{_conv_unsupported(module)}: only 1x1 convolutions run sparse"
+            continue
+        if w.dtype not in (torch.float32, torch.float64):
+            row["reason"] = f"{w.dtype}: torch's CPU sparse kernels take float32/float64"
+            continue
+        if min_sparsity is None:  # half a percent of slack: a 95% mask may hold 94.97% zeros
+            threshold = min_sparsity_rule(w.numel(), batch_size)
+            converts = sparsity >= threshold - 0.005
+        else:
+            threshold = min_sparsity
+            converts = sparsity >= threshold
+        if not converts:
+            row["reason"] = f"sparsity {sparsity:.3f} < {threshold:.3f}: dense is faster"
+            continue
+        shape2d = (w.shape[0], w.numel() // w.shape[0])
+        block = 1
+        if layout == "bsr":
+            block = blocksize or _block_for(shape2d) or 0
+            if not block or shape2d[0] % block or shape2d[1] % block:
+                row["reason"] = f"no square block divides {shape2d}"
+                continue
+        cls = SparseLinear if isinstance(module, nn.Linear) else SparseConv1x1
+        replace.append((name, cls(module, layout, block) if layout == "bsr" else cls(module)))
+        row["converted"] = layout
+        row["reason"] = f"sparsity {sparsity:.3f} reaches {threshold:.3f}"
+    for name, new in replace:
+        new.train(out.training)
+        if name == "":
+            out = new
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = out.get_submodule(parent_name) if parent_name else out
+        setattr(parent, child, new)
+    out.sparse_inference_report = report
+    if not replace:
+        warnings.warn(
+            "to_sparse_inference converted no layer (no Linear or 1x1 Conv2d was sparse enough); "
+            "nothing was gained: see the copy's sparse_inference_report",
+            UserWarning,
+            stacklevel=2,
+        )
+    return out
