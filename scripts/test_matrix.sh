@@ -53,8 +53,9 @@ done
 IS_CPU_BUILD='
 import importlib.metadata as m, sys
 cuda = [r for r in m.requires("torch") or [] if r.startswith(("nvidia", "cuda"))]
+version = m.version("torch")
 if cuda:
-    sys.exit(f"ERROR: torch {m.version(\"torch\")} is a CUDA build (needs {cuda[0]}); "
+    sys.exit(f"ERROR: torch {version} is a CUDA build (needs {cuda[0]}); "
              "set TORCH_INDEX to an index with CPU builds")
 '
 
