@@ -57,7 +57,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import mean_std, metrics_from_logits, predict
-from data import digits_split, fashion_mnist_split, mnist1d_split
+from data import DATASETS, digits_split, fashion_mnist_split, mnist1d_split
+from deploy import deploy, format_deploy
 from models import DigitsCNN, SignalCNN
 
 from sparseopt import SparseOptimizer, SupTicketsScheduler
@@ -300,6 +301,8 @@ def run_one(
         "logits": predict(model, [(x_ev, y_ev)])[0],
         "live_logits": live_logits if sup else None,
         "seconds": time.perf_counter() - start,
+        # the final weights of sparse runs, for the deployed ticket (dropped before writing)
+        "state": {k: v.clone() for k, v in model.state_dict().items()} if sparse else None,
     }
     return result
 
@@ -933,6 +936,32 @@ def layer_report(results: list[dict[str, Any]], distribution: str) -> str:
     return "\n".join(lines)
 
 
+def deploy_best(
+    args: argparse.Namespace, rows: list[dict[str, Any]], results: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """Write the compact file of the best sparse configuration's first seed to ``ticket.sparse``.
+
+    Best: the highest mean accuracy over seeds among the sparse rows. Also measures the dense and
+    the sparse-inference latency at batch 1 (``examples/deploy.py``).
+    """
+    sparse_rows = [r for r in rows if r["method"] != "dense"]
+    if not sparse_rows:
+        return None
+    best = max(sparse_rows, key=lambda r: r["accuracy_mean"])
+    run = next(
+        r
+        for r in results
+        if (r["method"], r["sparsity"], r["sup_tickets"])
+        == (best["method"], best["sparsity"], best["sup_tickets"])
+    )
+    model = SignalCNN(width=args.width) if args.data == "mnist1d" else DigitsCNN(width=args.width)
+    model.load_state_dict(run["state"])
+    path = os.path.join(args.out, "ticket.sparse")
+    example = torch.randn(1, *DATASETS[args.data][0])
+    info = deploy(model, path, example)
+    return {"label": run["label"], "seed": run["seed"], "path": path, **info}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -957,6 +986,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"\npaired by seed: {what} accuracy of Sup-tickets minus the same method without it")
         print(format_paired(paired))
     print(layer_report(results, args.distribution))
+    os.makedirs(args.out, exist_ok=True)
+    deployed = deploy_best(args, rows, results)
+    if deployed is not None:
+        print(f"\nthe deployed ticket: {deployed['label']}, seed {deployed['seed']}")
+        print(format_deploy(deployed, deployed["path"]))
+    for r in results:
+        r.pop("state", None)
     config = {k: v for k, v in vars(args).items() if k not in ("progress", "plots")}
     write_files(args.out, config, rows, results)
     split = "val" if args.eval_on == "val" else "test"
@@ -967,7 +1003,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         + (", " + ", ".join(os.path.basename(w) for w in written) if written else "")
         + f" to {args.out}/ in {elapsed:.1f} s"
     )
-    return {"rows": rows, "runs": results, "paired": paired, "out": args.out, "seconds": elapsed}
+    return {
+        "rows": rows,
+        "runs": results,
+        "paired": paired,
+        "deployed": deployed,
+        "out": args.out,
+        "seconds": elapsed,
+    }
 
 
 if __name__ == "__main__":

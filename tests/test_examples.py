@@ -324,3 +324,22 @@ def test_missing_torchvision_message(monkeypatch):
 def test_dense_with_sup_tickets_is_refused():
     with pytest.raises(SystemExit, match="sparse --method"):
         train.main(["--method", "dense", "--sup-tickets", "--smoke"])
+
+
+def test_demo_ends_with_the_deployed_ticket(quick_demo):
+    """The best sparse configuration's compact file: smaller than torch.save, and it loads back."""
+    from models import DigitsCNN
+
+    from sparseopt import load_sparse
+
+    out, result = quick_demo
+    deployed = result["deployed"]
+    assert deployed["label"].startswith("RigL 90%")
+    assert deployed["path"] == str(out / "ticket.sparse")
+    assert 0 < deployed["compact_bytes"] < deployed["dense_bytes"]
+    assert deployed["dense_ms"] > 0 and deployed["sparse_ms"] > 0
+    model = DigitsCNN(width=16)
+    masks = load_sparse(model, deployed["path"])
+    density = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    assert density <= 0.1 + 1e-3  # the nonzeros of a 90% ticket
+    assert "state" not in json.loads((out / "results.json").read_text())["runs"][0]
