@@ -22,6 +22,7 @@ MODULES = [
     "sparseopt.masks",
     "sparseopt.metrics",
     "sparseopt.flops",
+    "sparseopt.integrations.hf",
 ]
 
 
