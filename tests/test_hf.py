@@ -300,6 +300,26 @@ def test_param_groups_errors():
         SparseTrainerCallback(check_every=1.5)
 
 
+def test_callback_warns_once_on_skipped_steps_and_refuses_extra_steps():
+    """GradScaler-skipped steps (the Trainer counts them, the optimizer does not): a warning;
+    more optimizer steps than Trainer steps: an error. No Trainer needed: the state is faked."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(4, 4)
+    opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.5, seed=0)
+    model(torch.ones(1, 4)).sum().backward()
+    opt.step()  # step_count 1
+    callback = SparseTrainerCallback()
+    callback.on_train_begin(None, SimpleNamespace(global_step=1, max_steps=5), None, optimizer=opt)
+    with pytest.warns(UserWarning, match="made 1 steps in the Trainer's 2"):
+        callback.on_step_end(None, SimpleNamespace(global_step=2), None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        callback.on_step_end(None, SimpleNamespace(global_step=3), None)  # once only
+    with pytest.raises(RuntimeError, match="Expected the SparseOptimizer's step_count"):
+        callback.on_step_end(None, SimpleNamespace(global_step=0), None)
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="bug in sparseopt/optimizer.py (not ours to fix here): an nn.Embedding(sparse=True) "

@@ -154,11 +154,12 @@ class SparseTrainerCallback(_CallbackBase):  # type: ignore[misc,valid-type]
     It finds the ``SparseOptimizer`` and the ``SupTicketsScheduler`` the ``Trainer`` holds
     (through Accelerate's wrappers) and
 
-    - at the start of training (after a checkpoint is loaded), checks that the optimizer's
-      ``step_count`` equals the ``Trainer``'s ``global_step`` and that the scheduler's
-      ``total_steps`` equals ``max_steps``: otherwise the run would not end on the ultimate
-      ticket;
-    - after every optimizer step, checks the step counts again (``check_every`` steps);
+    - at the start of training (after a checkpoint is loaded), checks that the scheduler's
+      ``total_steps`` equals ``max_steps`` (otherwise the run would not end on the ultimate
+      ticket) and that a resumed optimizer has loaded its state;
+    - at the start and after every ``check_every`` steps, compares the optimizer's
+      ``step_count`` with the ``Trainer``'s ``global_step``: more optimizer steps is an error,
+      fewer (steps a ``GradScaler`` skipped, which the ``Trainer`` counts) a warning;
     - adds ``sparsity/density`` and ``sparsity/tickets`` to every log;
     - at the end, warns if the scheduler has not reached ``total_steps`` (``finalize()`` never
       ran, for instance because a ``GradScaler`` skipped steps that the ``Trainer`` counted).
@@ -168,8 +169,11 @@ class SparseTrainerCallback(_CallbackBase):  # type: ignore[misc,valid-type]
             at the start. Default: 1.
 
     Raises:
-        ValueError: if ``check_every`` is negative.
+        ValueError: if ``check_every`` is negative; at the start of training, if the scheduler's
+            ``total_steps`` differs from ``max_steps``.
         TypeError: if ``check_every`` is not an int.
+        RuntimeError: during training, if the optimizer made more steps than the ``Trainer``,
+            or none after resuming from a checkpoint.
 
     Examples:
         >>> from sparseopt.integrations.hf import SparseTrainerCallback
@@ -188,6 +192,7 @@ class SparseTrainerCallback(_CallbackBase):  # type: ignore[misc,valid-type]
         self.check_every = check_every
         self.optimizer: SparseOptimizer | None = None
         self.scheduler: SupTicketsScheduler | None = None
+        self._warned = False
 
     def _bind(self, kwargs: dict[str, Any]) -> None:
         opt = _unwrap(kwargs.get("optimizer"))
@@ -197,12 +202,27 @@ class SparseTrainerCallback(_CallbackBase):  # type: ignore[misc,valid-type]
         if isinstance(sched, SupTicketsScheduler):
             self.scheduler = sched
 
-    def _check_steps(self, state: Any) -> None:
-        if self.optimizer is not None and self.optimizer.step_count != state.global_step:
+    def _check_steps(self, state: Any, *, start: bool = False) -> None:
+        """More optimizer steps than ``Trainer`` steps, or none after a resume: an error. Fewer:
+        steps a ``GradScaler`` skipped (the ``Trainer`` counts them), a warning, once."""
+        opt = self.optimizer
+        if opt is None:
+            return
+        steps, trainer_steps = opt.step_count, state.global_step
+        if steps > trainer_steps or (start and steps == 0 < trainer_steps):
             raise RuntimeError(
                 f"Expected the SparseOptimizer's step_count to equal the Trainer's global_step "
-                f"{state.global_step}, but got {self.optimizer.step_count}: was the optimizer "
-                f"state loaded, and is the same optimizer stepped outside the Trainer?"
+                f"{trainer_steps}, but got {steps}: was the optimizer state loaded from the "
+                f"checkpoint (optimizer.pt), and is the optimizer stepped only by the Trainer?"
+            )
+        if steps < trainer_steps and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"the SparseOptimizer made {steps} steps in the Trainer's {trainer_steps}: "
+                f"steps skipped by a GradScaler count for the Trainer, not for the optimizer "
+                f"and the SupTicketsScheduler, so max_steps ends the run before finalize()",
+                UserWarning,
+                stacklevel=3,
             )
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -222,7 +242,7 @@ class SparseTrainerCallback(_CallbackBase):  # type: ignore[misc,valid-type]
                 stacklevel=2,
             )
             return
-        self._check_steps(state)
+        self._check_steps(state, start=True)
         if self.scheduler is not None and self.scheduler.total_steps != state.max_steps:
             raise ValueError(
                 f"Expected the SupTicketsScheduler's total_steps to equal the Trainer's "
