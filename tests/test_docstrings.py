@@ -23,6 +23,7 @@ MODULES = [
     "sparseopt.metrics",
     "sparseopt.flops",
     "sparseopt.export",
+    "sparseopt.integrations.hf",
 ]
 
 
