@@ -337,7 +337,8 @@ def test_demo_ends_with_the_deployed_ticket(quick_demo):
     assert deployed["label"].startswith("RigL 90%")
     assert deployed["path"] == str(out / "ticket.sparse")
     assert 0 < deployed["compact_bytes"] < deployed["dense_bytes"]
-    assert deployed["dense_ms"] > 0 and deployed["sparse_ms"] > 0
+    assert deployed["dense_ms"] > 0
+    assert deployed["sparse_ms"] > 0
     model = DigitsCNN(width=16)
     masks = load_sparse(model, deployed["path"])
     density = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
