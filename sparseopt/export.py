@@ -45,7 +45,7 @@ _MAGIC_TORCH = b"PK"  # torch.save writes a zip archive
 
 
 # --- positions: a packed bitmask or byte-sized gaps --------------------------------------------
-_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device="cpu")
 
 
 def _pack_bits(mask: Tensor) -> Tensor:
@@ -69,7 +69,7 @@ def _gap_bytes(index: Tensor) -> Tensor:
     gaps = torch.diff(index, prepend=index.new_full((1,), -1))  # >= 1
     skips = (gaps - 1) // 255
     ends = torch.cumsum(skips + 1, 0) - 1
-    out = torch.zeros(int(ends[-1]) + 1 if ends.numel() else 0, dtype=torch.uint8)
+    out = torch.zeros(int(ends[-1]) + 1 if ends.numel() else 0, dtype=torch.uint8, device="cpu")
     out[ends] = (gaps - 255 * skips).to(torch.uint8)
     return out
 
@@ -104,7 +104,7 @@ def _decode_positions(kind: str, code: Tensor, numel: int) -> Tensor:
         index = _gap_index(code)
         if index.numel() and int(index[-1]) >= numel:
             raise ValueError(f"a position {int(index[-1])} beyond {numel} elements")
-        mask = torch.zeros(numel, dtype=torch.bool)
+        mask = torch.zeros(numel, dtype=torch.bool, device="cpu")
         mask[index] = True
         return mask
     raise ValueError(f"unknown position encoding {kind!r}")
@@ -380,7 +380,7 @@ def _decode(
         raise ValueError(
             f"{values.numel()} {values.dtype} values for {int(mask.sum())} {dtype} positions"
         )
-    out = torch.zeros(numel, dtype=dtype)
+    out = torch.zeros(numel, dtype=dtype, device="cpu")
     if "zero_signs" in entry:
         out[_decode_positions(entry["zero_signs"], tensors[name + _SEP + "neg"], numel)] = -0.0
     out[mask] = values
