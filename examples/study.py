@@ -218,6 +218,39 @@ class Cell:
         )
         return model, opt, sched
 
+    def phase1_checkpoint(self, fraction: float) -> tuple[nn.Module, dict[str, Any]]:
+        """Phase 1 of Sup-tickets, checkpointed right after its last ``opt.step()``.
+
+        The checkpoint is taken before that step's ``sched.step()``, which ends phase 1 (ticket
+        0, the first exploration): what it does depends on the phase-2 options, so each branch
+        runs it with its own. Returns the model and ``{"model", "opt", "sched"}``.
+        """
+        model, opt, sched = self.build(fraction, {})
+        phase1 = sched.phase1_steps
+        self.train(model, opt, sched, 1, phase1 - 1)
+        x, y = self.batch_at(phase1)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        return model, {
+            "model": state_of(model),
+            "opt": opt.state_dict(),
+            "sched": sched.state_dict(),
+        }
+
+    def branch(self, ckpt: dict[str, Any], fraction: float, options: dict[str, Any]):
+        """Fresh objects with the phase-2 ``options``, loaded from a phase-1 checkpoint.
+
+        The scheduler keeps its own options; only the counters come from the checkpoint. The
+        caller steps the scheduler once (the end of phase 1), then trains phase 2.
+        """
+        model, opt, sched = self.build(fraction, options)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        counters = {k: v for k, v in ckpt["sched"].items() if k in COUNTERS}
+        sched.load_state_dict({**sched.state_dict(), **counters})
+        return model, opt, sched
+
     def train(self, model, opt, sched, start: int, stop: int, on_step=None) -> None:
         """Optimizer steps ``start..stop``; ``on_step(step)`` right after each ``opt.step()``."""
         for step in range(start, stop + 1):
@@ -296,14 +329,8 @@ def run_cell(job: dict[str, Any]) -> list[dict[str, Any]]:
             groups[cell.fraction][name] = VARIANTS[name]
     for fraction, variants in groups.items():
         t0 = time.perf_counter()
-        model, opt, sched = cell.build(fraction, {})
-        phase1 = sched.phase1_steps
-        cell.train(model, opt, sched, 1, phase1 - 1)
-        x, y = cell.batch_at(phase1)  # the last phase-1 step, checkpointed before sched.step()
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        ckpt = {"model": state_of(model), "opt": opt.state_dict(), "sched": sched.state_dict()}
+        model, ckpt = cell.phase1_checkpoint(fraction)
+        phase1 = ckpt["sched"]["phase1_steps"]
         phase1_acc = cell.evaluate(model)
         if base_acc is None:  # shared: the base run continues from the same checkpoint
             t1 = time.perf_counter()
@@ -313,14 +340,9 @@ def run_cell(job: dict[str, Any]) -> list[dict[str, Any]]:
                 0, {**key, "variant": "base", "acc": base_acc, "seconds": time.perf_counter() - t1}
             )
         phase1_seconds = time.perf_counter() - t0
-        # the variant keeps its own options; only the counters come from the checkpoint
-        counters = {k: v for k, v in ckpt["sched"].items() if k in COUNTERS}
         for name, options in variants.items():
             t1 = time.perf_counter()
-            model, opt, sched = cell.build(fraction, options)
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["opt"])
-            sched.load_state_dict({**sched.state_dict(), **counters})
+            model, opt, sched = cell.branch(ckpt, fraction, options)
             tickets: list[dict[str, Any]] = []
 
             def grab(step: int, sched=sched, opt=opt, model=model, tickets=tickets) -> None:

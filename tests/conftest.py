@@ -59,3 +59,17 @@ def pytest_collection_modifyitems(config, items):
 def device(pytestconfig) -> torch.device:
     """The device of ``--device``: where device-generic tests put their models and data."""
     return torch.device(pytestconfig.getoption("--device"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models, restored after.
+
+    Faster on tiny tensors and immune to a busy machine (OpenMP threads waiting for a busy core
+    make small ops many times slower), and bit-exact comparisons need the same thread count in
+    both runs. Use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -30,14 +30,7 @@ SPARSITY = 0.8
 CLIP = 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # module scope: the module-scoped run and the resumed run must use the same thread count,
-    # or their float reductions differ (bit-identity holds for equal settings only)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Tokens(torch.utils.data.Dataset):

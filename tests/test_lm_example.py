@@ -20,13 +20,7 @@ import lm  # noqa: E402
 from sparseopt import SparseOptimizer  # noqa: E402
 from sparseopt.integrations.hf import param_groups  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_corpus_is_the_listed_stdlib_files_and_the_splits_are_disjoint():

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
@@ -22,13 +21,7 @@ pytest.importorskip("scipy")
 
 import study
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_job(**over):
@@ -58,19 +51,9 @@ def test_a_branch_from_the_phase1_checkpoint_equals_the_uninterrupted_run(cell, 
     cell.train(model, opt, sched, 1, cell.total)
     expected = study.state_of(model)
 
-    model, opt, sched = cell.build(cell.fraction, {})
-    phase1 = sched.phase1_steps
-    cell.train(model, opt, sched, 1, phase1 - 1)
-    x, y = cell.batch_at(phase1)
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
-    ckpt = {"model": study.state_of(model), "opt": opt.state_dict(), "sched": sched.state_dict()}
-    model, opt, sched = cell.build(cell.fraction, options)
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["opt"])
-    counters = {k: v for k, v in ckpt["sched"].items() if k in study.COUNTERS}
-    sched.load_state_dict({**sched.state_dict(), **counters})
+    _, ckpt = cell.phase1_checkpoint(cell.fraction)
+    phase1 = ckpt["sched"]["phase1_steps"]
+    model, opt, sched = cell.branch(ckpt, cell.fraction, options)
     sched.step()
     cell.train(model, opt, sched, phase1 + 1, cell.total)
     got = study.state_of(model)
@@ -134,15 +117,8 @@ def test_shared_phase1_is_the_base_run_and_its_continuation_equals_it():
     cell.train(model, opt, base, 1, cell.total)
     expected = study.state_of(model)
 
-    model, opt, sched = cell.build(cell.fraction, {})
-    phase1 = sched.phase1_steps
-    seen = {}
-    cell.train(model, opt, sched, 1, phase1 - 1)
-    x, y = cell.batch_at(phase1)
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
-    ckpt = {"model": study.state_of(model), "opt": opt.state_dict(), "sched": sched.state_dict()}
+    _, ckpt = cell.phase1_checkpoint(cell.fraction)
+    phase1 = ckpt["sched"]["phase1_steps"]
     model, opt, base = study.continue_base(cell, ckpt)
     seen = study.state_of(model)
     assert all(torch.equal(expected[k], seen[k]) for k in expected)

@@ -26,13 +26,7 @@ T, C, FRACTION = 30, 4, 0.3  # M = 2 tickets; phase 1 = 22 steps; tickets after 
 PHASE1, TICKETS = 22, [26, 30]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to a busy machine; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model() -> nn.Module:
