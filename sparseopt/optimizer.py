@@ -324,11 +324,15 @@ class SparseOptimizer(torch.optim.Optimizer):
     def _register_groups(self, groups: Iterable[dict[str, Any]]) -> None:
         names = self._param_names()
         new: list[tuple[Tensor, str, int]] = []
+        # a tensor listed twice (a tied weight listed by hand; torch only warns) is one parameter
+        # and gets one mask: its first position is its layer
+        seen = {id(layer.param) for layer in self._layers}
         for group in groups:
             for p in group["params"]:
                 index = self._num_params
                 self._num_params += 1
-                if group.get("sparse", True) and p.ndim >= 2:
+                if group.get("sparse", True) and p.ndim >= 2 and id(p) not in seen:
+                    seen.add(id(p))
                     new.append((p, names.get(id(p), f"param{index}"), index))
         if not new:
             return
@@ -511,6 +515,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         own ``Optimizer.step`` keeps it from fusing into the update anyway.
         """
         if not self._masks_applied:
+            self._check_dense_grads()
             self.apply_masks()
         step = self._step + 1
         due = self._due_update(step)
@@ -541,6 +546,18 @@ class SparseOptimizer(torch.optim.Optimizer):
                 grads.append(layer.param.grad)
                 masks.append(layer.mask)
         apply_masks_(grads, masks, nan_safe=not finite or self.remask == "always")
+
+    def _check_dense_grads(self) -> None:
+        """A clear error for a sparse-layout gradient (``nn.Embedding(sparse=True)``), once."""
+        for layer in self._layers:
+            grad = layer.param.grad
+            if grad is not None and grad.layout != torch.strided:
+                raise TypeError(
+                    f"Expected a dense (strided) gradient for the sparse parameter {layer.name!r}, "
+                    f"but got a {grad.layout} gradient: a sparse-gradient layer such as "
+                    "nn.Embedding(sparse=True) cannot be masked; put it in a param group with "
+                    '"sparse": False, or build it with sparse=False'
+                )
 
     @torch.compiler.disable
     def _end_step(self) -> None:

@@ -73,3 +73,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate's state is a process-wide singleton fixed by the first ``Accelerator``.
+
+    Reset before and after, as accelerate's own test cases do: the Hugging Face Trainer creates
+    one too, so a test that runs after a Trainer test must not inherit its mixed precision.
+    """
+    pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset() -> None:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    reset()
+    yield
+    reset()

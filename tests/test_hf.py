@@ -30,7 +30,7 @@ SPARSITY = 0.8
 CLIP = 0.5
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -313,13 +313,8 @@ def test_callback_warns_once_on_skipped_steps_and_refuses_extra_steps():
         callback.on_step_end(None, SimpleNamespace(global_step=0), None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in sparseopt/optimizer.py (not ours to fix here): an nn.Embedding(sparse=True) "
-    "in a sparse group fails inside step() with NotImplementedError 'aten::ne.Scalar ... "
-    "SparseCPU' instead of a clear error when the optimizer is built",
-)
 def test_sparse_gradient_embedding_in_a_sparse_group_is_refused_clearly():
+    """The first step refuses a sparse-layout gradient, before any weight changes."""
     emb = torch.nn.Embedding(50, 8, sparse=True)
 
     def build_and_step():
@@ -327,17 +322,14 @@ def test_sparse_gradient_embedding_in_a_sparse_group_is_refused_clearly():
         emb(torch.tensor([1, 2])).sum().backward()
         opt.step()
 
-    with pytest.raises((ValueError, TypeError), match="Expected"):
+    before = emb.weight.detach().clone()
+    with pytest.raises(TypeError, match=r"Expected a dense \(strided\) gradient.*sparse=True"):
         build_and_step()
+    assert torch.equal(emb.weight, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in sparseopt/optimizer.py (not ours to fix here): a parameter listed twice in "
-    "one group (torch only warns) gets two SparseLayer entries but one mask, so the counts no "
-    "longer match the mask",
-)
 def test_a_parameter_listed_twice_gets_one_mask():
+    """A tensor listed twice (torch only warns) is one sparse layer with one exact count."""
     w = torch.nn.Parameter(torch.randn(6, 6))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

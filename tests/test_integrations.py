@@ -39,16 +39,6 @@ def _one_thread():
 
 
 @pytest.fixture
-def fresh_accelerate_state():
-    """Accelerate's state is a process-wide singleton fixed by the first ``Accelerator``."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)  # as accelerate's own test cases do
-    GradientState._reset_state()
-
-
-@pytest.fixture
 def finalize_calls(monkeypatch):
     """Records ``opt.step_count`` at every ``finalize()``."""
     calls: list[int] = []
