@@ -22,7 +22,7 @@ import math
 import os
 import warnings
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -697,6 +697,9 @@ class InferenceReport(list):
         >>> report.converted
         ['fc']
     """
+
+    def __init__(self, iterable: Iterable[dict[str, Any]] = ()) -> None:
+        super().__init__(iterable)
 
     @property
     def converted(self) -> list[str]:
