@@ -128,23 +128,15 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
-def _unwrap(optimizer: Any) -> Any:
-    """The ``SparseOptimizer`` inside Accelerate's ``AcceleratedOptimizer`` (or the argument)."""
-    while optimizer is not None and not isinstance(optimizer, SparseOptimizer):
-        inner = getattr(optimizer, "optimizer", None)
-        if inner is optimizer:
+def _unwrap(obj: Any, cls: type, attr: str) -> Any:
+    """The ``cls`` inside wrappers that hold it as ``attr`` (Accelerate's ``AcceleratedOptimizer``
+    and ``AcceleratedScheduler``), or what is left when the chain ends."""
+    while obj is not None and not isinstance(obj, cls):
+        inner = getattr(obj, attr, None)
+        if inner is obj:
             break
-        optimizer = inner
-    return optimizer
-
-
-def _unwrap_scheduler(scheduler: Any) -> Any:
-    while scheduler is not None and not isinstance(scheduler, SupTicketsScheduler):
-        inner = getattr(scheduler, "scheduler", None)
-        if inner is scheduler:
-            break
-        scheduler = inner
-    return scheduler
+        obj = inner
+    return obj
 
 
 class SparseTrainerCallback(_CallbackBase):  # type: ignore[misc,valid-type]
@@ -195,10 +187,10 @@ class SparseTrainerCallback(_CallbackBase):  # type: ignore[misc,valid-type]
         self._warned = False
 
     def _bind(self, kwargs: dict[str, Any]) -> None:
-        opt = _unwrap(kwargs.get("optimizer"))
+        opt = _unwrap(kwargs.get("optimizer"), SparseOptimizer, "optimizer")
         if isinstance(opt, SparseOptimizer):
             self.optimizer = opt
-        sched = _unwrap_scheduler(kwargs.get("lr_scheduler"))
+        sched = _unwrap(kwargs.get("lr_scheduler"), SupTicketsScheduler, "scheduler")
         if isinstance(sched, SupTicketsScheduler):
             self.scheduler = sched
 
