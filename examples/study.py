@@ -48,6 +48,7 @@ from torch.optim.swa_utils import update_bn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import predict
 from data import Split, fashion_mnist_split, mnist1d_split
 from models import DigitsCNN, SignalCNN
 
@@ -138,13 +139,9 @@ def batches(x: Tensor, y: Tensor, size: int = 512) -> list[tuple[Tensor, Tensor]
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
 
 
-@torch.no_grad()
-def logits_of(model: nn.Module, x: Tensor) -> Tensor:
-    was = model.training
-    model.eval()
-    out = torch.cat([model(x[i : i + 1024]) for i in range(0, len(x), 1024)])
-    model.train(was)
-    return out
+def logits_of(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Eval-mode logits in chunks of 1,024 (``common.predict``; the mode is restored)."""
+    return predict(model, batches(x, y, 1024))[0]
 
 
 def accuracy(logits: Tensor, y: Tensor) -> float:
@@ -266,8 +263,8 @@ class Cell:
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         s = self.split
         return {
-            "val": accuracy(logits_of(model, s.x_val), s.y_val),
-            "test": accuracy(logits_of(model, s.x_test), s.y_test),
+            "val": accuracy(logits_of(model, s.x_val, s.y_val), s.y_val),
+            "test": accuracy(logits_of(model, s.x_test, s.y_test), s.y_test),
         }
 
 
@@ -286,7 +283,7 @@ def line_accuracy(
             {k: v.lerp(b[k], alpha) if v.is_floating_point() else v for k, v in a.items()}
         )
         update_bn(cell.bn_batches, model)
-        out.append(accuracy(logits_of(model, cell.split.x_val), cell.split.y_val))
+        out.append(accuracy(logits_of(model, cell.split.x_val, cell.split.y_val), cell.split.y_val))
     model.load_state_dict(saved)
     return out
 
@@ -351,7 +348,7 @@ def run_cell(job: dict[str, Any]) -> list[dict[str, Any]]:
                         {
                             "state": state_of(model),
                             "masks": [m.clone() for m in opt.masks.values()],
-                            "logits": logits_of(model, cell.split.x_val),
+                            "logits": logits_of(model, cell.split.x_val, cell.split.y_val),
                         }
                     )
 
