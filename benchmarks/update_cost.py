@@ -8,9 +8,9 @@ weights with their biases, d chosen so that the weights hold N parameters (N = 1
 What is timed (``torch.no_grad()``, gradients dense):
 
 - ``set`` / ``rigl``: exactly the extra work a ``step()`` does on an update step: the finiteness
-  check of the gradients (``opt._grads_finite()``), the growth scores of every layer
-  (``method.grow_scores``: ``torch.rand`` for SET, ``|grad|`` for RigL), and
-  ``opt._update_topology(step, rate, None, scores)`` (new masks by drop-and-grow, zeroing of the
+  check of the gradients (``engine.grads_finite()``, ``engine = opt._engine``), the growth scores
+  of every layer (``engine.grow_scores()``: ``torch.rand`` for SET, ``|grad|`` for RigL), and
+  ``engine.update_topology(step, rate, None, scores)`` (new masks by drop-and-grow, zeroing of the
   weights and momentum wherever a mask changed, counts). Drop fraction 0.3 (the first update's).
 - ``granet``: the same for a scheduled GraNet pruning event (``initial_density=0.5``,
   ``total_steps=10000``, ``update_every=100``, events at steps 100, 200, ...): global magnitude
@@ -105,16 +105,13 @@ def time_updates(
             if method == "granet":
                 scheduled: int | None = step
                 rate = opt.schedule.rate(step)
-                assert opt.method.is_pruning_step(step, opt)
+                assert opt.method.is_pruning_step(step, opt.context)
             else:
                 scheduled, rate = None, 0.3
-            if not opt._grads_finite():
+            engine = opt._engine  # the mask engine (sparseopt/engine.py), private
+            if not engine.grads_finite():
                 raise RuntimeError("non-finite gradients")
-            scores = [
-                opt.method.grow_scores(layer, layer.param.grad, opt._generator)
-                for layer in opt.layers
-            ]
-            opt._update_topology(step, rate, scheduled, scores)
+            engine.update_topology(step, rate, scheduled, engine.grow_scores())
 
     with torch.no_grad():
         for i in range(warmup + repeats):

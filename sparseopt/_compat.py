@@ -1,4 +1,5 @@
-"""The one place that touches private torch APIs, so a torch upgrade breaks in one file."""
+"""The one place that bridges versions: private torch APIs (so a torch upgrade breaks in one
+file) and the ``override`` decorator of Python 3.12 with its backport."""
 
 from __future__ import annotations
 
@@ -8,12 +9,24 @@ from typing import Any
 import torch
 from packaging.version import Version
 
+try:  # Python 3.12+
+    from typing import override
+except ImportError:  # 3.10, 3.11: typing_extensions comes with torch
+    from typing_extensions import override
+
 __all__ = [
+    "BATCHNORM_TYPES",
+    "NORM_WITH_RUNNING_STATS",
     "TORCH_FLOOR",
     "check_torch_version",
+    "disable_dynamo",
     "drop_unpicklable",
+    "foreach_mul_",
     "hook_registry_names",
+    "hooks",
     "init_optimizer_hooks",
+    "override",
+    "tensor_version",
 ]
 
 TORCH_FLOOR = "2.13"
@@ -76,3 +89,30 @@ def drop_unpicklable(state: dict[str, Any]) -> dict[str, Any]:
         state.pop(name, None)
     state.pop("step", None)
     return state
+
+
+def hooks(opt: torch.optim.Optimizer, kind: str) -> list[Any]:
+    """The hooks registered on ``opt`` for ``kind`` (``"state_dict_pre"``, ...), in registration
+    order: the values of ``Optimizer._optimizer_<kind>_hooks``."""
+    return list(getattr(opt, f"_optimizer_{kind}_hooks").values())
+
+
+#: ``Optimizer.state_dict`` and ``load_state_dict`` carry this decorator in torch, so that dynamo
+#: never traces them; a subclass that overrides them needs it too.
+disable_dynamo = torch._disable_dynamo
+
+#: Norm layers with running statistics (BatchNorm, InstanceNorm with ``track_running_stats``).
+NORM_WITH_RUNNING_STATS: tuple[type, ...] = (torch.nn.modules.batchnorm._NormBase,)
+
+#: Every BatchNorm flavour (1d/2d/3d, lazy, SyncBatchNorm): what ``swa_utils.update_bn`` resets.
+BATCHNORM_TYPES: tuple[type, ...] = (torch.nn.modules.batchnorm._BatchNorm,)
+
+
+def foreach_mul_(tensors: list[torch.Tensor], others: list[torch.Tensor]) -> None:
+    """``torch._foreach_mul_``: one fused kernel for ``t *= o`` over a list of one device/dtype."""
+    torch._foreach_mul_(tensors, others)
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """The version counter of ``t`` (``t._version``): it moves on every in-place write."""
+    return t._version

@@ -30,6 +30,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from . import _select
+
 try:
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
@@ -289,9 +291,7 @@ def _smallest_of(
     if k in (0, n):
         picked = [torch.full_like(x, k == n, dtype=torch.bool) for x in flats]
     elif layout.mesh_dim is None:  # replicated: every rank has everything, no communication
-        from .masks import select_smallest
-
-        whole = select_smallest(torch.cat(flats), k)
+        whole = _select.smallest(torch.cat(flats), k)
         picked = list(torch.split(whole, [x.numel() for x in flats]))
     else:
         group = scores[0].device_mesh.get_group(layout.mesh_dim)

@@ -1,7 +1,7 @@
 """Measurements specific to sparse training.
 
 - [`SparsityReport`][sparseopt.metrics.SparsityReport]: per-layer density, what
-  ``SparseOptimizer.report()`` returns.
+  ``SparseOptimizer.report()`` returns (defined in ``sparseopt.report``, re-exported here).
 - [`mask_churn`][sparseopt.metrics.mask_churn]: the fraction of active connections an update
   replaced.
 - [`InTimeOverParameterization`][sparseopt.metrics.InTimeOverParameterization]: the fraction of
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .masks import count_active
+from .report import SparsityReport
 
 if TYPE_CHECKING:
     from .optimizer import SparseOptimizer
@@ -138,73 +139,3 @@ class InTimeOverParameterization:
     def remove(self) -> None:
         """Stop tracking (removes the hook)."""
         self._handle.remove()
-
-
-class SparsityReport(dict):
-    """What [`SparseOptimizer.report`][sparseopt.SparseOptimizer.report] returns: a plain
-    ``dict`` that prints as a table.
-
-    Keys:
-        ``layers``: one dict per sparse layer with ``name``, ``shape``, ``numel``, ``nnz`` (active
-        connections: an active weight may be exactly 0) and ``density``.
-        ``total``: ``numel``, ``nnz``, ``density`` and ``sparsity`` over all sparse layers.
-        ``updates``: topology-update statistics: ``updates`` done, ``skipped`` (non-finite
-        gradients), ``last_update_step``, ``last_rate``, ``last_exchanged`` (connections grown in
-        the last update), ``exchanged`` (in all updates), and the current ``step``.
-
-    Args:
-        layers (Sequence[dict]): the per-layer rows.
-        updates (dict): the update statistics.
-
-    Examples:
-        >>> import torch
-        >>> from sparseopt import SparseOptimizer
-        >>> model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(),
-        ...                             torch.nn.Linear(64, 10))
-        >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.9,
-        ...                       model=model, seed=0)
-        >>> report = opt.report()
-        >>> report["total"]["nnz"], report["layers"][1]["nnz"]
-        (269, 117)
-        >>> print(report)
-        layer     shape       numel         nnz  density
-        ------------------------------------------------
-        0.weight  64x32        2048         152   0.0742
-        2.weight  10x64         640         117   0.1828
-        ------------------------------------------------
-        total                  2688         269   0.1001
-        step 0: 0 topology updates (0 skipped), 0 connections exchanged
-    """
-
-    def __init__(self, layers: Sequence[dict[str, Any]], updates: dict[str, Any]) -> None:
-        numel = sum(r["numel"] for r in layers)
-        nnz = sum(r["nnz"] for r in layers)
-        density = nnz / numel if numel else 1.0
-        super().__init__(
-            layers=list(layers),
-            total={"numel": numel, "nnz": nnz, "density": density, "sparsity": 1.0 - density},
-            updates=dict(updates),
-        )
-
-    def __str__(self) -> str:
-        rows = [
-            (r["name"], "x".join(map(str, r["shape"])), r["numel"], r["nnz"], r["density"])
-            for r in self["layers"]
-        ]
-        width = max([len("layer"), *(len(r[0]) for r in rows)])
-        shape_w = max([len("shape"), *(len(r[1]) for r in rows)])
-        head = f"{'layer':<{width}}  {'shape':>{shape_w}}  {'numel':>10}  {'nnz':>10}  density"
-        lines = [head, "-" * len(head)]
-        lines += [
-            f"{n:<{width}}  {s:>{shape_w}}  {k:>10}  {z:>10}  {d:7.4f}" for n, s, k, z, d in rows
-        ]
-        t = self["total"]
-        lines.append("-" * len(head))
-        total = f"{'total':<{width}}  {'':>{shape_w}}  {t['numel']:>10}  {t['nnz']:>10}"
-        lines.append(f"{total}  {t['density']:7.4f}")
-        u = self["updates"]
-        lines.append(
-            f"step {u['step']}: {u['updates']} topology updates ({u['skipped']} skipped), "
-            f"{u['exchanged']} connections exchanged"
-        )
-        return "\n".join(lines)

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
+from . import _compat, _validate
 from .optimizer import SparseOptimizer
 from .superposition import BNUpdate, check_bn_update, check_superposition_args
 
@@ -52,16 +53,10 @@ def _positive_per_group(name: str, value: Any, groups: int) -> list[float]:
             f"{name} must have the same length as optimizer.param_groups. "
             f"{name} has {len(values)} values, param_groups has {groups}."
         )
-    for v in values if values is not None else [value]:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise ValueError(f"Expected {name} to be positive, but got {v!r}")
-    return [float(v) for v in values] if values is not None else [float(value)]
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"Expected {name} to be a positive int, but got {value!r}")
-    return value
+    return [
+        _validate.real(name, v, 0, low_open=True)
+        for v in (values if values is not None else [value])
+    ]
 
 
 class SupTicketsScheduler(LRScheduler):
@@ -187,30 +182,17 @@ class SupTicketsScheduler(LRScheduler):
                 "Expected optimizer to be a SparseOptimizer, but got "
                 f"{type(optimizer).__name__}; wrap it: SparseOptimizer(optimizer, ...)"
             )
-        total_steps = _positive_int("total_steps", total_steps)
-        cycle_steps = _positive_int("cycle_steps", cycle_steps)
-        if (
-            isinstance(superpose_fraction, bool)
-            or not isinstance(superpose_fraction, (int, float))
-            or not 0.0 < superpose_fraction < 1.0
-        ):
-            raise ValueError(
-                f"Expected superpose_fraction in (0, 1), but got {superpose_fraction!r}"
-            )
+        total_steps = _validate.integer("total_steps", total_steps, 1)
+        cycle_steps = _validate.integer("cycle_steps", cycle_steps, 1)
+        superpose_fraction = _validate.real(
+            "superpose_fraction", superpose_fraction, 0, 1, low_open=True, high_open=True
+        )
         groups = len(optimizer.param_groups)
         lows = _positive_per_group("lr_low", lr_low, groups)
         highs = _positive_per_group("lr_high", lr_high, groups)
-        if (
-            isinstance(explore_rate, bool)
-            or not isinstance(explore_rate, (int, float))
-            or not 0.0 <= explore_rate <= 1.0
-        ):
-            raise ValueError(f"Expected explore_rate in [0, 1], but got {explore_rate!r}")
+        explore_rate = _validate.real("explore_rate", explore_rate, 0, 1)
         check_superposition_args(averaging, beta, reprune)
-        if not isinstance(include_phase1, bool):
-            raise TypeError(
-                f"Expected include_phase1 to be a bool, but got {type(include_phase1).__name__}"
-            )
+        include_phase1 = _validate.boolean("include_phase1", include_phase1)
         check_bn_update(bn_update)
         if bn_update is not None and optimizer.model is None:
             raise ValueError(
@@ -363,16 +345,26 @@ class SupTicketsScheduler(LRScheduler):
         return out
 
     def get_lr(self) -> list[float]:
-        """The rates for the next optimizer step (``last_epoch + 1``, counted from 1)."""
+        """The rates for the next optimizer step (``last_epoch + 1``, counted from 1).
+
+        It only computes, as torch's schedulers do: in phase 1 the rates the base scheduler (or
+        the constant rate) has set, which [`step`][sparseopt.SupTicketsScheduler.step] advanced
+        before calling it; in phase 2 Eq. 3.
+        """
         step = self.last_epoch + 1
-        groups = self.optimizer.param_groups
         if step <= self.phase1_steps:
-            if self.base is not None and self.last_epoch > 0:
+            return [group["lr"] for group in self.optimizer.param_groups]
+        return self._phase2_lrs(step - self.phase1_steps)
+
+    def _before_rates(self, epoch: int) -> None:
+        """What must happen before the rates of ``last_epoch = epoch`` are computed: step the
+        base scheduler in phase 1; warn at the jump into phase 2."""
+        step = epoch + 1
+        if step <= self.phase1_steps:
+            if self.base is not None and epoch > 0:
                 self.base.step()
-            return [group["lr"] for group in groups]
-        lrs = self._phase2_lrs(step - self.phase1_steps)
-        if step == self.phase1_steps + 1:
-            last, low = float(groups[0]["lr"]), self.lr_low[0]
+        elif step == self.phase1_steps + 1:
+            last, low = float(self.optimizer.param_groups[0]["lr"]), self.lr_low[0]
             if not 0.5 <= last / low <= 2.0:
                 warnings.warn(
                     f"the learning rate at the end of phase 1 ({last:g}) is far from lr_low "
@@ -381,7 +373,6 @@ class SupTicketsScheduler(LRScheduler):
                     UserWarning,
                     stacklevel=3,
                 )
-        return lrs
 
     def step(self, epoch: int | None = None) -> None:
         """Advance one optimizer step: set the next rate; explore, consolidate, finalize on time.
@@ -403,6 +394,7 @@ class SupTicketsScheduler(LRScheduler):
             )
         if self._repeated_call():
             return
+        self._before_rates(self.last_epoch + 1)
         super().step()
         done = self.last_epoch
         opt: SparseOptimizer = self.optimizer  # type: ignore[assignment]
@@ -439,14 +431,16 @@ class SupTicketsScheduler(LRScheduler):
         )
         last, self._last_call = (
             self._last_call,
-            None if grad is None else (opt.step_count, weakref.ref(grad), grad._version),
+            None
+            if grad is None
+            else (opt.step_count, weakref.ref(grad), _compat.tensor_version(grad)),
         )
         return (
             last is not None
             and grad is not None
             and last[0] == opt.step_count
             and last[1]() is grad
-            and last[2] == grad._version
+            and last[2] == _compat.tensor_version(grad)
         )
 
     def __getstate__(self) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-import numbers
+
+from . import _validate
 
 __all__ = ["PRUNE_SCHEDULES", "TopologySchedule", "cubic_density"]
 
@@ -31,7 +32,8 @@ class TopologySchedule:
     Raises:
         ValueError: for a non-positive ``update_every``, a ``prune_rate`` outside [0, 1], an
             unknown ``decay``, or ``"cosine"`` without ``end_step``.
-        TypeError: if ``prune_rate`` is not a real number.
+        TypeError: if ``update_every`` is not an int, ``prune_rate`` not a real number, or
+            ``decay`` not a string.
 
     Examples:
         RigL's schedule for 1,000 steps: ΔT = 100, α = 0.3, cosine decay, stop at 75%:
@@ -46,16 +48,9 @@ class TopologySchedule:
     def __init__(
         self, update_every: int, prune_rate: float, decay: str, end_step: int | None
     ) -> None:
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(
-                f"Expected update_every to be a positive int, but got {update_every!r}"
-            )
-        if isinstance(prune_rate, bool) or not isinstance(prune_rate, numbers.Real):
-            raise TypeError(f"Expected prune_rate to be a float, but got {prune_rate!r}")
-        if not 0.0 <= prune_rate <= 1.0:
-            raise ValueError(f"Expected prune_rate in [0, 1], but got {prune_rate!r}")
-        if decay not in PRUNE_SCHEDULES:
-            raise ValueError(f"Expected prune_schedule in {PRUNE_SCHEDULES}, but got {decay!r}")
+        update_every = _validate.integer("update_every", update_every, 1)
+        prune_rate = _validate.real("prune_rate", prune_rate, 0, 1)
+        _validate.choice("prune_schedule", decay, PRUNE_SCHEDULES)
         if decay == "cosine" and end_step is None:
             raise ValueError("prune_schedule='cosine' needs total_steps to know where it ends")
         self.update_every = update_every

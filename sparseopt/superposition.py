@@ -25,17 +25,30 @@ of the pruned copy can be recomputed from its values exactly, and no mask is sto
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
 
+from . import _compat, _dtensor, _validate
 from ._dtensor import load_like
 from .masks import select_largest, select_largest_across
 
-__all__ = ["AVERAGING_RULES", "REPRUNE_MODES", "BNUpdate", "Superposition", "recompute_bn"]
+__all__ = [
+    "AVERAGING_RULES",
+    "REPRUNE_MODES",
+    "BNUpdate",
+    "Superposition",
+    "bn_buffers",
+    "consolidate",
+    "recompute_bn",
+    "swapped_in",
+    "write_superposed",
+]
 
 #: What ``bn_update=`` takes: an iterable of input batches (a ``DataLoader``, a list; a batch may
 #: be ``(inputs, targets)``, of which the inputs are used), or a callable that runs the forward
@@ -48,12 +61,9 @@ REPRUNE_MODES = ("layer", "global")
 
 def check_superposition_args(averaging: Any, beta: Any, reprune: Any) -> None:
     """Validate the three knobs, naming the argument in the error."""
-    if averaging not in AVERAGING_RULES:
-        raise ValueError(f"Expected averaging in {AVERAGING_RULES}, but got {averaging!r}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
-        raise ValueError(f"Expected beta in [0, 1), but got {beta!r}")
-    if reprune not in REPRUNE_MODES:
-        raise ValueError(f"Expected reprune in {REPRUNE_MODES}, but got {reprune!r}")
+    _validate.choice("averaging", averaging, AVERAGING_RULES)
+    _validate.real("beta", beta, 0, 1, high_open=True)
+    _validate.choice("reprune", reprune, REPRUNE_MODES)
 
 
 def check_bn_update(bn_update: Any) -> None:
@@ -73,8 +83,22 @@ def check_bn_update(bn_update: Any) -> None:
     )
 
 
-def _norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+def _norm_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, _compat.BATCHNORM_TYPES)]
+
+
+def bn_buffers(model: nn.Module | None) -> dict[str, Tensor]:
+    """The running statistics of the model's norm layers (those that track them), by name."""
+    if model is None:
+        return {}
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, _compat.NORM_WITH_RUNNING_STATS) and module.track_running_stats:
+            for key in ("running_mean", "running_var", "num_batches_tracked"):
+                buf = getattr(module, key, None)
+                if buf is not None:
+                    out[f"{name}.{key}" if name else key] = buf
+    return out
 
 
 @torch.no_grad()
@@ -240,3 +264,104 @@ class Superposition:
             if i in state["active"]
         ]
         return sup
+
+
+# --- the superposed copy and the live model -------------------------------------------------------
+def write_superposed(sup: Superposition, params: Sequence[Tensor], model: nn.Module | None) -> None:
+    """Copy the superposed parameters and BatchNorm buffers into the live ones, in place."""
+    with torch.no_grad():
+        for p, s in zip(params, sup.params, strict=True):
+            p.detach().copy_(s)
+        buffers = bn_buffers(model)
+        for key, s in sup.buffers.items():
+            buf = buffers[key]
+            buf.copy_(s.round() if not buf.is_floating_point() else s)
+    _dtensor.reshard(model)
+
+
+@contextmanager
+def swapped_in(
+    sup: Superposition, params: Sequence[Tensor], model: nn.Module | None
+) -> Iterator[None]:
+    """Hold the superposed copy in the live tensors inside the block; restore them bit-exactly
+    on exit, also when the body raises (``torch.optim.swa_utils`` style: the model is the
+    container, the copy comes and goes)."""
+    buffers = bn_buffers(model)
+    with torch.no_grad():
+        saved_params = [p.detach().clone() for p in params]
+        saved_buffers = {k: buffers[k].clone() for k in sup.buffers}
+    try:
+        write_superposed(sup, params, model)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved_params, strict=True):
+                p.detach().copy_(s)
+            for k, s in saved_buffers.items():
+                buffers[k].copy_(s)
+        _dtensor.reshard(model)
+
+
+def consolidate(
+    sup: Superposition | None,
+    params: Sequence[Tensor],
+    sparse: Sequence[int],
+    masks: Sequence[Tensor],
+    counts: Sequence[int],
+    model: nn.Module | None,
+    *,
+    averaging: str,
+    beta: float,
+    reprune: str,
+    bn_update: BNUpdate | None,
+) -> Superposition:
+    """Fold the live ticket into ``sup`` (a new copy when ``None``) and return it.
+
+    With ``bn_update`` the BatchNorm statistics of the copy are recomputed on ``model``; if that
+    fails, ``sup`` is restored to what it held before and the error propagates (a new copy is
+    simply dropped), so a failed ticket leaves no trace.
+
+    Raises:
+        TypeError: for a ``bn_update`` that is neither callable nor re-iterable.
+        ValueError: for bad knobs, knobs that differ from the first ticket's, ``bn_update``
+            without a model, or a ``bn_update`` that cannot run.
+    """
+    check_superposition_args(averaging, beta, reprune)
+    check_bn_update(bn_update)
+    if bn_update is not None and model is None:
+        raise ValueError(
+            "consolidate(bn_update=...) recomputes the BatchNorm statistics of the model; "
+            "pass model= to SparseOptimizer"
+        )
+    buffers = bn_buffers(model)
+    if sup is None:
+        if model is None:
+            warnings.warn(
+                "consolidate() without model=: BatchNorm running statistics are not "
+                "superposed; pass model= to SparseOptimizer to superpose them",
+                UserWarning,
+                stacklevel=3,
+            )
+        sup, backup = Superposition(averaging, beta, reprune), None
+    elif (sup.averaging, sup.beta, sup.reprune) != (averaging, float(beta), reprune):
+        raise ValueError(
+            f"consolidate(averaging={averaging!r}, beta={beta}, reprune={reprune!r}) differs "
+            f"from the first ticket's (averaging={sup.averaging!r}, beta={sup.beta}, "
+            f"reprune={sup.reprune!r})"
+        )
+    else:
+        backup = None if bn_update is None else sup.state_dict()
+    sup.add(params, sparse, masks, counts, buffers)
+    if bn_update is None:
+        return sup
+    try:
+        with swapped_in(sup, params, model):
+            recompute_bn(model, bn_update)
+            with torch.no_grad():
+                for key, buf in bn_buffers(model).items():
+                    sup.buffers[key].copy_(buf.detach())
+    except BaseException:
+        if backup is not None:
+            vars(sup).update(vars(Superposition.from_state_dict(backup, params, sparse, buffers)))
+        raise
+    return sup

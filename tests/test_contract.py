@@ -691,7 +691,7 @@ def _run_remask(case, remask, *, claim_keeps_zeros=None):
     model = make_convnet()
     opt = _sparse(case, model, "rigl", sparsity=0.8, update_every=2, remask=remask)
     if claim_keeps_zeros is not None:
-        opt._keeps_zeros = claim_keeps_zeros  # the negative control below
+        opt._engine.keeps_zeros = claim_keeps_zeros  # the negative control below
     for batch in batches("convnet", 6):
         train_step(model, opt, batch)
     return model, opt
@@ -706,7 +706,7 @@ def test_zero_preserving_optimizers_need_no_remask(case):
     The two runs must be bit-identical, with zeros at every inactive weight and state tensor.
     """
     fast_model, fast = _run_remask(case, "auto")
-    assert fast._keeps_zeros, "the table says this optimizer keeps zeros; the optimizer disagrees"
+    assert fast._engine.keeps_zeros, "the table says this optimizer keeps zeros; it disagrees"
     safe_model, safe = _run_remask(case, "always")
     fast_sd, safe_sd = fast_model.state_dict(), safe_model.state_dict()
     for a, b in zip(fast_sd.values(), safe_sd.values(), strict=True):
@@ -723,7 +723,7 @@ def test_an_optimizer_off_the_list_would_break_the_zeros_without_remask(case):
     """The negative control: Adamax's infinity norm becomes ``eps`` at a zero gradient, so with
     the re-mask skipped its state leaves 0 at inactive positions; it must stay off the list."""
     _, fast = _run_remask(case, "auto")
-    assert not fast._keeps_zeros
+    assert not fast._engine.keeps_zeros
     _, forced = _run_remask(case, "auto", claim_keeps_zeros=True)
     leaked = [
         (layer.name, name)

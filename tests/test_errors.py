@@ -72,8 +72,8 @@ CONSTRUCTOR_ERRORS = [
               {"distribution": {"0.weight": 0.5, "2.weight": 0.5, "4.weight": 0.5}}, ValueError,
               r"distribution mapping.*density.*sparsity"),
     ErrorCase("update_every-0", {"update_every": 0}, ValueError, r"update_every.*0"),
-    ErrorCase("update_every-float", {"update_every": 2.5}, ValueError, r"update_every.*2\.5"),
-    ErrorCase("update_every-bool", {"update_every": True}, ValueError, r"update_every.*True"),
+    ErrorCase("update_every-float", {"update_every": 2.5}, TypeError, r"update_every.*2\.5"),
+    ErrorCase("update_every-bool", {"update_every": True}, TypeError, r"update_every.*True"),
     ErrorCase("prune_rate-1.5", {"prune_rate": 1.5}, ValueError, r"prune_rate.*1\.5"),
     ErrorCase("prune_rate-negative", {"prune_rate": -0.1}, ValueError, r"prune_rate.*-0\.1"),
     ErrorCase("prune_rate-bool", {"prune_rate": True}, TypeError, r"prune_rate.*True"),
@@ -85,7 +85,7 @@ CONSTRUCTOR_ERRORS = [
     ErrorCase("cosine-without-total_steps", {"prune_schedule": "cosine"}, ValueError,
               r"prune_schedule='cosine'.*total_steps"),
     ErrorCase("total_steps-0", {"total_steps": 0}, ValueError, r"total_steps.*0"),
-    ErrorCase("total_steps-float", {"total_steps": 10.0}, ValueError, r"total_steps.*10\.0"),
+    ErrorCase("total_steps-float", {"total_steps": 10.0}, TypeError, r"total_steps.*10\.0"),
     ErrorCase("remask-never", {"remask": "never"}, ValueError, r"remask.*'auto'.*'always'.*never"),
     ErrorCase("seed-str", {"seed": "x"}, TypeError, r"seed.*'x'"),
     ErrorCase("seed-float", {"seed": 1.5}, TypeError, r"seed.*1\.5"),
@@ -139,11 +139,14 @@ def test_valid_neighbours_of_the_error_table_construct():
         assert isinstance(opt, torch.optim.Optimizer), kwargs
 
 
-@pytest.mark.parametrize("rate", [-0.1, 1.5, "0.5", True])
-def test_explore_rate_errors(rate):
+@pytest.mark.parametrize(
+    ("rate", "error"),
+    [(-0.1, ValueError), (1.5, ValueError), ("0.5", TypeError), (True, TypeError)],
+)
+def test_explore_rate_errors(rate, error):
     model = make_mlp()
     opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
-    with pytest.raises(ValueError, match=r"rate.*" + re.escape(repr(rate))):
+    with pytest.raises(error, match=r"rate.*" + re.escape(repr(rate))):
         opt.explore(rate)
 
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from sparseopt import SparseOptimizer
+from sparseopt._select import _sample_stride
 from sparseopt.masks import (
-    _sample_stride,
     drop_and_grow,
     random_mask,
     select_largest,
@@ -551,6 +551,8 @@ def test_static_has_no_periodic_update_and_explore_once():
 
 def test_explore_rejects_bad_rate():
     _, opt = make_opt("static")
-    for bad in (-0.1, 1.5, "0.5"):
+    for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="rate"):
             opt.explore(bad)
+    with pytest.raises(TypeError, match="rate"):
+        opt.explore("0.5")

@@ -154,7 +154,7 @@ def snapshot(model, opt, sched) -> dict[str, Any]:
         "step": opt.step_count,
         "updates": dict(opt.report()["updates"]),
         "periodic_updates": opt.periodic_updates,
-        "generator": opt._generator.get_state(),
+        "generator": opt._engine.generator.get_state(),
     }
 
 
@@ -226,7 +226,7 @@ def test_resume_is_bit_exact(config, k, device):
     run(model, opt, sched, 1, k)
     # what the checkpoint carries at this k
     assert opt.tickets == tickets_after(config, k)
-    assert (opt._pending_exploration is not None) == (k == PHASE1 or k in TICKETS[:-1])
+    assert (opt._engine.pending_exploration is not None) == (k == PHASE1 or k in TICKETS[:-1])
     ckpt = save_load(checkpoint(model, opt, sched))
     del model, opt, sched
 

@@ -1,5 +1,9 @@
 """The registry of sparse-training methods, the base class, and the built-in methods.
 
+Layers: ``context`` (what a method sees) < ``base`` (``SparsityMethod``) < the methods
+(``static``, ``set``, ``rigl``, ``granet`` with GMP and GraNet, ``snip``) < this registry. No
+method imports the optimizer.
+
 Examples:
     >>> from sparseopt.methods import available_methods
     >>> available_methods()
@@ -12,7 +16,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from .base import SparseLayer, SparsityMethod
+from .base import GROWTH, SparsityMethod
+from .context import MethodContext, SparseLayer
 from .granet import GMP, GraNet
 from .rigl import RigL
 from .set import SET
@@ -21,9 +26,11 @@ from .static import Static
 
 __all__ = [
     "GMP",
+    "GROWTH",
     "SET",
     "SNIP",
     "GraNet",
+    "MethodContext",
     "RigL",
     "SparseLayer",
     "SparsityMethod",

@@ -1,127 +1,116 @@
-"""The base class of sparse-training methods and the per-layer view they work on."""
+"""The base class of sparse-training methods: when an update runs, what it drops and grows."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from .. import _validate
+from .._dtensor import shard_like
 from ..masks import drop_and_grow
+from .context import MethodContext, SparseLayer
 
-if TYPE_CHECKING:
-    from ..optimizer import SparseOptimizer
+__all__ = ["GROWTH", "SparseLayer", "SparsityMethod"]
 
-__all__ = ["SparseLayer", "SparsityMethod"]
-
-
-@dataclass(eq=False)
-class SparseLayer:
-    """One sparse weight tensor as the optimizer sees it.
-
-    Attributes:
-        param: the parameter.
-        name: its name (from ``model=`` or ``named_parameters()``), else ``"param{index}"``.
-        index: its position in the optimizer's packing order, the key used in ``state_dict``.
-        mask: bool tensor of the parameter's shape and device; ``True`` = active. For a DTensor
-            parameter (FSDP2) a bool DTensor with the parameter's mesh and placements.
-        count: the number of active connections, always equal to ``mask.sum()`` (over all
-            shards: count masks with :func:`sparseopt.masks.count_active`, since a DTensor's
-            ``mask.sum().item()`` is only the local shard's).
-        target: the count the distribution assigns this layer at the target sparsity.
-
-    Examples:
-        >>> import torch
-        >>> from sparseopt import SparseOptimizer
-        >>> _ = torch.manual_seed(0)
-        >>> model = torch.nn.Linear(16, 16, bias=False)
-        >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.9,
-        ...                       model=model, seed=0)
-        >>> layer = opt.layers[0]
-        >>> layer.name, layer.index, layer.count, layer.target, layer.numel
-        ('weight', 0, 26, 26, 256)
-    """
-
-    param: Tensor
-    name: str
-    index: int
-    mask: Tensor
-    count: int
-    target: int
-
-    @property
-    def numel(self) -> int:
-        """The parameter's number of elements."""
-        return self.param.numel()
+GROWTH = ("random", "gradient")
+"""How an update grows connections: uniformly at random (SET) or by the largest ``|grad|`` of the
+current batch's dense gradient (RigL)."""
 
 
 class SparsityMethod:
     """A sparse-training method: how masks start and how one topology update moves them.
 
-    Subclasses override one or two scoring hooks (the jaxpruner pattern):
+    Two separate choices make a method:
 
-    - [`drop_scores`][]: connections with the smallest scores are dropped. Default ``|w|``.
-    - [`grow_scores`][]: inactive connections with the largest scores are grown. It is called
-      inside ``step()`` *before* the gradients are masked, so ``grad`` is the dense gradient of the
-      current batch. Must be overridden.
+    - **when** an update runs and at which density: [`is_update_step`][] (every
+      ``update_every`` steps by default, per the optimizer's schedule), [`start_density`][],
+      [`density_final_step`][], and [`new_masks`][] for methods that prune (GMP, GraNet, SNIP);
+    - **how** it drops and grows: [`drop_scores`][] (smallest ``|w|`` dropped first) and
+      [`grow_scores`][], which follows the ``growth`` strategy: ``"random"`` (SET) or
+      ``"gradient"`` (RigL: the largest ``|grad|`` of the dense gradient, read inside ``step()``
+      before the gradients are masked). Override ``grow_scores`` for another criterion.
 
-    Methods that change the density or the timing (GraNet, SNIP) also override
-    [`start_density`][], [`is_update_step`][] and [`new_masks`][].
+    A method sees a [`MethodContext`][sparseopt.methods.MethodContext] (the layers, the schedule,
+    ``total_steps``, the sparsity), never the optimizer, and returns masks; the optimizer applies
+    them and zeroes what changed.
 
     Attributes:
         name: the registry name.
         periodic: whether the method updates the topology every ``update_every`` steps.
-        uses_gradient: whether an update reads the dense gradient (FLOPs accounting).
+        default_growth: the growth strategy when ``growth`` is not given.
+        growth: the growth strategy of this instance.
+        uses_gradient: whether a drop-and-grow update reads the dense gradient
+            (``growth == "gradient"``); FLOPs accounting reads [`reads_gradient`][] per update.
 
     Methods are configured through their constructor's keyword arguments; ``SparseOptimizer``
     forwards its unknown keyword arguments there. [`options`][] must return them as plain data,
     so that a checkpoint can record and check them.
 
     Args:
-        **options: the method's hyper-parameters; the base class accepts none.
+        growth (str | None): ``"random"`` or ``"gradient"``; ``None`` takes the method's
+            ``default_growth``. Default: None.
+        **options: the method's other hyper-parameters; the base class accepts none.
 
     Raises:
-        TypeError: for an unexpected keyword argument.
+        TypeError: for an unexpected keyword argument, or a ``growth`` that is not a string.
+        ValueError: for an unknown ``growth``.
 
     Examples:
-        A subclass overrides ``grow_scores`` (this one is RigL's criterion) and can be passed as
-        an instance; ``register_method`` makes it available by name:
+        A subclass overrides ``grow_scores`` (this one grows by ``|grad * w|``) and can be
+        passed as an instance; ``register_method`` makes it available by name:
 
         >>> import torch
         >>> from sparseopt import SparseOptimizer, SparsityMethod
-        >>> class GradientGrowth(SparsityMethod):
-        ...     name = "gradient-growth"
+        >>> class Sensitivity(SparsityMethod):
+        ...     name = "sensitivity"
         ...     uses_gradient = True
         ...     def grow_scores(self, layer, grad, generator):
-        ...         return grad.abs()
+        ...         return (grad * layer.param).abs()
         >>> model = torch.nn.Linear(16, 16, bias=False)
-        >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), GradientGrowth(),
+        >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), Sensitivity(),
         ...                       0.9, update_every=1, prune_rate=0.5, seed=0)
         >>> model(torch.randn(4, 16)).square().sum().backward(); opt.step()
         >>> opt.report()["updates"]["updates"], opt.layers[0].count
         (1, 26)
+
+        Every built-in method takes ``growth``: RigL's schedule with SET's random growth:
+
+        >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "rigl", 0.9,
+        ...                       growth="random")
+        >>> opt.method, opt.method.uses_gradient
+        (RigL(growth='random'), False)
     """
 
     name: ClassVar[str] = "base"
     periodic: ClassVar[bool] = True
-    uses_gradient: ClassVar[bool] = False
+    default_growth: ClassVar[str] = "random"
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, *, growth: str | None = None, **options: Any) -> None:
         if options:
             raise TypeError(
                 f"method {self.name!r} got unexpected keyword arguments {sorted(options)}"
             )
+        self.growth = (
+            self.default_growth if growth is None else _validate.choice("growth", growth, GROWTH)
+        )
+
+    @property
+    def uses_gradient(self) -> bool:
+        """Whether a drop-and-grow update reads the dense gradient: ``growth == "gradient"``."""
+        return self.growth == "gradient"
 
     # --- configuration -------------------------------------------------------------------------
     def options(self) -> dict[str, Any]:
         """The method's hyper-parameters as plain data (recorded in checkpoints).
 
-        ``load_state_dict`` refuses a checkpoint whose options differ.
+        ``load_state_dict`` refuses a checkpoint whose options differ. ``growth`` is listed
+        only when it differs from the method's default (so checkpoints of 0.1.0 still fit).
         """
-        return {}
+        return {} if self.growth == self.default_growth else {"growth": self.growth}
 
     def state_dict(self) -> dict[str, Any]:
         """Mutable method state as plain data (tensors, numbers, strings, lists, dicts)."""
@@ -143,26 +132,26 @@ class SparsityMethod:
         """
         return density
 
-    def check(self, opt: SparseOptimizer) -> None:
-        """Raise ``ValueError`` if the method cannot run with ``opt``'s settings.
+    def check(self, ctx: MethodContext) -> None:
+        """Raise ``ValueError`` if the method cannot run with these settings.
 
         Called when the optimizer is built and whenever its ``total_steps`` changes.
 
         Args:
-            opt (SparseOptimizer): the optimizer.
+            ctx (MethodContext): the optimizer's settings and layers.
 
         Raises:
             ValueError: if the settings do not fit the method.
         """
 
-    def is_update_step(self, step: int, opt: SparseOptimizer) -> bool:
+    def is_update_step(self, step: int, ctx: MethodContext) -> bool:
         """Whether a scheduled topology update runs at optimizer step ``step`` (from 1).
 
         Args:
             step (int): the optimizer step that is running.
-            opt (SparseOptimizer): the optimizer (``opt.schedule`` is its periodic schedule).
+            ctx (MethodContext): the settings (``ctx.schedule`` is the periodic schedule).
         """
-        return self.periodic and opt.schedule.is_update_step(step)
+        return self.periodic and ctx.schedule.is_update_step(step)
 
     def updates_before_step(self, step: int) -> bool:
         """Whether the update at ``step`` applies its masks before the inner step (SNIP's init).
@@ -172,17 +161,29 @@ class SparsityMethod:
         """
         return False
 
-    def density_final_step(self, opt: SparseOptimizer) -> int | None:
+    def density_final_step(self, ctx: MethodContext) -> int | None:
         """The step from which the density no longer changes (``None``: it never changes).
 
         ``SupTicketsScheduler`` refuses a schedule whose phase 2 starts before it.
 
         Args:
-            opt (SparseOptimizer): the optimizer.
+            ctx (MethodContext): the settings.
         """
         return None
 
-    # --- masks ---------------------------------------------------------------------------------
+    def reads_gradient(self, step: int | None, ctx: MethodContext) -> bool:
+        """Whether the update at ``step`` reads the dense gradient (FLOPs accounting).
+
+        Called before [`new_masks`][]. Default: ``uses_gradient``.
+
+        Args:
+            step (int | None): the optimizer step of a scheduled update, ``None`` for an
+                exploration.
+            ctx (MethodContext): the settings.
+        """
+        return self.uses_gradient
+
+    # --- how -----------------------------------------------------------------------------------
     def drop_scores(self, layer: SparseLayer) -> Tensor:
         """Scores for dropping: the smallest-scoring active connections go first.
 
@@ -199,8 +200,12 @@ class SparsityMethod:
 
     def grow_scores(
         self, layer: SparseLayer, grad: Tensor | None, generator: torch.Generator
-    ) -> Tensor:
-        """Scores for growing, read from the dense gradient before it is masked.
+    ) -> Tensor | None:
+        """Scores for growing, by the ``growth`` strategy; read before the gradient is masked.
+
+        ``"random"``: uniform scores drawn full-size from ``generator`` on the CPU (a sharded
+        parameter keeps its chunk, so the masks are the single-process ones). ``"gradient"``:
+        ``|grad|``, or zeros (growth in index order) for a layer without a gradient.
 
         Args:
             layer (SparseLayer): the layer.
@@ -211,11 +216,13 @@ class SparsityMethod:
         Returns:
             A tensor of the parameter's shape; the largest scores among the inactive (and the
             just-dropped) positions are grown.
-
-        Raises:
-            NotImplementedError: in the base class; every method overrides it.
         """
-        raise NotImplementedError
+        if self.growth == "gradient":
+            if grad is None:
+                return torch.zeros_like(layer.param, dtype=torch.float32)
+            return grad.detach().abs()
+        scores = torch.rand(layer.param.shape, generator=generator, device="cpu")
+        return shard_like(scores, layer.param)
 
     def num_to_drop(self, layer: SparseLayer, rate: float) -> int:
         """How many connections an update at drop fraction ``rate`` exchanges in ``layer``.
@@ -243,7 +250,7 @@ class SparsityMethod:
 
     def new_masks(
         self,
-        opt: SparseOptimizer,
+        ctx: MethodContext,
         rate: float,
         grow_scores: Sequence[Tensor | None],
         step: int | None,
@@ -251,17 +258,20 @@ class SparsityMethod:
         """The masks after one topology update (the optimizer zeroes what changed).
 
         Args:
-            opt: the optimizer; ``opt.layers`` holds the current masks and counts.
-            rate: the drop fraction (the schedule's, or the one an exploration asked for).
-            grow_scores: what [`grow_scores`][] returned per layer, before gradient masking.
-            step: the optimizer step of a scheduled update, or ``None`` for an exploration.
+            ctx (MethodContext): ``ctx.layers`` holds the current masks and counts.
+            rate (float): the drop fraction (the schedule's, or the one an exploration asked
+                for).
+            grow_scores (Sequence[Tensor | None]): what [`grow_scores`][] returned per layer,
+                before gradient masking.
+            step (int | None): the optimizer step of a scheduled update, or ``None`` for an
+                exploration.
 
         Returns:
-            One bool mask per layer, in the order of ``opt.layers``.
+            One bool mask per layer, in the order of ``ctx.layers``.
         """
         return [
             self.update_layer(layer, rate, scores)[0]
-            for layer, scores in zip(opt.layers, grow_scores, strict=True)
+            for layer, scores in zip(ctx.layers, grow_scores, strict=True)
         ]
 
     def __repr__(self) -> str:

@@ -4,32 +4,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from .. import _validate
+from .._compat import override
 from ..masks import count_active, drop_and_grow, select_largest_across
 from ..schedules import cubic_density
-from .rigl import RigL
-
-if TYPE_CHECKING:
-    from ..optimizer import SparseOptimizer
+from .base import SparsityMethod
+from .context import MethodContext
 
 __all__ = ["GMP", "GraNet"]
 
 
-def _fraction(name: str, value: Any, low_open: bool, high_open: bool) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        ok = (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
-    if not ok:
-        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
-        raise ValueError(f"Expected {name} in {interval}, but got {value!r}")
-    return float(value)
-
-
-class GMP(RigL):
+class GMP(SparsityMethod):
     """Gradual magnitude pruning, dense (or denser) to sparse, with no regrowth.
 
     Masks start at ``initial_density`` (ERK or the chosen distribution; 1.0 = dense). Pruning
@@ -48,9 +38,12 @@ class GMP(RigL):
         prune_start (float): fraction of ``total_steps`` where the window opens. Default: 0.0.
         prune_end (float): fraction of ``total_steps`` where it closes. Default: 0.5 (GraNet's
             CIFAR script: epoch 80 of 160).
+        growth (str | None): how an exploration (Sup-tickets, ``explore()``) grows:
+            ``"gradient"`` (the default) or ``"random"``. Pruning events never grow.
         **options: rejected (no other options).
 
     Raises:
+        TypeError: for a fraction that is not a real number.
         ValueError: for a value outside its interval, or ``prune_end <= prune_start``; when the
             optimizer is built, for an ``initial_density`` below the target density or a window
             that holds no multiple of ``update_every``.
@@ -76,32 +69,39 @@ class GMP(RigL):
     name = "gmp"
     periodic = False
     regrow = False
-    uses_gradient = False
+    default_growth = "gradient"
 
     def __init__(
         self,
         initial_density: float = 1.0,
         prune_start: float = 0.0,
         prune_end: float = 0.5,
+        *,
+        growth: str | None = None,
         **options: Any,
     ) -> None:
-        super().__init__(**options)
-        self.initial_density = _fraction("initial_density", initial_density, True, False)
-        self.prune_start = _fraction("prune_start", prune_start, False, True)
-        self.prune_end = _fraction("prune_end", prune_end, True, False)
+        super().__init__(growth=growth, **options)
+        self.initial_density = _validate.real(
+            "initial_density", initial_density, 0, 1, low_open=True
+        )
+        self.prune_start = _validate.real("prune_start", prune_start, 0, 1, high_open=True)
+        self.prune_end = _validate.real("prune_end", prune_end, 0, 1, low_open=True)
         if self.prune_end <= self.prune_start:
             raise ValueError(
                 f"Expected prune_end > prune_start, but got prune_start={prune_start}, "
                 f"prune_end={prune_end}"
             )
 
+    @override
     def options(self) -> dict[str, Any]:
         return {
+            **super().options(),
             "initial_density": self.initial_density,
             "prune_start": self.prune_start,
             "prune_end": self.prune_end,
         }
 
+    @override
     def start_density(self, density: float) -> float:
         if self.initial_density < density - 1e-12:
             raise ValueError(
@@ -110,21 +110,21 @@ class GMP(RigL):
             )
         return self.initial_density
 
-    def window(self, opt: SparseOptimizer) -> tuple[int, int, int]:
+    def window(self, ctx: MethodContext) -> tuple[int, int, int]:
         """``(c0, cf, update_every)``: pruning events are the steps ``c * update_every``,
         ``c0 < c <= cf``.
 
         Args:
-            opt (SparseOptimizer): the optimizer (its ``total_steps`` and ``update_every``).
+            ctx (MethodContext): the settings (``total_steps``, the schedule's ``update_every``).
 
         Raises:
             ValueError: without ``total_steps``, or if the window holds no multiple of
                 ``update_every``.
         """
-        total = opt.total_steps
+        total = ctx.total_steps
         if total is None:
             raise ValueError(f"method {self.name!r} needs total_steps to place its pruning window")
-        every = opt.schedule.update_every
+        every = ctx.schedule.update_every
         c0 = math.floor(self.prune_start * total + 1e-9) // every
         cf = math.floor(self.prune_end * total + 1e-9) // every
         if cf <= c0:
@@ -135,62 +135,78 @@ class GMP(RigL):
             )
         return c0, cf, every
 
-    def check(self, opt: SparseOptimizer) -> None:
-        if opt.total_steps is not None:
-            self.window(opt)
+    @override
+    def check(self, ctx: MethodContext) -> None:
+        if ctx.total_steps is not None:
+            self.window(ctx)
 
-    def density_final_step(self, opt: SparseOptimizer) -> int | None:
-        _, cf, every = self.window(opt)
+    @override
+    def density_final_step(self, ctx: MethodContext) -> int | None:
+        _, cf, every = self.window(ctx)
         return cf * every
 
-    def is_pruning_step(self, step: int, opt: SparseOptimizer) -> bool:
+    def is_pruning_step(self, step: int, ctx: MethodContext) -> bool:
         """A scheduled event, or any step after the window while the target is not reached yet
         (the last event was skipped, e.g. for non-finite gradients).
 
         Args:
             step (int): the optimizer step that is running.
-            opt (SparseOptimizer): the optimizer.
+            ctx (MethodContext): the settings.
         """
-        c0, cf, every = self.window(opt)
+        c0, cf, every = self.window(ctx)
         if step % every == 0 and c0 < step // every <= cf:
             return True
         if step > cf * every:
-            layers = opt.layers
+            layers = ctx.layers
             return sum(layer.count for layer in layers) > sum(layer.target for layer in layers)
         return False
 
-    def density_at(self, step: int, opt: SparseOptimizer) -> float:
+    def density_at(self, step: int, ctx: MethodContext) -> float:
         """The cubic schedule's overall density after the pruning event at ``step``.
 
         Args:
             step (int): the optimizer step.
-            opt (SparseOptimizer): the optimizer.
+            ctx (MethodContext): the settings.
         """
-        c0, cf, every = self.window(opt)
-        return cubic_density(step, c0 * every, cf * every, self.initial_density, 1 - opt.sparsity)
+        c0, cf, every = self.window(ctx)
+        return cubic_density(step, c0 * every, cf * every, self.initial_density, 1 - ctx.sparsity)
 
-    def is_update_step(self, step: int, opt: SparseOptimizer) -> bool:
-        if self.is_pruning_step(step, opt):
+    @override
+    def is_update_step(self, step: int, ctx: MethodContext) -> bool:
+        if self.is_pruning_step(step, ctx):
             return True
-        _, cf, every = self.window(opt)
-        return self.periodic and step > cf * every and opt.schedule.is_update_step(step)
+        _, cf, every = self.window(ctx)
+        return self.periodic and step > cf * every and ctx.schedule.is_update_step(step)
 
-    def prune(self, opt: SparseOptimizer, step: int) -> list[Tensor]:
+    @override
+    def reads_gradient(self, step: int | None, ctx: MethodContext) -> bool:
+        """A pruning event reads the gradient only to regrow by it (GraNet); an exploration or
+        a periodic update after the window grows by ``growth``.
+
+        Args:
+            step (int | None): the step of a scheduled update, ``None`` for an exploration.
+            ctx (MethodContext): the settings.
+        """
+        if step is not None and self.is_pruning_step(step, ctx):
+            return self.regrow and self.uses_gradient
+        return self.uses_gradient
+
+    def prune(self, ctx: MethodContext, step: int) -> list[Tensor]:
         """Global magnitude pruning of the active weights to the schedule's count at ``step``.
 
         Args:
-            opt (SparseOptimizer): the optimizer; ``opt.layers`` holds the current masks.
+            ctx (MethodContext): ``ctx.layers`` holds the current masks.
             step (int): the pruning event's step.
 
         Returns:
             The pruned masks, one per layer.
         """
-        layers = opt.layers
-        _, cf, every = self.window(opt)
+        layers = ctx.layers
+        _, cf, every = self.window(ctx)
         if step >= cf * every:
             keep = sum(layer.target for layer in layers)  # exactly the target total
         else:
-            keep = round(self.density_at(step, opt) * sum(layer.numel for layer in layers))
+            keep = round(self.density_at(step, ctx) * sum(layer.numel for layer in layers))
         keep = min(keep, sum(layer.count for layer in layers))
         scores = [
             torch.where(layer.mask, layer.param.detach().abs().float(), float("-inf"))
@@ -198,22 +214,23 @@ class GMP(RigL):
         ]
         return select_largest_across(scores, keep)
 
+    @override
     def new_masks(
         self,
-        opt: SparseOptimizer,
+        ctx: MethodContext,
         rate: float,
         grow_scores: Sequence[Tensor | None],
         step: int | None,
     ) -> list[Tensor]:
-        if step is None or not self.is_pruning_step(step, opt):
-            return super().new_masks(opt, rate, grow_scores, step)
-        pruned = self.prune(opt, step)
+        if step is None or not self.is_pruning_step(step, ctx):
+            return super().new_masks(ctx, rate, grow_scores, step)
+        pruned = self.prune(ctx, step)
         if not self.regrow:
             return pruned
         out = []
         actives = count_active(pruned)
         for layer, mask, scores, active in zip(
-            opt.layers, pruned, grow_scores, actives, strict=True
+            ctx.layers, pruned, grow_scores, actives, strict=True
         ):
             k = min(math.floor(rate * active + 1e-9), layer.numel - active)
             out.append(drop_and_grow(mask, self.drop_scores(layer), scores, k)[0])
@@ -234,10 +251,12 @@ class GraNet(GMP):
             (GraNet's "s_i = 0.5"); 1.0 starts dense.
         prune_start (float): fraction of ``total_steps`` where pruning starts. Default: 0.0.
         prune_end (float): fraction of ``total_steps`` where it reaches the target. Default: 0.5.
+        growth (str | None): how the regrowth and the later updates grow: ``"gradient"`` (GraNet,
+            the default) or ``"random"``.
         **options: rejected (no other options).
 
     Raises:
-        ValueError: as for [`GMP`][sparseopt.methods.GMP].
+        ValueError: as for [`GMP`][sparsectx.methods.GMP].
 
     Examples:
         From density 0.5 to 0.1 in four events, with regrowth after each:
@@ -261,13 +280,14 @@ class GraNet(GMP):
     name = "granet"
     periodic = True
     regrow = True
-    uses_gradient = True
 
     def __init__(
         self,
         initial_density: float = 0.5,
         prune_start: float = 0.0,
         prune_end: float = 0.5,
+        *,
+        growth: str | None = None,
         **options: Any,
     ) -> None:
-        super().__init__(initial_density, prune_start, prune_end, **options)
+        super().__init__(initial_density, prune_start, prune_end, growth=growth, **options)

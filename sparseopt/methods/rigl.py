@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
-from .base import SparseLayer
-from .set import SET
+from .base import SparsityMethod
 
 __all__ = ["RigL"]
 
 
-class RigL(SET):
+class RigL(SparsityMethod):
     """Rigging the Lottery: grow the inactive connections with the largest ``|grad|``.
 
     The gradient is the dense gradient of the current batch, read inside ``step()`` before the
     optimizer masks it. A layer without a gradient grows by index order (all scores zero).
 
-    No hyper-parameters of its own; the paper's schedule is the optimizer's default: ΔT = 100
+    Args:
+        growth (str | None): ``"gradient"`` (RigL, the default) or ``"random"``.
+
+    The paper's schedule is the optimizer's default: ΔT = 100
     (``update_every``), α = 0.3 (``prune_rate``), cosine decay, updates stop at 75% of
     ``total_steps`` (``stop_fraction``).
 
@@ -38,11 +37,4 @@ class RigL(SET):
     """
 
     name = "rigl"
-    uses_gradient = True
-
-    def grow_scores(
-        self, layer: SparseLayer, grad: Tensor | None, generator: torch.Generator
-    ) -> Tensor:
-        if grad is None:
-            return torch.zeros_like(layer.param, dtype=torch.float32)
-        return grad.detach().abs()
+    default_growth = "gradient"

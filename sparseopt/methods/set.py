@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
-from .._dtensor import shard_like
-from .base import SparseLayer, SparsityMethod
+from .base import SparsityMethod
 
 __all__ = ["SET"]
 
@@ -19,7 +15,10 @@ class SET(SparsityMethod):
     A sharded (FSDP2) parameter draws the full-size scores too and keeps its shard's chunk, so
     the masks are the single-process ones.
 
-    No hyper-parameters of its own; the schedule is the optimizer's (``update_every``,
+    Args:
+        growth (str | None): ``"random"`` (SET, the default) or ``"gradient"``.
+
+    The schedule is the optimizer's (``update_every``,
     ``prune_rate``, ``prune_schedule``, ``stop_fraction``). The original SET drops ζ = 0.3 of the
     connections per epoch.
 
@@ -42,9 +41,4 @@ class SET(SparsityMethod):
     """
 
     name = "set"
-
-    def grow_scores(
-        self, layer: SparseLayer, grad: Tensor | None, generator: torch.Generator
-    ) -> Tensor:
-        scores = torch.rand(layer.param.shape, generator=generator, device="cpu")
-        return shard_like(scores, layer.param)
+    default_growth = "random"

@@ -3,41 +3,43 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from .. import _validate
+from .._compat import override
 from ..masks import select_largest, select_largest_across
-from .base import SparseLayer
-from .rigl import RigL
-
-if TYPE_CHECKING:
-    from ..optimizer import SparseOptimizer
+from .base import SparsityMethod
+from .context import MethodContext, SparseLayer
 
 __all__ = ["SNIP"]
 
 SCOPES = ("global", "layer")
 
 
-class SNIP(RigL):
+class SNIP(SparsityMethod):
     """Keep the connections with the largest sensitivity ``|grad * weight|`` of the first batch.
 
     The optimizer starts dense. Inside the first ``step()``, before anything is masked, every
     sparse weight is scored by ``|g * w|`` from that batch's dense gradient; the top scores are
     kept, the rest are zeroed, and then the inner optimizer takes its step on the sparse network.
-    The masks never change afterwards (an exploration that Sup-tickets asks for grows by
-    ``|grad|``). The weights are not re-initialized and the model is not patched. Under DDP the
-    gradients are already all-reduced when ``step()`` runs, so every rank keeps the same
-    connections.
+    The masks never change afterwards (an exploration that Sup-tickets asks for grows by the
+    ``growth`` strategy, ``|grad|`` by default). The weights are not re-initialized and the
+    model is not patched. Under DDP the gradients are already all-reduced when ``step()`` runs,
+    so every rank keeps the same connections.
 
     Args:
         scope (str): ``"global"`` keeps the global top ``round((1 - sparsity) * N)`` (the original
             SNIP); ``"layer"`` keeps each layer's count of the ``distribution``. Default:
             ``"global"``.
+        growth (str | None): how explorations grow: ``"gradient"`` (the default) or
+            ``"random"``.
         **options: rejected (no other options).
 
     Raises:
+        TypeError: for a ``scope`` that is not a string.
         ValueError: for an unknown ``scope``; inside the first step, if no sparse parameter has
             a gradient.
 
@@ -56,32 +58,42 @@ class SNIP(RigL):
 
     name = "snip"
     periodic = False
+    default_growth = "gradient"
 
-    def __init__(self, scope: str = "global", **options: Any) -> None:
-        super().__init__(**options)
-        if scope not in SCOPES:
-            raise ValueError(f"Expected scope in {SCOPES}, but got {scope!r}")
-        self.scope = scope
+    def __init__(self, scope: str = "global", *, growth: str | None = None, **options: Any) -> None:
+        super().__init__(growth=growth, **options)
+        self.scope = _validate.choice("scope", scope, SCOPES)
         self.initialized = False
 
+    @override
     def options(self) -> dict[str, Any]:
-        return {"scope": self.scope}
+        return {**super().options(), "scope": self.scope}
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"initialized": self.initialized}
 
+    @override
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.initialized = bool(state["initialized"])
 
+    @override
     def start_density(self, density: float) -> float:
         return 1.0
 
-    def is_update_step(self, step: int, opt: SparseOptimizer) -> bool:
+    @override
+    def is_update_step(self, step: int, ctx: MethodContext) -> bool:
         return not self.initialized
 
+    @override
     def updates_before_step(self, step: int) -> bool:
         return not self.initialized
 
+    @override
+    def reads_gradient(self, step: int | None, ctx: MethodContext) -> bool:
+        return not self.initialized or self.uses_gradient
+
+    @override
     def grow_scores(
         self, layer: SparseLayer, grad: Tensor | None, generator: torch.Generator
     ) -> Tensor | None:
@@ -89,16 +101,17 @@ class SNIP(RigL):
             return super().grow_scores(layer, grad, generator)
         return None if grad is None else (grad.detach() * layer.param.detach()).abs()
 
+    @override
     def new_masks(
         self,
-        opt: SparseOptimizer,
+        ctx: MethodContext,
         rate: float,
         grow_scores: Sequence[Tensor | None],
         step: int | None,
     ) -> list[Tensor]:
         if self.initialized or step is None:
-            return super().new_masks(opt, rate, grow_scores, step)
-        layers = opt.layers
+            return super().new_masks(ctx, rate, grow_scores, step)
+        layers = ctx.layers
         if all(s is None for s in grow_scores):
             raise ValueError(
                 "SNIP scores connections by |grad * weight| inside the first step(), but no "

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from .set import SET
+from .base import SparsityMethod
 
 __all__ = ["Static"]
 
 
-class Static(SET):
+class Static(SparsityMethod):
     """Static sparse training (e.g. "static ERK"): the masks never change on their own.
 
     Only an exploration that something asks for explicitly (the Sup-tickets cycle start, or
-    ``SparseOptimizer.explore``) moves them, with SET's criterion: magnitude drop, random growth.
+    ``SparseOptimizer.explore``) moves them: magnitude drop, and growth by the ``growth`` strategy.
 
-    No hyper-parameters of its own.
+    Args:
+        growth (str | None): how explorations grow: ``"random"`` (the default, SET's criterion)
+            or ``"gradient"``.
 
     Examples:
         >>> import torch
@@ -34,3 +36,4 @@ class Static(SET):
 
     name = "static"
     periodic = False
+    default_growth = "random"

@@ -1,0 +1,106 @@
+"""Argument checks, one rule for the whole library: a wrong type is a ``TypeError``, a value out
+of range is a ``ValueError``, and both say "Expected <name> ..., but got <value>".
+
+Numbers: a real argument takes any ``numbers.Real`` (Python ``int`` and ``float``, numpy's floating
+and integer scalars, ``fractions.Fraction``) except ``bool``; an integer argument takes any
+``numbers.Integral`` (Python ``int``, numpy's integer scalars) except ``bool``. A tensor, even a
+0-d one, is not a number here: it would silently keep a graph or a device alive.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Collection
+from typing import Any
+
+__all__ = ["boolean", "choice", "integer", "is_real", "real", "type_of"]
+
+
+def type_of(value: Any) -> str:
+    """``repr(value)`` with its type: what every message shows of a rejected value."""
+    return f"{value!r} ({type(value).__name__})"
+
+
+def is_real(value: Any) -> bool:
+    """Whether ``value`` is a real number (numpy scalars included, ``bool`` excluded)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    left = "(-inf" if low is None else f"{'(' if low_open else '['}{low:g}"
+    right = "inf)" if high is None else f"{high:g}{')' if high_open else ']'}"
+    return f"{left}, {right}"
+
+
+def real(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """``value`` as a ``float`` if it is a real number inside the interval.
+
+    Raises:
+        TypeError: if ``value`` is not a real number (``bool`` and tensors included).
+        ValueError: if it is NaN or outside the interval.
+    """
+    if not is_real(value):
+        raise TypeError(f"Expected {name} to be a real number, but got {type_of(value)}")
+    x = float(value)
+    inside = not math.isnan(x)
+    if inside and low is not None:
+        inside = x > low if low_open else x >= low
+    if inside and high is not None:
+        inside = x < high if high_open else x <= high
+    if not inside:
+        where = _interval(low, high, low_open, high_open)
+        raise ValueError(f"Expected {name} in {where}, but got {value!r}")
+    return x
+
+
+def integer(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an ``int`` if it is an integer in ``[low, high]``.
+
+    Raises:
+        TypeError: if ``value`` is not an integer (``bool``, ``2.0`` and tensors included).
+        ValueError: if it is outside ``[low, high]``.
+    """
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"Expected {name} to be an int, but got {type_of(value)}")
+    n = int(value)
+    if (low is not None and n < low) or (high is not None and n > high):
+        if high is None and low == 1:
+            raise ValueError(f"Expected {name} to be a positive int, but got {value!r}")
+        where = _interval(low, high, False, False)
+        raise ValueError(f"Expected {name} in {where}, but got {value!r}")
+    return n
+
+
+def choice(name: str, value: Any, options: Collection[str], *, fold_case: bool = False) -> str:
+    """``value`` if it is one of ``options`` (lower-cased first with ``fold_case``).
+
+    Raises:
+        TypeError: if ``value`` is not a string.
+        ValueError: if it is not one of ``options``; the message lists them.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"Expected {name} to be one of {tuple(options)}, but got {type_of(value)}")
+    key = value.lower() if fold_case else value
+    if key not in options:
+        raise ValueError(f"Expected {name} in {tuple(options)}, but got {value!r}")
+    return key
+
+
+def boolean(name: str, value: Any) -> bool:
+    """``value`` if it is a ``bool`` (numpy's ``bool_`` included).
+
+    Raises:
+        TypeError: for anything else, ``0`` and ``1`` included.
+    """
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise TypeError(f"Expected {name} to be a bool, but got {type_of(value)}")

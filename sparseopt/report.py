@@ -1,0 +1,141 @@
+"""What the optimizer reports: topology-update statistics and the per-layer density table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["SparsityReport", "UpdateStats"]
+
+
+@dataclass
+class UpdateStats:
+    """Counters of the topology updates, kept by the mask engine and saved in checkpoints.
+
+    Attributes:
+        updates: topology updates done (scheduled ones and explorations).
+        skipped: updates skipped because the gradients were not finite.
+        last_update_step: the optimizer step of the last update, ``None`` before the first.
+        last_rate: the drop fraction of the last update.
+        last_exchanged: connections grown in the last update.
+        exchanged: connections grown in all updates.
+        last_read_gradient: whether the last update read the dense gradient (FLOPs accounting;
+            not saved: it concerns the step that just ran).
+
+    Examples:
+        >>> stats = UpdateStats()
+        >>> stats.record(step=5, rate=0.3, exchanged=12, read_gradient=True)
+        >>> stats.updates, stats.last_update_step, stats.exchanged
+        (1, 5, 12)
+    """
+
+    updates: int = 0
+    skipped: int = 0
+    last_update_step: int | None = None
+    last_rate: float | None = None
+    last_exchanged: int = 0
+    exchanged: int = 0
+    last_read_gradient: bool = False
+
+    def record(self, step: int, rate: float, exchanged: int, read_gradient: bool) -> None:
+        """Count one update at ``step`` that moved ``exchanged`` connections.
+
+        Args:
+            step (int): the optimizer step of the update.
+            rate (float): its drop fraction.
+            exchanged (int): connections grown.
+            read_gradient (bool): whether it read the dense gradient.
+        """
+        self.updates += 1
+        self.last_update_step = step
+        self.last_rate = rate
+        self.last_exchanged = exchanged
+        self.exchanged += exchanged
+        self.last_read_gradient = read_gradient
+
+    def as_dict(self) -> dict[str, Any]:
+        """The saved counters as plain data, as checkpoints and
+        [`SparsityReport`][sparseopt.report.SparsityReport] hold them."""
+        out = asdict(self)
+        del out["last_read_gradient"]
+        return out
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> UpdateStats:
+        """Rebuild from [`as_dict`][sparseopt.report.UpdateStats.as_dict].
+
+        Args:
+            saved (dict): the saved counters.
+        """
+        return cls(**saved)
+
+
+class SparsityReport(dict):
+    """What [`SparseOptimizer.report`][sparseopt.SparseOptimizer.report] returns: a plain
+    ``dict`` that prints as a table.
+
+    Keys:
+        ``layers``: one dict per sparse layer with ``name``, ``shape``, ``numel``, ``nnz`` (active
+        connections: an active weight may be exactly 0) and ``density``.
+        ``total``: ``numel``, ``nnz``, ``density`` and ``sparsity`` over all sparse layers.
+        ``updates``: topology-update statistics: ``updates`` done, ``skipped`` (non-finite
+        gradients), ``last_update_step``, ``last_rate``, ``last_exchanged`` (connections grown in
+        the last update), ``exchanged`` (in all updates), and the current ``step``.
+
+    Args:
+        layers (Sequence[dict]): the per-layer rows.
+        updates (dict): the update statistics.
+
+    Examples:
+        >>> import torch
+        >>> from sparseopt import SparseOptimizer
+        >>> model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(),
+        ...                             torch.nn.Linear(64, 10))
+        >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.9,
+        ...                       model=model, seed=0)
+        >>> report = opt.report()
+        >>> report["total"]["nnz"], report["layers"][1]["nnz"]
+        (269, 117)
+        >>> print(report)
+        layer     shape       numel         nnz  density
+        ------------------------------------------------
+        0.weight  64x32        2048         152   0.0742
+        2.weight  10x64         640         117   0.1828
+        ------------------------------------------------
+        total                  2688         269   0.1001
+        step 0: 0 topology updates (0 skipped), 0 connections exchanged
+    """
+
+    def __init__(self, layers: Sequence[dict[str, Any]], updates: dict[str, Any]) -> None:
+        numel = sum(r["numel"] for r in layers)
+        nnz = sum(r["nnz"] for r in layers)
+        density = nnz / numel if numel else 1.0
+        super().__init__(
+            layers=list(layers),
+            total={"numel": numel, "nnz": nnz, "density": density, "sparsity": 1.0 - density},
+            updates=dict(updates),
+        )
+
+    def __str__(self) -> str:
+        rows = [
+            (r["name"], "x".join(map(str, r["shape"])), r["numel"], r["nnz"], r["density"])
+            for r in self["layers"]
+        ]
+        width = max([len("layer"), *(len(r[0]) for r in rows)])
+        shape_w = max([len("shape"), *(len(r[1]) for r in rows)])
+        head = f"{'layer':<{width}}  {'shape':>{shape_w}}  {'numel':>10}  {'nnz':>10}  density"
+        lines = [head, "-" * len(head)]
+        lines += [
+            f"{n:<{width}}  {s:>{shape_w}}  {k:>10}  {z:>10}  {d:7.4f}" for n, s, k, z, d in rows
+        ]
+        t = self["total"]
+        lines.append("-" * len(head))
+        total = f"{'total':<{width}}  {'':>{shape_w}}  {t['numel']:>10}  {t['nnz']:>10}"
+        lines.append(f"{total}  {t['density']:7.4f}")
+        u = self["updates"]
+        lines.append(
+            f"step {u['step']}: {u['updates']} topology updates ({u['skipped']} skipped), "
+            f"{u['exchanged']} connections exchanged"
+        )
+        return "\n".join(lines)
