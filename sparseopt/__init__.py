@@ -19,8 +19,8 @@ from .methods import (
     register_method,
     unregister_method,
 )
-from .metrics import SparsityReport
 from .optimizer import SparseOptimizer
+from .report import SparsityReport
 from .scheduler import SupTicketsScheduler, cyclic_lr
 
 __version__ = "0.1.0"

@@ -19,12 +19,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from . import _dtensor
+from . import _dtensor, _validate
 from .distributions import exact_counts, layer_densities
 from .masks import apply_masks_, count_active, random_mask
 from .methods import MethodContext, SparseLayer, SparsityMethod
 from .report import SparsityReport, UpdateStats
-from .schedules import TopologySchedule
+from .schedules import PRUNE_SCHEDULES, TopologySchedule
 
 __all__ = ["MaskEngine", "PendingUpdate", "keeps_zeros"]
 
@@ -65,14 +65,16 @@ class PendingUpdate(NamedTuple):
 class MaskEngine:
     """Masks of the sparse tensors of one inner optimizer, and the topology updates that move them.
 
+    It checks its arguments (the one rule of ``_validate``); the owner sets ``method`` before
+    registering the first param groups.
+
     Args:
         optimizer: the inner optimizer (its param groups and state are read live).
-        method: the sparse-training method.
         sparsity: the target sparsity, in [0, 1).
         distribution: how the sparsity spreads over the layers.
         update_every, prune_rate, prune_schedule, stop_fraction, total_steps: the periodic
             schedule.
-        seed: seeds the engine's own CPU generator.
+        seed: seeds the engine's own CPU generator; ``None`` takes ``torch.initial_seed()``.
         remask: ``"auto"`` or ``"always"``.
         model: names the layers; its FSDP2 modules are resharded after the masks are written.
     """
@@ -80,7 +82,6 @@ class MaskEngine:
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
-        method: SparsityMethod,
         sparsity: float,
         distribution: str | Mapping[str, float],
         *,
@@ -89,24 +90,40 @@ class MaskEngine:
         prune_schedule: str | None,
         stop_fraction: float,
         total_steps: int | None,
-        seed: int,
+        seed: int | None,
         remask: str,
         model: torch.nn.Module | None,
     ) -> None:
         self.optimizer = optimizer
         self.model = model
-        self.method = method
-        self.sparsity = sparsity
-        self.distribution = distribution
-        self.remask = remask
-        self.update_every = update_every
-        self.prune_rate = prune_rate
+        self.method: SparsityMethod  # set by the owner before register()
+        self.sparsity = _validate.real("sparsity", sparsity, 0, 1, high_open=True)
+        if not isinstance(distribution, (str, Mapping)):
+            raise TypeError(
+                "Expected distribution to be 'erk', 'er', 'uniform' or a mapping name -> density, "
+                f"but got {_validate.type_of(distribution)}"
+            )
+        self.distribution = (
+            dict(distribution) if isinstance(distribution, Mapping) else distribution
+        )
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"Expected model to be an nn.Module or None, but got {_validate.type_of(model)}"
+            )
+        self.update_every = _validate.integer("update_every", update_every, 1)
+        self.prune_rate = _validate.real("prune_rate", prune_rate, 0, 1)
+        if prune_schedule is not None:
+            _validate.choice("prune_schedule", prune_schedule, PRUNE_SCHEDULES)
         self.prune_schedule = prune_schedule
-        self.stop_fraction = stop_fraction
+        self.stop_fraction = _validate.real("stop_fraction", stop_fraction, 0, 1, low_open=True)
+        self.remask = _validate.choice("remask", remask, ("auto", "always"))
+        self.seed = torch.initial_seed() if seed is None else _validate.integer("seed", seed)
+        if total_steps is not None:
+            total_steps = _validate.integer("total_steps", total_steps, 1)
         self.total_steps = total_steps
         self.schedule = self.make_schedule(total_steps)
         # a CPU generator whatever the parameters' device: the same seed, the same masks
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
         self.layers: list[SparseLayer] = []
         self.num_params = 0
         self.step = 0
@@ -114,7 +131,7 @@ class MaskEngine:
         self.periodic_updates = True
         self.pending_exploration: float | None = None
         self.stats = UpdateStats()
-        self.keeps_zeros = remask == "auto" and keeps_zeros(optimizer)
+        self.keeps_zeros = self.remask == "auto" and keeps_zeros(optimizer)
         self._unmaskable: set[tuple[str, str]] = set()
         self._pending: PendingUpdate | None = None
         self.context = self._make_context()
@@ -133,6 +150,8 @@ class MaskEngine:
 
     def set_total_steps(self, total_steps: int | None) -> None:
         """Rebuild the schedule for ``total_steps``; nothing changes if the method refuses it."""
+        if total_steps is not None:
+            total_steps = _validate.integer("total_steps", total_steps, 1)
         schedule = self.make_schedule(total_steps)
         before = (self.schedule, self.total_steps, self.context)
         self.schedule, self.total_steps = schedule, total_steps

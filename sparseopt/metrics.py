@@ -1,7 +1,5 @@
 """Measurements specific to sparse training.
 
-- [`SparsityReport`][sparseopt.metrics.SparsityReport]: per-layer density, what
-  ``SparseOptimizer.report()`` returns (defined in ``sparseopt.report``, re-exported here).
 - [`mask_churn`][sparseopt.metrics.mask_churn]: the fraction of active connections an update
   replaced.
 - [`InTimeOverParameterization`][sparseopt.metrics.InTimeOverParameterization]: the fraction of
@@ -20,14 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .masks import count_active
-from .report import SparsityReport
+from .report import SparsityReport  # noqa: F401  (its home until 0.1.0)
 
 if TYPE_CHECKING:
     from .optimizer import SparseOptimizer
 
 __all__ = [
     "InTimeOverParameterization",
-    "SparsityReport",
     "mask_churn",
     "prediction_disagreement",
     "prediction_kl",

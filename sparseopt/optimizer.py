@@ -1,9 +1,5 @@
-"""``SparseOptimizer``: sparse training as a wrapper around any ``torch.optim.Optimizer``.
-
-A thin coordinator: construction and argument checks, the live views of the inner optimizer,
-and ``step()``. The masks live in the mask engine (``engine.py``), the superposed ticket in
-``superposition.py``, the checkpoint format in ``checkpoint.py``, the rank checks in
-``distributed.py``.
+"""``SparseOptimizer``: sparse training as a wrapper around any ``torch.optim.Optimizer``; a thin
+coordinator over ``engine.py`` (masks), ``superposition.py``, ``checkpoint.py``, ``distributed.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +16,7 @@ from . import _compat, _validate, checkpoint, distributed, superposition
 from .engine import MaskEngine
 from .methods import MethodContext, SparseLayer, SparsityMethod, get_method
 from .report import SparsityReport
-from .schedules import PRUNE_SCHEDULES, TopologySchedule
+from .schedules import TopologySchedule
 from .superposition import BNUpdate, Superposition
 
 __all__ = ["SparseOptimizer"]
@@ -65,24 +61,17 @@ class SparseOptimizer(torch.optim.Optimizer):
             ``torch.manual_seed``. Give the same value on every rank. Default: None.
         remask (str): ``"auto"`` masks only gradients on steady-state steps when the inner
             optimizer provably keeps zeros (SGD, Adam, AdamW, NAdam, RAdam, RMSprop, Adadelta,
-            Adagrad without initial accumulator) and re-masks weights and state after every step
-            otherwise; ``"always"`` always re-masks, with ``torch.where``, so that even a NaN or
-            inf gradient at an inactive position leaves 0 there. ``"auto"`` masks by a product,
-            and ``0 * inf`` is NaN: without a ``GradScaler``, a non-finite gradient on a step
-            with no topology update reaches inactive weights as it reaches active ones.
-            Default: ``"auto"``.
+            Adagrad without initial accumulator), by a product (``0 * inf`` is NaN), and
+            re-masks weights and state after every step otherwise; ``"always"`` always re-masks,
+            with ``torch.where``, NaN-safe. Default: ``"auto"``.
         **method_options: passed to the method's constructor (``growth="random"`` or
             ``"gradient"`` for every built-in method, and the method's own options).
 
     Raises:
-        TypeError: for an argument of the wrong type (``optimizer`` not a
-            ``torch.optim.Optimizer`` or already a ``SparseOptimizer``, a string ``sparsity``,
-            a float ``update_every``, ...), or method options the method does not take.
-        ValueError: for a value out of range or an unknown name (``sparsity``,
-            ``update_every``, ``prune_rate``, ``stop_fraction``, ``total_steps``,
-            ``prune_schedule``, ``remask``, ``distribution``, ``method``),
-            ``prune_schedule="cosine"`` without ``total_steps``, or settings the method cannot
-            run with.
+        TypeError: for an argument of the wrong type (an ``optimizer`` that is not a plain
+            ``torch.optim.Optimizer``, a string ``sparsity``, ...) or an unknown method option.
+        ValueError: for a value out of range or an unknown name, ``prune_schedule="cosine"``
+            without ``total_steps``, or settings the method cannot run with.
 
     Examples:
         >>> import torch
@@ -125,41 +114,12 @@ class SparseOptimizer(torch.optim.Optimizer):
             )
         if isinstance(optimizer, SparseOptimizer):
             raise TypeError("optimizer is already a SparseOptimizer; wrap the inner optimizer once")
-        sparsity = _validate.real("sparsity", sparsity, 0, 1, high_open=True)
-        if not isinstance(distribution, (str, Mapping)):
-            raise TypeError(
-                "Expected distribution to be 'erk', 'er', 'uniform' or a mapping name -> density, "
-                f"but got {_validate.type_of(distribution)}"
-            )
-        update_every = _validate.integer("update_every", update_every, 1)
-        prune_rate = _validate.real("prune_rate", prune_rate, 0, 1)
-        if prune_schedule is not None:
-            _validate.choice("prune_schedule", prune_schedule, PRUNE_SCHEDULES)
-        stop_fraction = _validate.real("stop_fraction", stop_fraction, 0, 1, low_open=True)
-        _validate.choice("remask", remask, ("auto", "always"))
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(
-                f"Expected model to be an nn.Module or None, but got {_validate.type_of(model)}"
-            )
-        seed = torch.initial_seed() if seed is None else _validate.integer("seed", seed)
-        if total_steps is not None:
-            total_steps = _validate.integer("total_steps", total_steps, 1)
-
         _compat.init_optimizer_hooks(self)
         self.optimizer = optimizer
-        self.method = get_method(method, **method_options)
-        self.sparsity = sparsity
-        self.distribution = (
-            dict(distribution) if isinstance(distribution, Mapping) else distribution
-        )
-        self.model = model
-        self.remask = remask
-        self.seed = seed
-        self._engine = MaskEngine(
+        self._engine = MaskEngine(  # checks the other arguments
             optimizer,
-            self.method,
             sparsity,
-            self.distribution,
+            distribution,
             update_every=update_every,
             prune_rate=prune_rate,
             prune_schedule=prune_schedule,
@@ -169,6 +129,14 @@ class SparseOptimizer(torch.optim.Optimizer):
             remask=remask,
             model=model,
         )
+        self.method = self._engine.method = get_method(method, **method_options)
+        engine = self._engine
+        self.sparsity, self.distribution, self.seed = (
+            engine.sparsity,
+            engine.distribution,
+            engine.seed,
+        )
+        self.model, self.remask = model, remask
         self._superposition: Superposition | None = None
         self._engine.register(self.optimizer.param_groups)
         self.method.check(self._engine.context)
@@ -204,11 +172,8 @@ class SparseOptimizer(torch.optim.Optimizer):
     # --- read-only views of the masks -----------------------------------------------------------
     @property
     def masks(self) -> Mapping[Tensor, Tensor]:
-        """Read-only mapping parameter -> bool mask (``True`` = active). Do not modify the masks.
-
-        The mask of a DTensor parameter (FSDP2) is a bool DTensor with the parameter's mesh and
-        placements: ``mask.to_local()`` is this rank's shard, ``mask.full_tensor()`` gathers it.
-        """
+        """Read-only mapping parameter -> bool mask (``True`` = active); under FSDP2 the mask is
+        a bool DTensor laid out like the parameter. Do not modify the masks."""
         return MappingProxyType({layer.param: layer.mask for layer in self._engine.layers})
 
     @property
@@ -248,8 +213,6 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     @total_steps.setter
     def total_steps(self, value: int | None) -> None:
-        if value is not None:
-            value = _validate.integer("total_steps", value, 1)
         self._engine.set_total_steps(value)
 
     @property
@@ -264,8 +227,6 @@ class SparseOptimizer(torch.optim.Optimizer):
     def report(self) -> SparsityReport:
         """Per-layer name, shape, numel, nnz (active connections) and density; totals; updates.
 
-        No rank communicates: under FSDP2 any rank may call it alone and gets the global numbers.
-
         Returns:
             A [`SparsityReport`][sparseopt.report.SparsityReport]: a ``dict`` with ``layers``,
             ``total`` and ``updates``, which prints as a table.
@@ -276,17 +237,15 @@ class SparseOptimizer(torch.optim.Optimizer):
     def apply_masks(self) -> None:
         """Zero the weights (and any existing inner state) at inactive positions now.
 
-        [`step`][] does this on its first call; call it earlier to evaluate or count the
-        sparse model before training starts.
+        [`step`][] does this on its first call; call it earlier to evaluate the sparse model.
         """
         self._engine.apply_masks()
 
     def explore(self, rate: float) -> None:
         """Ask for one drop-and-grow exploration at drop fraction ``rate`` inside the next step.
 
-        The method's growth criterion then sees the dense gradient of that step's batch.
-        Sup-tickets calls it at the start of each cycle. If that step's gradients are not finite,
-        it waits for the next step whose gradients are.
+        Growth then sees the dense gradient of that step's batch (or of the next step whose
+        gradients are finite). Sup-tickets calls it at the start of each cycle.
 
         Args:
             rate (float): the drop fraction, in [0, 1]: each layer drops ``floor(rate * count)``
@@ -302,16 +261,12 @@ class SparseOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Mask gradients, run the inner step, keep masked positions at 0, update the topology.
 
-        In order: on the first call, apply the masks; on a step with a topology update (or an
-        exploration) due, read the method's growth scores from the dense gradients, or skip the
-        update with a warning if they are not finite; mask the gradients; run the inner step;
-        re-mask weights and inner state unless the inner optimizer provably keeps zeros; apply
-        the update, zeroing each newly grown weight and its state.
-
-        With a ``GradScaler``, call ``scaler.step(opt)``, then ``scaler.update()``, then the
-        schedulers' ``step()``. Under ``torch.compile`` only the inner optimizer's step is
-        traced: the work before and after it runs eagerly (``torch.compiler.disable``), so a
-        topology update never causes a recompilation.
+        The mask engine's ``begin_step`` (apply the masks on the first call; read a due update's
+        growth scores from the dense gradients, or skip it with a warning if they are not
+        finite; mask the gradients), the inner step, and ``end_step`` (re-mask unless the inner
+        optimizer keeps zeros; apply the update, zeroing each grown weight and its state). With
+        a ``GradScaler``, call ``scaler.step(opt)``. Under ``torch.compile`` only the inner step
+        is traced; the engine runs eagerly, so an update never recompiles.
 
         Args:
             closure (Callable | None): re-evaluates the model and returns the loss.
@@ -335,7 +290,7 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     # --- Sup-tickets: the superposed ticket (superposition.py) ---------------------------------
     def _params(self) -> list[Tensor]:
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
+        return [p for group in self.param_groups for p in group["params"]]
 
     @property
     def tickets(self) -> int:
@@ -352,14 +307,11 @@ class SparseOptimizer(torch.optim.Optimizer):
     ) -> None:
         r"""Add the live weights as one cheap ticket to the superposed copy, then re-prune it.
 
-        The first call allocates ONE copy of every parameter (and of the BatchNorm running
-        statistics of ``model=``); each call folds the live ticket ``T_t`` in with the averaging
-        rule and magnitude-prunes the copy back to the target count:
-        ``S_1 = prune(T_1)``, ``S_t = prune(rule(S_{t-1}, T_t))``. ``cia``:
-        ``((t - 1) * S_{t-1} + T_t) / t`` (Eq. 4); ``caa``: the same per weight with ``t`` the
-        number of tickets in which the weight was active; ``cima``:
-        ``beta * S_{t-1} + (1 - beta) * T_t``. The model is not changed; [`finalize`][] writes
-        the copy into it. ``SupTicketsScheduler`` calls this at the end of every cycle.
+        ``S_1 = prune(T_1)``, ``S_t = prune(rule(S_{t-1}, T_t))`` over ONE copy of every
+        parameter and of the BatchNorm statistics of ``model=``; the rules and the re-prune are
+        in ``superposition.py``. The model is not changed;
+        [`finalize`][] writes the copy into it. ``SupTicketsScheduler`` calls this at the end of
+        every cycle.
 
         Args:
             averaging (str): ``"cia"``, ``"caa"`` or ``"cima"``. Default: ``"cia"``.
@@ -367,19 +319,16 @@ class SparseOptimizer(torch.optim.Optimizer):
             reprune (str): ``"layer"`` keeps each layer's count (default); ``"global"`` keeps the
                 global top ``K`` over all sparse layers, as the official code does.
             bn_update (Iterable | Callable | None): recompute the BatchNorm statistics of the
-                superposed copy after the average and re-prune, as the official code does,
-                instead of averaging them: an iterable of input batches goes to
-                ``torch.optim.swa_utils.update_bn`` on the model holding the copy; a callable
-                gets that model (train mode, statistics reset, cumulative momentum) and runs the
-                forward passes. The live weights and statistics are restored bit-exactly.
+                copy instead of averaging them, as the official code does: batches for
+                ``torch.optim.swa_utils.update_bn``, or a callable that runs the forward passes
+                on the model (``superposition.recompute_bn``).
                 Default: None.
 
         Raises:
             TypeError: for a bad argument type, or a ``bn_update`` that is neither callable nor
-                re-iterable (an iterator would be used up by the first ticket).
-            ValueError: for a bad value, or one that differs from the first ticket's;
-                ``bn_update`` without ``model=``; a ``bn_update`` that gives no batch or batches
-                the model cannot take (the superposed copy is then left as it was).
+                re-iterable.
+            ValueError: for a bad value or one that differs from the first ticket's, a
+                ``bn_update`` without ``model=`` or that cannot run (the copy is then kept).
 
         Warns:
             UserWarning: on the first ticket without ``model=``: BatchNorm running statistics
@@ -410,11 +359,9 @@ class SparseOptimizer(torch.optim.Optimizer):
     def finalize(self) -> None:
         """Write the superposed ticket into the model: the "ultimate ticket".
 
-        The parameters and BatchNorm buffers take the superposed values in place, and the masks
-        become the superposed copy's support, so the model holds exactly the target count of
-        active weights. Inner optimizer state at the now-inactive positions is zeroed, so training
-        could go on from here with every invariant intact. ``SupTicketsScheduler`` calls it after
-        the last step.
+        Parameters and BatchNorm buffers take the superposed values in place, the masks become
+        the copy's support (the target counts), and inner state at the now-inactive positions is
+        zeroed, so every invariant holds. ``SupTicketsScheduler`` calls it after the last step.
 
         Raises:
             ValueError: if no ticket was consolidated.
@@ -427,10 +374,8 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     @contextmanager
     def superposed(self) -> Iterator[None]:
-        """Temporarily swap the superposed ticket into the model, e.g. to evaluate it.
-
-        The live weights and BatchNorm buffers are restored bit-exactly on exit, also when the
-        body raises.
+        """Temporarily swap the superposed ticket into the model, e.g. to evaluate it; the live
+        weights and BatchNorm buffers are restored bit-exactly on exit, also on an error.
 
         Yields:
             Nothing; the model holds the superposed ticket inside the ``with`` block.
@@ -446,11 +391,9 @@ class SparseOptimizer(torch.optim.Optimizer):
     def check_consistency(self, group: Any = None) -> None:
         """Check that the ranks hold consistent masks, superposed copy and generator; raise if not.
 
-        Gathers one small fingerprint per layer and of the generator from every rank of
-        ``group`` (``all_gather_object``). Under DDP every rank must hold the same of
-        everything; under FSDP2 the global counts must agree, the shards' counts must add up to
-        them, and replicas of one shard (HSDP) must agree. Without an initialized process group
-        it does nothing.
+        Compares one small fingerprint per layer and of the generator across ``group``
+        (``distributed.py`` says what must agree under DDP and FSDP2). Without an initialized
+        process group it does nothing.
 
         Args:
             group (ProcessGroup | None): the process group; ``None`` is the default group.
@@ -471,9 +414,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group to the inner optimizer; its sparse tensors get masks.
-
-        The new group's sparse tensors get their own distribution at the target sparsity.
+        """Add a param group to the inner optimizer; its sparse tensors get masks of their own
+        distribution at the target sparsity.
 
         Args:
             param_group (dict): as for ``torch.optim.Optimizer.add_param_group``; ``"sparse":
@@ -487,9 +429,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         """The inner optimizer's state dict plus one ``"sparseopt"`` entry of plain data.
 
         It loads with ``torch.load(path, weights_only=True)``; ``checkpoint.py`` documents the
-        entry. Under FSDP2 the masks and the superposed copy of DTensor parameters are DTensors
-        like the parameters: save it with ``torch.save`` per rank and load it on the same rank
-        and world size (see ``docs/distributed.md``).
+        entry, ``docs/distributed.md`` its FSDP2 form (DTensors, saved per rank).
 
         Returns:
             ``{"state": ..., "param_groups": ..., "sparseopt": {...}}``.
@@ -508,9 +448,8 @@ class SparseOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict made by [`state_dict`][], inner optimizer state included.
 
-        Build the optimizer exactly as before (same method, sparsity, model and parameter
-        order), and any ``LRScheduler`` on it, then load: building a scheduler resets ``lr``.
-        The masks are applied to the weights at once if they were in the saved run.
+        Build the optimizer (and any ``LRScheduler`` on it) exactly as before, then load. The
+        masks are applied to the weights at once if they were in the saved run.
 
         Args:
             state_dict (dict): what ``state_dict()`` returned (or ``torch.load`` of it).

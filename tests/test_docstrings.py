@@ -21,6 +21,7 @@ MODULES = [
     "sparseopt.schedules",
     "sparseopt.masks",
     "sparseopt.metrics",
+    "sparseopt.report",
     "sparseopt.flops",
     "sparseopt.export",
     "sparseopt.integrations.hf",
