@@ -6,8 +6,11 @@ Masked dense tensors run at dense speed in PyTorch; these numbers are what a spa
 need, the standard way this field reports cost.
 
 Training follows RigL's accounting: a step costs ``3 * f_S`` (forward, and a backward about twice
-the forward), and a topology update that reads the dense gradient (RigL, GraNet, SNIP's first
-step) costs ``2 * f_S + f_D`` instead. Dense training costs ``3 * f_D`` per step.
+the forward), and a topology update that reads the dense gradient costs ``2 * f_S + f_D``
+instead. Which updates read it follows from what ran (``SparsityMethod.reads_gradient``): every
+update with ``growth="gradient"`` (RigL; GraNet's regrowth; an exploration of GMP, SNIP or static
+with gradient growth under Sup-tickets), SNIP's first step; not GMP's pruning events. Dense
+training costs ``3 * f_D`` per step.
 """
 
 from __future__ import annotations
@@ -148,7 +151,8 @@ class TrainingFlops:
     def _on_step(self, opt: SparseOptimizer, args: Any, kwargs: Any) -> None:
         f_s, f_d = self.sparse_forward(), float(self.dense_forward)
         cost = 3.0 * f_s
-        if opt.last_update_step == opt.step_count and opt.method.uses_gradient:
+        stats = opt.update_stats
+        if stats.last_update_step == opt.step_count and stats.last_read_gradient:
             cost += f_d - f_s  # the dense gradient of this step: 2 f_S + f_D instead of 3 f_S
         self.steps += 1
         self.sparse_total += cost

@@ -4,6 +4,7 @@ coordinator over ``engine.py`` (masks), ``superposition.py``, ``checkpoint.py``,
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from types import MappingProxyType
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 from . import _compat, _validate, checkpoint, distributed, superposition
 from .engine import MaskEngine
 from .methods import MethodContext, SparseLayer, SparsityMethod, get_method
-from .report import SparsityReport
+from .report import SparsityReport, UpdateStats
 from .schedules import TopologySchedule
 from .superposition import BNUpdate, Superposition
 
@@ -200,6 +201,11 @@ class SparseOptimizer(torch.optim.Optimizer):
     def last_update_step(self) -> int | None:
         """The optimizer step of the last topology update, or ``None`` before the first."""
         return self._engine.stats.last_update_step
+
+    @property
+    def update_stats(self) -> UpdateStats:
+        """The topology-update counters (a copy): updates, skips, the last one's step and rate."""
+        return dataclasses.replace(self._engine.stats)
 
     @property
     def schedule(self) -> TopologySchedule:

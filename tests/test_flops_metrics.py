@@ -157,3 +157,67 @@ def test_in_time_over_parameterization_is_the_union_of_masks():
         assert itop.rate == pytest.approx(expected)
     assert itop.rate > 1 - 0.8
     assert math.isclose(opt.density, 0.2, abs_tol=1e-3)
+
+
+def _gmp_with_explorations(growth):
+    """GMP pruned to its target by step 4, then two Sup-tickets-style explorations (steps 6, 8)."""
+    model = mlp()
+    options = {} if growth is None else {"growth": growth}
+    opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), "gmp", 0.5,
+                          model=model, seed=0, update_every=2, total_steps=8, prune_end=0.5,
+                          **options)  # fmt: skip
+    x = torch.randn(4, 10)
+    flops = TrainingFlops(opt, model, x)
+    read = []
+    for step in range(1, 9):
+        if step in (6, 8):
+            opt.explore(0.3)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        before = flops.sparse_total
+        opt.step()
+        f_s = flops.sparse_forward()  # a step is counted at the densities it leaves
+        extra = flops.sparse_total - before - 3 * f_s
+        gap = flops.dense_forward - f_s  # 0 while GMP is still dense
+        read.append(round(extra / gap, 9) if gap else extra)
+    return opt, read
+
+
+@pytest.mark.parametrize(("growth", "reads"), [(None, True), ("gradient", True), ("random", False)])
+def test_gmp_explorations_count_the_dense_gradient_only_when_growth_reads_it(growth, reads):
+    """GMP's pruning events (steps 2, 4) read no gradient; its explorations (6, 8) grow by
+    ``growth``: with gradient growth they cost 2 f_S + f_D, the dense gradient counted."""
+    opt, read = _gmp_with_explorations(growth)
+    assert opt.report()["updates"]["updates"] == 4  # two pruning events, two explorations
+    assert read[:5] == [0, 0, 0, 0, 0]
+    assert read[5:] == [(1.0 if reads else 0), 0, (1.0 if reads else 0)]
+    assert opt.method.uses_gradient is reads
+
+
+def test_reads_gradient_per_update_of_each_method():
+    """Which updates read the dense gradient, per method, against the papers' definitions."""
+    from sparseopt.methods import get_method
+
+    model = mlp()
+
+    def ctx_of(method, **kw):
+        opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), method, 0.5,
+                              update_every=2, total_steps=8, **kw)  # fmt: skip
+        return opt.method, opt.context
+
+    for name, scheduled, explore in [("set", False, False), ("rigl", True, True),
+                                     ("static", False, False)]:  # fmt: skip
+        method, ctx = ctx_of(name)
+        assert method.reads_gradient(2, ctx) is scheduled, name
+        assert method.reads_gradient(None, ctx) is explore, name
+    gmp, ctx = ctx_of("gmp", prune_end=0.5)
+    assert gmp.reads_gradient(2, ctx) is False
+    assert gmp.reads_gradient(None, ctx) is True
+    granet, ctx = ctx_of("granet", prune_end=0.5)
+    assert granet.reads_gradient(2, ctx) is True
+    granet_random, ctx = ctx_of("granet", prune_end=0.5, growth="random")
+    assert granet_random.reads_gradient(2, ctx) is False
+    snip = get_method("snip")
+    assert snip.reads_gradient(1, None) is True  # |g * w| at the first step
+    snip.initialized = True
+    assert snip.reads_gradient(None, None) is True
