@@ -256,7 +256,7 @@ class GraNet(GMP):
         **options: rejected (no other options).
 
     Raises:
-        ValueError: as for [`GMP`][sparsectx.methods.GMP].
+        ValueError: as for [`GMP`][sparseopt.methods.GMP].
 
     Examples:
         From density 0.5 to 0.1 in four events, with regrowth after each:
