@@ -31,7 +31,6 @@ __all__ = [
     "make_mlp",
     "make_model",
     "registry_restored",
-    "single_thread",
     "train_step",
 ]
 
@@ -234,17 +233,6 @@ def erk_densities(shapes: Sequence[Sequence[int]], density: float) -> list[float
             return [1.0 if i in dense else eps * raw[i] for i in range(len(shapes))]
         top = max(raw[i] for i in over)
         dense.update(i for i in over if raw[i] == top)
-
-
-@contextlib.contextmanager
-def single_thread():
-    """Run with one intra-op thread: tiny tensors are much faster without OpenMP hand-offs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

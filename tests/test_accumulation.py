@@ -16,7 +16,6 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import single_thread
 from ranks import run_ranks, spawn
 from torch import nn
 
@@ -30,10 +29,7 @@ METHODS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model() -> nn.Module:

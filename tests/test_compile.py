@@ -15,15 +15,16 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
-from cases import single_thread
 from torch import nn
 from torch._dynamo.utils import counters
 
 from sparseopt import SparseOptimizer, SupTicketsScheduler
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"  # torch's own, in dynamo
-)
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    # torch's own, in dynamo
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+]
 BACKEND = "aot_eager"
 STEPS = 16
 
@@ -32,8 +33,7 @@ STEPS = 16
 def _fresh_dynamo():
     torch._dynamo.reset()
     counters.clear()
-    with single_thread():
-        yield
+    yield
     torch._dynamo.reset()
     assert not torch._dynamo.config.error_on_recompile  # the patch never outlives its run
 

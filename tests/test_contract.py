@@ -23,7 +23,6 @@ from cases import (
     inner_state_tensors,
     make_convnet,
     make_mlp,
-    single_thread,
     train_step,
 )
 from torch import nn
@@ -35,10 +34,7 @@ from sparseopt import SparseOptimizer
 ALL = case_params()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sparse(case, model, method="set", sparsity=0.8, **kw):

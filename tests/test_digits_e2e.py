@@ -26,12 +26,7 @@ ERK_COUNTS = [714, 713, 275]
 N = 17024
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_digits_rigl_suptickets():

@@ -31,18 +31,13 @@ from cases import (
     inner_state_tensors,
     make_convnet,
     make_mlp,
-    single_thread,
     train_step,
 )
 from torch import nn
 
 from sparseopt import SparseOptimizer, SupTicketsScheduler
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- independent references ---------------------------------------------------------------------

@@ -30,12 +30,7 @@ ARGS = ["--steps", str(STEPS), "--cycle-steps", str(CYCLE), "--update-every", "5
         "--superpose-fraction", "0.34", "--batch-size", "32"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -19,14 +19,7 @@ from torch import Tensor, nn
 
 from sparseopt import SparseOptimizer, SupTicketsScheduler
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to a busy machine; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- the slow reference --------------------------------------------------------------------------
