@@ -7,7 +7,6 @@ optimizer has a momentum or betas to cycle, GradScaler comparisons, the re-mask 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -15,8 +14,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 from torch import Tensor, nn
-
-from sparseopt import available_methods, unregister_method
 
 __all__ = [
     "CASES",
@@ -30,7 +27,6 @@ __all__ = [
     "make_convnet",
     "make_mlp",
     "make_model",
-    "registry_restored",
     "train_step",
 ]
 
@@ -233,14 +229,3 @@ def erk_densities(shapes: Sequence[Sequence[int]], density: float) -> list[float
             return [1.0 if i in dense else eps * raw[i] for i in range(len(shapes))]
         top = max(raw[i] for i in over)
         dense.update(i for i in over if raw[i] == top)
-
-
-@contextlib.contextmanager
-def registry_restored():
-    """On exit, unregister every method that was registered inside the block."""
-    before = set(available_methods())
-    try:
-        yield
-    finally:
-        for name in set(available_methods()) - before:
-            unregister_method(name)
