@@ -3,6 +3,9 @@
 ``CASES`` lists inner optimizers as ``OptimCase`` entries: an id, a factory ``make(params)`` and
 flags that tests use to pick sensible companions (a momentum-cycling scheduler only where the
 optimizer has a momentum or betas to cycle, GradScaler comparisons, the re-mask fallback).
+
+Besides: small models and batches from a seed, and ``assert_exactly_equal``, the one exact
+comparison of nested state (state dicts, checkpoints, snapshots) that the tests share.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -19,9 +23,11 @@ __all__ = [
     "CASES",
     "FUSED_CASES",
     "OptimCase",
+    "assert_exactly_equal",
     "batches",
     "case_params",
     "erk_densities",
+    "first_difference",
     "get_case",
     "inner_state_tensors",
     "make_convnet",
@@ -229,3 +235,52 @@ def erk_densities(shapes: Sequence[Sequence[int]], density: float) -> list[float
             return [1.0 if i in dense else eps * raw[i] for i in range(len(shapes))]
         top = max(raw[i] for i in over)
         dense.update(i for i in over if raw[i] == top)
+
+
+# --- exact comparison ---------------------------------------------------------------------------
+def first_difference(a: Any, b: Any, path: str = "value", *, strict: bool = False) -> str | None:
+    """Where nested ``a`` and ``b`` first differ, as a message that names the path; ``None`` if
+    they are exactly equal.
+
+    Walks dicts, lists and tuples; tensors must match in dtype, shape and device type and be
+    ``torch.equal`` (so a NaN never equals a NaN); anything else by ``==``. A tensor never
+    equals a non-tensor. By default dict keys compare as sets and a list may equal a tuple;
+    ``strict=True`` also wants the same types (``type(a) is type(b)``) and the same key order.
+    """
+    if strict and type(a) is not type(b):
+        return f"{path}: {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+            return f"{path}: {type(a).__name__} vs {type(b).__name__}"
+        if a.dtype != b.dtype:
+            return f"{path}: dtype {a.dtype} vs {b.dtype}"
+        if a.shape != b.shape:
+            return f"{path}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+        if a.device.type != b.device.type:
+            return f"{path}: device {a.device} vs {b.device}"
+        return None if torch.equal(a, b) else f"{path}: values differ"
+    if isinstance(a, dict) or isinstance(b, dict):
+        if not (isinstance(a, dict) and isinstance(b, dict)):
+            return f"{path}: {type(a).__name__} vs {type(b).__name__}"
+        if (list(a) != list(b)) if strict else (a.keys() != b.keys()):
+            return f"{path}: keys {list(a)} vs {list(b)}"
+        for k in a:
+            if (diff := first_difference(a[k], b[k], f"{path}[{k!r}]", strict=strict)) is not None:
+                return diff
+        return None
+    if isinstance(a, list | tuple) or isinstance(b, list | tuple):
+        if not (isinstance(a, list | tuple) and isinstance(b, list | tuple)):
+            return f"{path}: {type(a).__name__} vs {type(b).__name__}"
+        if len(a) != len(b):
+            return f"{path}: length {len(a)} vs {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            if (diff := first_difference(x, y, f"{path}[{i}]", strict=strict)) is not None:
+                return diff
+        return None
+    return None if a == b else f"{path}: {a!r} vs {b!r}"
+
+
+def assert_exactly_equal(a: Any, b: Any, path: str = "value", *, strict: bool = False) -> None:
+    """Assert that nested ``a`` and ``b`` are exactly equal (see ``first_difference``)."""
+    diff = first_difference(a, b, path, strict=strict)
+    assert diff is None, diff
