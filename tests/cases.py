@@ -10,6 +10,7 @@ comparison of nested state (state dicts, checkpoints, snapshots) that the tests 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ __all__ = [
     "make_convnet",
     "make_mlp",
     "make_model",
+    "mlp",
     "train_step",
 ]
 
@@ -144,13 +146,46 @@ def case_params(cases: Sequence[OptimCase] = CASES) -> list:
 
 
 # --- models and data --------------------------------------------------------------------------
+def mlp(
+    *widths: int,
+    bias: bool = True,
+    batchnorm: bool = False,
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Sequential:
+    """``nn.Sequential`` of ``Linear`` layers ``widths[0] -> widths[1] -> ... -> widths[-1]``;
+    every layer but the last is followed by ``BatchNorm1d`` (with ``batchnorm``) and ``ReLU``.
+
+    ``mlp(8, 16, 4)`` is ``nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))``, built
+    in that order, so it draws the same weights from the same generator state. With ``seed``
+    they are drawn after ``torch.manual_seed(seed)`` inside ``fork_rng`` (the global CPU
+    generator is left as it was); without, from the global generator. They are drawn in float32
+    on the CPU and then moved to ``dtype`` and ``device`` (like ``.double()`` or ``.to(device)``
+    after building), so a seed gives the same numbers everywhere.
+    """
+    if len(widths) < 2:
+        raise ValueError(f"Expected at least two widths, but got {widths}")
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return mlp(*widths, bias=bias, batchnorm=batchnorm, dtype=dtype, device=device)
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
+        layers.append(nn.Linear(n_in, n_out, bias=bias))
+        if i < len(widths) - 2:  # not the last layer
+            if batchnorm:
+                layers.append(nn.BatchNorm1d(n_out))
+            layers.append(nn.ReLU())
+    model = nn.Sequential(*layers)
+    if dtype is not None or device is not None:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
 def make_mlp(seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
     """A three-layer MLP 8 -> 16 -> 16 -> 4, initialised from ``seed`` on the CPU, on ``device``."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return nn.Sequential(
-            nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)
-        ).to(device)
+    return mlp(8, 16, 16, 4, seed=seed, device=device)
 
 
 def make_convnet(seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:

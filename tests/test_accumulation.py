@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import mlp
 from ranks import run_ranks, spawn
 from torch import nn
 
@@ -33,11 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model() -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return nn.Sequential(
-            nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3)
-        ).double()
+    return mlp(10, 24, 24, 3, seed=0, dtype=torch.float64)
 
 
 def _data(world: int = 1):

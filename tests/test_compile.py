@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
-from torch import nn
+from cases import make_mlp
 from torch._dynamo.utils import counters
 
 from sparseopt import SparseOptimizer, SupTicketsScheduler
@@ -38,14 +38,6 @@ def _fresh_dynamo():
     assert not torch._dynamo.config.error_on_recompile  # the patch never outlives its run
 
 
-def _model() -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return nn.Sequential(
-            nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)
-        )
-
-
 def _batches(n=STEPS):
     g = torch.Generator().manual_seed(0)
     return [(torch.randn(8, 8, generator=g), torch.randint(0, 4, (8,), generator=g))
@@ -58,7 +50,7 @@ def _run(*, compile_model=False, compile_step=False, tensor_lr=True, after_warmu
     Two steps warm up: the first compiles, the second recompiles once because the inner
     optimizer's state now exists (plain ``torch.optim`` under compile does the same).
     """
-    model = _model()
+    model = make_mlp()
     lr = torch.tensor(0.01) if tensor_lr else 0.01
     opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), "rigl",
                           0.8, update_every=2, model=model, seed=0)  # fmt: skip

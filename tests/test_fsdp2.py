@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from cases import assert_exactly_equal, first_difference
+from cases import assert_exactly_equal, first_difference, mlp
 from ranks import run_ranks, spawn
 from torch import nn
 
@@ -37,9 +37,7 @@ MESHES = {"hsdp-2x1": (2, 1), "hsdp-1x2": (1, 2)}  # (replicate, shard) meshes f
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(12, 33), nn.ReLU(), nn.Linear(33, 31), nn.ReLU(), nn.Linear(31, 4)
-    )
+    return mlp(12, 33, 31, 4)
 
 
 def _data():

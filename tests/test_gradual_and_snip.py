@@ -31,6 +31,7 @@ from cases import (
     inner_state_tensors,
     make_convnet,
     make_mlp,
+    mlp,
     train_step,
 )
 from torch import nn
@@ -128,9 +129,7 @@ def _check_invariants(opt, prev_masks=None):
 
 def _mlp_small(seed=0):
     """MLP 8 -> 16 -> 4."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    return mlp(8, 16, 4, seed=seed)
 
 
 # --- GraNet / GMP: the schedule, the global prune, the regrowth -------------------------------

@@ -15,6 +15,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from cases import mlp
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, MultiStepLR, ReduceLROnPlateau
 
@@ -76,9 +77,7 @@ def test_expected_split_table(total, cycle, fraction, m, phase1):
 
 # --- helpers -------------------------------------------------------------------------------------
 def make_model(seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).to(device)
+    return mlp(6, 16, 3, seed=seed, device=device)
 
 
 def batch(step: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,14 @@ import math
 
 import pytest
 import torch
-from cases import assert_exactly_equal, erk_densities, get_case, inner_state_tensors, make_convnet
+from cases import (
+    assert_exactly_equal,
+    erk_densities,
+    get_case,
+    inner_state_tensors,
+    make_convnet,
+    mlp,
+)
 from torch import Tensor, nn
 
 from sparseopt import SparseOptimizer, SupTicketsScheduler
@@ -88,13 +95,7 @@ class RefSuperposition:
 
 # --- models, data, a run -------------------------------------------------------------------------
 def make_mlp_bn(seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return nn.Sequential(
-            nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(),
-            nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU(),
-            nn.Linear(32, 4),
-        ).to(device)  # fmt: skip
+    return mlp(8, 32, 32, 4, batchnorm=True, seed=seed, device=device)
 
 
 MODELS = {"mlp_bn": make_mlp_bn, "convnet_bn": make_convnet}
