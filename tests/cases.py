@@ -3,35 +3,38 @@
 ``CASES`` lists inner optimizers as ``OptimCase`` entries: an id, a factory ``make(params)`` and
 flags that tests use to pick sensible companions (a momentum-cycling scheduler only where the
 optimizer has a momentum or betas to cycle, GradScaler comparisons, the re-mask fallback).
+
+Besides: small models and batches from a seed, and ``assert_exactly_equal``, the one exact
+comparison of nested state (state dicts, checkpoints, snapshots) that the tests share.
 """
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-from sparseopt import available_methods, unregister_method
-
 __all__ = [
     "CASES",
     "FUSED_CASES",
     "OptimCase",
+    "assert_exactly_equal",
     "batches",
     "case_params",
     "erk_densities",
+    "first_difference",
     "get_case",
     "inner_state_tensors",
     "make_convnet",
     "make_mlp",
     "make_model",
-    "registry_restored",
-    "single_thread",
+    "mlp",
     "train_step",
 ]
 
@@ -143,13 +146,46 @@ def case_params(cases: Sequence[OptimCase] = CASES) -> list:
 
 
 # --- models and data --------------------------------------------------------------------------
+def mlp(
+    *widths: int,
+    bias: bool = True,
+    batchnorm: bool = False,
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Sequential:
+    """``nn.Sequential`` of ``Linear`` layers ``widths[0] -> widths[1] -> ... -> widths[-1]``;
+    every layer but the last is followed by ``BatchNorm1d`` (with ``batchnorm``) and ``ReLU``.
+
+    ``mlp(8, 16, 4)`` is ``nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))``, built
+    in that order, so it draws the same weights from the same generator state. With ``seed``
+    they are drawn after ``torch.manual_seed(seed)`` inside ``fork_rng`` (the global CPU
+    generator is left as it was); without, from the global generator. They are drawn in float32
+    on the CPU and then moved to ``dtype`` and ``device`` (like ``.double()`` or ``.to(device)``
+    after building), so a seed gives the same numbers everywhere.
+    """
+    if len(widths) < 2:
+        raise ValueError(f"Expected at least two widths, but got {widths}")
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return mlp(*widths, bias=bias, batchnorm=batchnorm, dtype=dtype, device=device)
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
+        layers.append(nn.Linear(n_in, n_out, bias=bias))
+        if i < len(widths) - 2:  # not the last layer
+            if batchnorm:
+                layers.append(nn.BatchNorm1d(n_out))
+            layers.append(nn.ReLU())
+    model = nn.Sequential(*layers)
+    if dtype is not None or device is not None:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
 def make_mlp(seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
     """A three-layer MLP 8 -> 16 -> 16 -> 4, initialised from ``seed`` on the CPU, on ``device``."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return nn.Sequential(
-            nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)
-        ).to(device)
+    return mlp(8, 16, 16, 4, seed=seed, device=device)
 
 
 def make_convnet(seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
@@ -236,23 +272,50 @@ def erk_densities(shapes: Sequence[Sequence[int]], density: float) -> list[float
         dense.update(i for i in over if raw[i] == top)
 
 
-@contextlib.contextmanager
-def single_thread():
-    """Run with one intra-op thread: tiny tensors are much faster without OpenMP hand-offs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+# --- exact comparison ---------------------------------------------------------------------------
+def first_difference(a: Any, b: Any, path: str = "value", *, strict: bool = False) -> str | None:
+    """Where nested ``a`` and ``b`` first differ, as a message that names the path; ``None`` if
+    they are exactly equal.
+
+    Walks dicts, lists and tuples; tensors must match in dtype, shape and device type and be
+    ``torch.equal`` (so a NaN never equals a NaN); anything else by ``==``. A tensor never
+    equals a non-tensor. By default dict keys compare as sets and a list may equal a tuple;
+    ``strict=True`` also wants the same types (``type(a) is type(b)``) and the same key order.
+    """
+    if strict and type(a) is not type(b):
+        return f"{path}: {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+            return f"{path}: {type(a).__name__} vs {type(b).__name__}"
+        if a.dtype != b.dtype:
+            return f"{path}: dtype {a.dtype} vs {b.dtype}"
+        if a.shape != b.shape:
+            return f"{path}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+        if a.device.type != b.device.type:
+            return f"{path}: device {a.device} vs {b.device}"
+        return None if torch.equal(a, b) else f"{path}: values differ"
+    if isinstance(a, dict) or isinstance(b, dict):
+        if not (isinstance(a, dict) and isinstance(b, dict)):
+            return f"{path}: {type(a).__name__} vs {type(b).__name__}"
+        if (list(a) != list(b)) if strict else (a.keys() != b.keys()):
+            return f"{path}: keys {list(a)} vs {list(b)}"
+        for k in a:
+            if (diff := first_difference(a[k], b[k], f"{path}[{k!r}]", strict=strict)) is not None:
+                return diff
+        return None
+    if isinstance(a, list | tuple) or isinstance(b, list | tuple):
+        if not (isinstance(a, list | tuple) and isinstance(b, list | tuple)):
+            return f"{path}: {type(a).__name__} vs {type(b).__name__}"
+        if len(a) != len(b):
+            return f"{path}: length {len(a)} vs {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            if (diff := first_difference(x, y, f"{path}[{i}]", strict=strict)) is not None:
+                return diff
+        return None
+    return None if a == b else f"{path}: {a!r} vs {b!r}"
 
 
-@contextlib.contextmanager
-def registry_restored():
-    """On exit, unregister every method that was registered inside the block."""
-    before = set(available_methods())
-    try:
-        yield
-    finally:
-        for name in set(available_methods()) - before:
-            unregister_method(name)
+def assert_exactly_equal(a: Any, b: Any, path: str = "value", *, strict: bool = False) -> None:
+    """Assert that nested ``a`` and ``b`` are exactly equal (see ``first_difference``)."""
+    diff = first_difference(a, b, path, strict=strict)
+    assert diff is None, diff

@@ -92,3 +92,19 @@ def fresh_accelerate_state():
     reset()
     yield
     reset()
+
+
+@pytest.fixture
+def method_registry():
+    """Snapshot sparseopt's method registry; restore it after the test, passed or failed.
+
+    A test that registers, overwrites or unregisters methods leaves the registry as it found it,
+    so a failing test cannot leak a method into the next. Yields a copy of the snapshot (name ->
+    factory): what the test found.
+    """
+    from sparseopt.methods import _REGISTRY
+
+    saved = dict(_REGISTRY)
+    yield dict(saved)
+    _REGISTRY.clear()
+    _REGISTRY.update(saved)

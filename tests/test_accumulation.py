@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import single_thread
+from cases import mlp
 from ranks import run_ranks, spawn
 from torch import nn
 
@@ -30,18 +30,11 @@ METHODS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model() -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return nn.Sequential(
-            nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3)
-        ).double()
+    return mlp(10, 24, 24, 3, seed=0, dtype=torch.float64)
 
 
 def _data(world: int = 1):

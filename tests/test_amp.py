@@ -20,17 +20,12 @@ from cases import (
     inner_state_tensors,
     make_convnet,
     make_mlp,
-    single_thread,
 )
 from torch import nn
 
 from sparseopt import SparseOptimizer, SupTicketsScheduler
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _assert_sparse(opt, sparsity):

@@ -15,15 +15,16 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
-from cases import single_thread
-from torch import nn
+from cases import make_mlp
 from torch._dynamo.utils import counters
 
 from sparseopt import SparseOptimizer, SupTicketsScheduler
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"  # torch's own, in dynamo
-)
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    # torch's own, in dynamo
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+]
 BACKEND = "aot_eager"
 STEPS = 16
 
@@ -32,18 +33,9 @@ STEPS = 16
 def _fresh_dynamo():
     torch._dynamo.reset()
     counters.clear()
-    with single_thread():
-        yield
+    yield
     torch._dynamo.reset()
     assert not torch._dynamo.config.error_on_recompile  # the patch never outlives its run
-
-
-def _model() -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return nn.Sequential(
-            nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)
-        )
 
 
 def _batches(n=STEPS):
@@ -58,7 +50,7 @@ def _run(*, compile_model=False, compile_step=False, tensor_lr=True, after_warmu
     Two steps warm up: the first compiles, the second recompiles once because the inner
     optimizer's state now exists (plain ``torch.optim`` under compile does the same).
     """
-    model = _model()
+    model = make_mlp()
     lr = torch.tensor(0.01) if tensor_lr else 0.01
     opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), "rigl",
                           0.8, update_every=2, model=model, seed=0)  # fmt: skip

@@ -17,13 +17,13 @@ import torch
 from cases import (
     CASES,
     FUSED_CASES,
+    assert_exactly_equal,
     batches,
     case_params,
     get_case,
     inner_state_tensors,
     make_convnet,
     make_mlp,
-    single_thread,
     train_step,
 )
 from torch import nn
@@ -35,34 +35,12 @@ from sparseopt import SparseOptimizer
 ALL = case_params()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sparse(case, model, method="set", sparsity=0.8, **kw):
     kw.setdefault("seed", 0)
     return SparseOptimizer(case.make(model.parameters()), method, sparsity, model=model, **kw)
-
-
-def _assert_equal_nested(a, b, path="sd"):
-    """Recursive equality of state-dict-like data; tensors by ``torch.equal`` and dtype."""
-    assert type(a) is type(b), f"{path}: {type(a).__name__} vs {type(b).__name__}"
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype, f"{path}: dtype {a.dtype} vs {b.dtype}"
-        assert a.shape == b.shape, f"{path}: shape {a.shape} vs {b.shape}"
-        assert torch.equal(a, b), f"{path}: values differ"
-    elif isinstance(a, dict):
-        assert list(a) == list(b), f"{path}: keys {list(a)} vs {list(b)}"
-        for k in a:
-            _assert_equal_nested(a[k], b[k], f"{path}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{path}: length {len(a)} vs {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_equal_nested(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} vs {b!r}"
 
 
 def _assert_inner_state_equal(o1, o2):
@@ -73,7 +51,7 @@ def _assert_inner_state_equal(o1, o2):
         s1, s2 = o1.state.get(a, {}), o2.state.get(b, {})
         assert set(s1) == set(s2), f"param {i}: state keys {set(s1)} vs {set(s2)}"
         for k in s1:
-            _assert_equal_nested(s1[k], s2[k], f"state[{i}][{k!r}]")
+            assert_exactly_equal(s1[k], s2[k], f"state[{i}][{k!r}]", strict=True)
 
 
 # --- identity --------------------------------------------------------------------------------
@@ -433,7 +411,7 @@ def test_state_dict_round_trip_is_bit_identical(case, method, tmp_path, device):
         train_step(m1, o1, batch)
     sd = o1.state_dict()
     assert set(sd) == {"state", "param_groups", "sparseopt"}
-    _assert_equal_nested(sd, o1.state_dict())  # deterministic
+    assert_exactly_equal(sd, o1.state_dict(), "sd", strict=True)  # deterministic
     masks_at_save = [m.clone() for m in o1.masks.values()]
     torch.save({"model": m1.state_dict(), "opt": sd}, tmp_path / "ckpt.pt")
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
@@ -502,7 +480,7 @@ def test_load_state_dict_does_not_mutate_its_argument(case, tmp_path, device):
     model2.load_state_dict(model.state_dict())
     opt2 = _sparse(case, model2, "rigl", update_every=1)
     opt2.load_state_dict(loaded)
-    _assert_equal_nested(loaded, snapshot)
+    assert_exactly_equal(loaded, snapshot, "sd", strict=True)
     masks_loaded = [m.clone() for m in opt2.masks.values()]
     for batch in data[3:]:
         train_step(model2, opt2, batch)
@@ -511,8 +489,10 @@ def test_load_state_dict_does_not_mutate_its_argument(case, tmp_path, device):
     )
     # torch's inner load_state_dict aliases state tensors (its own behaviour); the masks and
     # counters in the sparseopt entry must stay the caller's
-    _assert_equal_nested(loaded["sparseopt"], snapshot["sparseopt"], "sd['sparseopt']")
-    _assert_equal_nested(loaded["param_groups"], snapshot["param_groups"], "sd['param_groups']")
+    assert_exactly_equal(loaded["sparseopt"], snapshot["sparseopt"], "sd['sparseopt']", strict=True)
+    assert_exactly_equal(
+        loaded["param_groups"], snapshot["param_groups"], "sd['param_groups']", strict=True
+    )
 
 
 # --- GradScaler ---------------------------------------------------------------------------------
@@ -604,7 +584,7 @@ def test_grad_scaler_skipped_step_changes_nothing(case, device):
     assert scaler.get_scale() == 512.0
     assert all(torch.equal(a, b) for a, b in zip(masks, opt.masks.values(), strict=True))
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
-    _assert_equal_nested(state, opt.optimizer.state_dict()["state"])
+    assert_exactly_equal(state, opt.optimizer.state_dict()["state"], "sd", strict=True)
     assert opt.report()["updates"]["updates"] == 1
 
     train_step(model, opt, data[2], scaler)  # the next good step is a normal step with an update

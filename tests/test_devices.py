@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import batches, make_mlp, train_step
+from cases import batches, make_mlp, mlp, train_step
 from torch import nn
 
 from sparseopt import SparseOptimizer, SupTicketsScheduler, available_methods
@@ -32,7 +32,7 @@ FACTORIES = {
 
 
 def _model() -> nn.Module:
-    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    return mlp(8, 16, 3, batchnorm=True)
 
 
 def _train_under_default_device(default: str, method: str) -> SparseOptimizer:

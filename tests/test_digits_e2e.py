@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import mlp
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
@@ -26,12 +27,7 @@ ERK_COUNTS = [714, 713, 275]
 N = 17024
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_digits_rigl_suptickets():
@@ -50,11 +46,7 @@ def test_digits_rigl_suptickets():
         return out
 
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(64, 128), nn.BatchNorm1d(128), nn.ReLU(),
-        nn.Linear(128, 64), nn.BatchNorm1d(64), nn.ReLU(),
-        nn.Linear(64, 10),
-    )  # fmt: skip
+    model = mlp(64, 128, 64, 10, batchnorm=True)
     inner = torch.optim.Adam(model.parameters(), lr=0.01)
     opt = SparseOptimizer(inner, "rigl", 0.9, model=model, update_every=20, seed=0)
     total, cycle = 300, 15

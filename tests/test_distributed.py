@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from cases import mlp
 from ranks import run_ranks, spawn
 from torch import nn
 
@@ -23,9 +24,7 @@ STEPS, CYCLE, BATCH = 24, 3, 16
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)
-    )
+    return mlp(12, 32, 32, 4)
 
 
 def _data():

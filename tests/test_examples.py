@@ -26,15 +26,7 @@ sys.path.insert(0, str(EXAMPLES))
 import demo  # noqa: E402
 import train  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # One intra-op thread: on a shared 2-core machine, OpenMP threads that wait for a busy core
-    # make small ops many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from cases import batches, make_model, train_step
+from cases import batches, make_model, mlp, train_step
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -178,7 +178,7 @@ def test_position_encodings_round_trip_and_the_smaller_is_chosen(density):
 
 
 def test_file_is_much_smaller_than_torch_save(tmp_path):
-    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512))
+    model = mlp(512, 512, 512)
     with torch.no_grad():
         for layer in (model[0], model[2]):
             layer.weight.mul_(torch.rand(512, 512) < 0.05)
@@ -202,14 +202,9 @@ def _assert_unchanged(model, before):
 @pytest.mark.parametrize(
     ("other", "match"),
     [
-        (lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16)), "missing|not in"),
+        (lambda: mlp(8, 16, 16), "missing|not in"),
         (lambda: make_model("mlp").double(), "dtype"),
-        (
-            lambda: nn.Sequential(
-                nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5)
-            ),
-            r"4\.weight: shape \[4, 16\] in the file, \[5, 16\]",
-        ),
+        (lambda: mlp(8, 16, 16, 5), r"4\.weight: shape \[4, 16\] in the file, \[5, 16\]"),
     ],
 )
 def test_a_file_that_does_not_fit_is_refused_before_any_change(other, match, tmp_path):
@@ -381,7 +376,7 @@ def test_the_default_rule_allows_half_a_percent_of_slack(zeros, converted):
 
 def test_converted_model_copies_saves_and_scripts(tmp_path):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    model = mlp(32, 64, 8).eval()
     for layer in (model[0], model[2]):
         _sparsify(layer, 0.95, 0)
     fast = to_sparse_inference(model, min_sparsity=0.5)

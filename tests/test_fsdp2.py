@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from cases import assert_exactly_equal, first_difference, mlp
 from ranks import run_ranks, spawn
 from torch import nn
 
@@ -36,9 +37,7 @@ MESHES = {"hsdp-2x1": (2, 1), "hsdp-1x2": (1, 2)}  # (replicate, shard) meshes f
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(12, 33), nn.ReLU(), nn.Linear(33, 31), nn.ReLU(), nn.Linear(31, 4)
-    )
+    return mlp(12, 33, 31, 4)
 
 
 def _data():
@@ -285,7 +284,9 @@ def _ranks(rank: int, world: int, out: str) -> None:
             opt.load_state_dict(sd)
         except ValueError as e:
             results[key] = str(e)
-    results["unchanged"] = _equal(before, [m.to_local() for m in opt.masks.values()])
+    results["unchanged"] = (
+        first_difference(before, [m.to_local() for m in opt.masks.values()]) is None
+    )
     results["state_untouched"] = len(opt.state) == 0
 
     # Different seeds: the generators differ (and so would every random mask shard).
@@ -319,20 +320,15 @@ def fsdp_results(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
-def _equal(a, b):
-    if isinstance(a, list):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
-    return torch.equal(a, b)
-
-
 def test_selections_on_dtensors_equal_the_single_process_ones(fsdp_results):
     cases = fsdp_results[0]["selection"]
     assert len(cases) == 172  # 6 x (22 single + 6 global selections) + 4 drop_and_grow
     for (what, dtype, kind, shape, k, got, ref), other in zip(
         cases, fsdp_results[1]["selection"], strict=True
     ):
-        assert _equal(got, ref), (what, dtype, kind, shape, k)
-        assert _equal(other[5], ref), (what, dtype, kind, shape, k)
+        where = repr((what, dtype, kind, shape, k))
+        assert_exactly_equal(got, ref, where)
+        assert_exactly_equal(other[5], ref, where)
 
 
 def _single_process(case):
@@ -376,7 +372,7 @@ def test_fsdp2_resume_is_bit_identical(fsdp_results, case):
     for r in fsdp_results:
         done, resumed = r[case], r[f"{case}-resumed"]
         for key in ("local_masks", "local_params", "superposed", "evals"):
-            assert _equal(done[key], resumed[key]), key
+            assert_exactly_equal(done[key], resumed[key], key)
         assert done["counts"] == resumed["counts"]
 
 

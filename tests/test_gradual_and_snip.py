@@ -31,18 +31,14 @@ from cases import (
     inner_state_tensors,
     make_convnet,
     make_mlp,
-    single_thread,
+    mlp,
     train_step,
 )
 from torch import nn
 
 from sparseopt import SparseOptimizer, SupTicketsScheduler
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- independent references ---------------------------------------------------------------------
@@ -133,9 +129,7 @@ def _check_invariants(opt, prev_masks=None):
 
 def _mlp_small(seed=0):
     """MLP 8 -> 16 -> 4."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    return mlp(8, 16, 4, seed=seed)
 
 
 # --- GraNet / GMP: the schedule, the global prune, the regrowth -------------------------------

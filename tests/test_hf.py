@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+from cases import assert_exactly_equal
 
 transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed (pip install 'sparseopt[hf]')"
@@ -135,19 +136,6 @@ def _state(run):
     )
 
 
-def _same(a, b) -> bool:
-    """Exact equality of nested dicts, lists and tensors (tensors bit for bit)."""
-    if torch.is_tensor(a) or torch.is_tensor(b):
-        return (
-            torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
-        )
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
-
 def _assert_ticket(opt, model):
     total = sum(layer.numel for layer in opt.layers)
     assert sum(int(layer.mask.sum()) for layer in opt.layers) == round((1 - SPARSITY) * total)
@@ -197,8 +185,9 @@ def test_resume_mid_cycle_is_bit_identical(full_run, tmp_path):
     for a, b in zip(mine[0], ref[0], strict=True):
         assert torch.equal(a, b)
     assert mine[1]["sparseopt"]["superposition"] is not None
-    assert _same(mine[1], ref[1])  # masks, moments, counters, generator, superposed copy
-    assert _same(mine[2], ref[2])
+    # masks, moments, counters, generator, superposed copy
+    assert_exactly_equal(mine[1], ref[1], "opt")
+    assert_exactly_equal(mine[2], ref[2], "sched")
     _assert_ticket(resumed["opt"], resumed["model"])
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cases import mlp
 from ranks import run_isolated
 
 import sparseopt
@@ -30,12 +31,7 @@ ARGS = ["--steps", str(STEPS), "--cycle-steps", str(CYCLE), "--update-every", "5
         "--superpose-fraction", "0.34", "--batch-size", "32"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -101,7 +97,7 @@ def test_repeated_scheduler_calls_within_one_iteration_are_ignored():
 
     def run(calls_per_step):
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        model = mlp(8, 16, 4)
         opt = sparseopt.SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), "rigl",
                                         0.8, update_every=2, model=model, seed=0)  # fmt: skip
         sched = sparseopt.SupTicketsScheduler(opt, 12, 2, superpose_fraction=0.34,

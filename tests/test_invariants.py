@@ -13,19 +13,14 @@ import math
 
 import pytest
 import torch
-from cases import CASES, case_params, erk_densities, get_case, inner_state_tensors, single_thread
+from cases import CASES, case_params, erk_densities, get_case, inner_state_tensors
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from sparseopt import SparseOptimizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 INVARIANT_CASES = [
     "sgd_wd-foreach",

@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from cases import mlp
 from torch import nn
 
 from sparseopt import SparseOptimizer
@@ -469,7 +470,7 @@ def test_cosine_schedule_closed_form():
 
 def _tiny_model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    return mlp(8, 16, 4)
 
 
 def test_optimizer_schedule_stop_and_cosine_rates():

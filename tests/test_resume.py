@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cases import assert_exactly_equal
 
 REPO = Path(__file__).resolve().parents[1]
 TOTAL = 20
@@ -124,27 +125,6 @@ def script(tmp_path_factory):
     return path, module
 
 
-def assert_same(a, b, where="state"):
-    """Recursive exact equality: tensors with torch.equal (and the same dtype)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), where
-        assert a.dtype == b.dtype, where
-        assert a.shape == b.shape, where
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict), where
-        assert set(a) == set(b), where
-        for key in a:
-            assert_same(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)), where
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 _CACHE: dict = {}
 
 
@@ -176,11 +156,13 @@ def roundtrip(state):
 
 def check_resumed(full, resumed, saved):
     # weights, masks, inner state (momentum / exp_avg / exp_avg_sq / step), generator, counters
-    assert_same(full["model"], resumed["model"], "model")
-    assert_same(full["opt"]["state"], resumed["opt"]["state"], "opt.state")
-    assert_same(full["opt"]["param_groups"], resumed["opt"]["param_groups"], "param_groups")
-    assert_same(full["opt"]["sparseopt"], resumed["opt"]["sparseopt"], "sparseopt")
-    assert_same(full["opt"], resumed["opt"], "opt")
+    assert_exactly_equal(full["model"], resumed["model"], "model")
+    assert_exactly_equal(full["opt"]["state"], resumed["opt"]["state"], "opt.state")
+    assert_exactly_equal(
+        full["opt"]["param_groups"], resumed["opt"]["param_groups"], "param_groups"
+    )
+    assert_exactly_equal(full["opt"]["sparseopt"], resumed["opt"]["sparseopt"], "sparseopt")
+    assert_exactly_equal(full["opt"], resumed["opt"], "opt")
     # the resumed part really moved the topology
     masks_k = saved["opt"]["sparseopt"]["masks"]
     masks_end = full["opt"]["sparseopt"]["masks"]
@@ -247,8 +229,8 @@ def test_resume_in_process(script, method, inner, k, order):
     saved = first_part(mod, method, inner, k)
     model, opt = mod.resume(saved, method, inner, k, order)
     resumed = mod.checkpoint(model, opt)
-    assert_same(full["model"], resumed["model"], "model")
-    assert_same(full["opt"], resumed["opt"], "opt")
+    assert_exactly_equal(full["model"], resumed["model"], "model")
+    assert_exactly_equal(full["opt"], resumed["opt"], "opt")
     if method != "static":
         check_resumed(full, resumed, saved)
 
@@ -273,7 +255,7 @@ def test_resume_with_pending_exploration(script):
     saved = roundtrip(mod.checkpoint(model, opt))
     assert saved["opt"]["sparseopt"]["pending_exploration"] == 0.5
     model, opt = mod.resume(saved, method, inner, k, "opt_first")
-    assert_same(full, mod.checkpoint(model, opt))
+    assert_exactly_equal(full, mod.checkpoint(model, opt))
 
 
 def test_resume_without_optimizer_state_differs(script):
@@ -299,4 +281,4 @@ def test_state_dict_is_plain_data(script):
     assert [int(m.sum()) for m in sp["masks"].values()] == list(sp["counts"].values())
     assert sp["step"] == 4
     loaded = roundtrip(saved)  # weights_only=True
-    assert_same(saved, loaded)
+    assert_exactly_equal(saved, loaded)

@@ -15,19 +15,13 @@ from fractions import Fraction
 
 import pytest
 import torch
+from cases import mlp
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, MultiStepLR, ReduceLROnPlateau
 
 from sparseopt import SparseOptimizer, SupTicketsScheduler, cyclic_lr
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to a busy machine; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- independent references ----------------------------------------------------------------------
@@ -83,9 +77,7 @@ def test_expected_split_table(total, cycle, fraction, m, phase1):
 
 # --- helpers -------------------------------------------------------------------------------------
 def make_model(seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).to(device)
+    return mlp(6, 16, 3, seed=seed, device=device)
 
 
 def batch(step: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,19 +14,19 @@ import math
 
 import pytest
 import torch
-from cases import erk_densities, get_case, inner_state_tensors, make_convnet
+from cases import (
+    assert_exactly_equal,
+    erk_densities,
+    get_case,
+    inner_state_tensors,
+    make_convnet,
+    mlp,
+)
 from torch import Tensor, nn
 
 from sparseopt import SparseOptimizer, SupTicketsScheduler
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to a busy machine; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- the slow reference --------------------------------------------------------------------------
@@ -95,13 +95,7 @@ class RefSuperposition:
 
 # --- models, data, a run -------------------------------------------------------------------------
 def make_mlp_bn(seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return nn.Sequential(
-            nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(),
-            nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU(),
-            nn.Linear(32, 4),
-        ).to(device)  # fmt: skip
+    return mlp(8, 32, 32, 4, batchnorm=True, seed=seed, device=device)
 
 
 MODELS = {"mlp_bn": make_mlp_bn, "convnet_bn": make_convnet}
@@ -342,20 +336,6 @@ def _snapshot(model, opt):
     )
 
 
-def _assert_same(a, b):
-    for x, y in zip(a[0], b[0], strict=True):
-        assert torch.equal(x, y)
-    assert a[1].keys() == b[1].keys()
-    for k in a[1]:
-        assert torch.equal(a[1][k], b[1][k]), k
-        assert a[1][k].dtype == b[1][k].dtype
-    for group in (2, 3):
-        for x, y in zip(a[group], b[group], strict=True):
-            assert torch.equal(x, y)
-    for k in a[4]:
-        assert torch.equal(a[4][k], b[4][k])
-
-
 def _assert_holds_superposed(model, opt):
     sup = opt._superposition
     for p, s in zip(model.parameters(), sup.params, strict=True):
@@ -377,7 +357,7 @@ def test_superposed_context_swaps_in_and_restores(device):
         model(batch("convnet_bn", 99, device=device)[0])  # changes the BN running stats
         with torch.no_grad():
             next(model.parameters()).add_(1.0)
-    _assert_same(_snapshot(model, opt), before)
+    assert_exactly_equal(_snapshot(model, opt), before, "snapshot")
 
 
 def test_superposed_context_restores_on_exception(device):
@@ -396,7 +376,7 @@ def test_superposed_context_restores_on_exception(device):
 
     with pytest.raises(RuntimeError, match="boom"):
         evaluate_and_fail()
-    _assert_same(_snapshot(model, opt), before)
+    assert_exactly_equal(_snapshot(model, opt), before, "snapshot")
 
 
 def test_superposed_context_evaluates_like_the_finalized_model(device):

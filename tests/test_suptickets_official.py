@@ -17,6 +17,7 @@ import copy
 
 import pytest
 import torch
+from cases import mlp
 from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
 
@@ -30,13 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model() -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return nn.Sequential(
-            nn.Linear(12, 32), nn.BatchNorm1d(32), nn.ReLU(),
-            nn.Linear(32, 24), nn.BatchNorm1d(24), nn.ReLU(),
-            nn.Linear(24, 3),
-        )  # fmt: skip
+    return mlp(12, 32, 24, 3, batchnorm=True, seed=0)
 
 
 def batch(step: int) -> tuple[Tensor, Tensor]:

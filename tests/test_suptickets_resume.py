@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from cases import assert_exactly_equal
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import MultiStepLR
 
@@ -41,13 +42,7 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to a busy machine; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- building and running ------------------------------------------------------------------------
@@ -158,26 +153,6 @@ def snapshot(model, opt, sched) -> dict[str, Any]:
     }
 
 
-def assert_identical(a: Any, b: Any, path: str = "") -> None:
-    if isinstance(a, Tensor):
-        assert isinstance(b, Tensor), path
-        assert a.dtype == b.dtype, path
-        assert a.shape == b.shape, path
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert isinstance(b, dict), path
-        assert sorted(map(str, a)) == sorted(map(str, b)), path
-        for k in a:
-            assert_identical(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)), path
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_identical(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
-
-
 def save_load(obj: Any) -> Any:
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -236,8 +211,8 @@ def test_resume_is_bit_exact(config, k, device):
     assert opt.tickets == tickets_after(config, k)
     snaps = run(model, opt, sched, k + 1, T, snap_at=(T - 1, T))
     if k < T - 1:
-        assert_identical(snaps[T - 1], expected[T - 1], "step T-1")
-    assert_identical(snaps[T], expected[T], "step T")
+        assert_exactly_equal(snaps[T - 1], expected[T - 1], "step T-1")
+    assert_exactly_equal(snaps[T], expected[T], "step T")
     assert opt.tickets == tickets_after(config, T)
 
 
@@ -309,5 +284,5 @@ def test_resume_from_a_checkpoint_written_by_another_process(tmp_path):
     model, opt, sched = resume(saved, config)
     snaps = run(model, opt, sched, k + 1, T, snap_at=(T - 1, T))
     expected = uninterrupted(config)
-    assert_identical(snaps[T - 1], expected[T - 1], "step T-1")
-    assert_identical(snaps[T], expected[T], "step T")
+    assert_exactly_equal(snaps[T - 1], expected[T - 1], "step T-1")
+    assert_exactly_equal(snaps[T], expected[T], "step T")
