@@ -34,6 +34,7 @@ def pack(engine: MaskEngine, sup: Superposition | None) -> dict[str, Any]:
         "method_options": engine.method.options(),
         "method_state": engine.method.state_dict(),
         "sparsity": engine.sparsity,
+        "structure": None if engine.structure is None else str(engine.structure),
         "step": engine.step,
         "masks_applied": engine.masks_applied,
         "periodic_updates": engine.periodic_updates,
@@ -65,6 +66,11 @@ def check_fits(saved: Mapping[str, Any], engine: MaskEngine) -> None:
     if saved.get("num_params") != engine.num_params:
         problems.append(
             f"{saved.get('num_params')} parameters vs this optimizer's {engine.num_params}"
+        )
+    mine_structure = None if engine.structure is None else str(engine.structure)
+    if saved.get("structure") != mine_structure:  # 0.1.0 checkpoints have none
+        problems.append(
+            f"structure {saved.get('structure')!r} vs this optimizer's {mine_structure!r}"
         )
     if saved.get("sparsity") != engine.sparsity:
         problems.append(f"sparsity {saved.get('sparsity')} vs this optimizer's {engine.sparsity}")
@@ -127,7 +133,8 @@ def load(
     sup = saved.get("superposition")
     if sup is not None:
         sparse = [layer.index for layer in engine.layers]
-        sup = Superposition.from_state_dict(sup, params, sparse, bn_buffers(engine.model))
+        buffers = bn_buffers(engine.model)
+        sup = Superposition.from_state_dict(sup, params, sparse, buffers, engine.structure)
     if engine.masks_applied:
         engine.mask_weights_and_state()
         _dtensor.reshard(engine.model)

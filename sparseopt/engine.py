@@ -25,6 +25,15 @@ from .masks import apply_masks_, count_active, random_mask
 from .methods import MethodContext, SparseLayer, SparsityMethod
 from .report import SparsityReport, UpdateStats
 from .schedules import PRUNE_SCHEDULES, TopologySchedule
+from .structure import (
+    Structure,
+    check_structured,
+    fits,
+    gemm_shape,
+    parse_structure,
+    random_structured,
+    row_count,
+)
 
 __all__ = ["MaskEngine", "PendingUpdate", "keeps_zeros"]
 
@@ -82,9 +91,10 @@ class MaskEngine:
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
-        sparsity: float,
+        sparsity: float | None,
         distribution: str | Mapping[str, float],
         *,
+        structure: str | Structure | None = None,
         update_every: int,
         prune_rate: float,
         prune_schedule: str | None,
@@ -97,7 +107,11 @@ class MaskEngine:
         self.optimizer = optimizer
         self.model = model
         self.method: SparsityMethod  # set by the owner before register()
-        self.sparsity = _validate.real("sparsity", sparsity, 0, 1, high_open=True)
+        self.structure = parse_structure(structure)
+        self.sparsity = self._resolve_sparsity(sparsity)
+        self.excluded: list[
+            dict[str, Any]
+        ] = []  # sparse-eligible layers the structure leaves dense
         if not isinstance(distribution, (str, Mapping)):
             raise TypeError(
                 "Expected distribution to be 'erk', 'er', 'uniform' or a mapping name -> density, "
@@ -137,8 +151,41 @@ class MaskEngine:
         self.context = self._make_context()
 
     # --- settings ---------------------------------------------------------------------------
+    def _resolve_sparsity(self, sparsity: float | None) -> float:
+        """``sparsity`` checked; left out, 0.9, or under ``N:M`` the structure's ``1 - N/M``."""
+        s = self.structure
+        if s is None or s.kind != "nm":
+            return (
+                0.9
+                if sparsity is None
+                else _validate.real("sparsity", sparsity, 0, 1, high_open=True)
+            )
+        implied = 1.0 - s.n / s.m
+        if sparsity is None:
+            return implied
+        value = _validate.real("sparsity", sparsity, 0, 1, high_open=True)
+        if abs(value - implied) > 1e-9:
+            raise ValueError(
+                f"Expected sparsity to be left out or {implied:g} with structure='{s}', but got "
+                f"{sparsity!r}: every sparse layer of a {s} structure has density {s.n}/{s.m}"
+            )
+        return implied
+
     def _make_context(self) -> MethodContext:
-        return MethodContext(tuple(self.layers), self.schedule, self.total_steps, self.sparsity)
+        return MethodContext(
+            tuple(self.layers), self.schedule, self.total_steps, self.sparsity, self.structure
+        )
+
+    def check_method(self) -> None:
+        """Refuse a method that cannot keep the structure, then let it check the settings."""
+        s = self.structure
+        if s is not None and s.kind not in self.method.structures:
+            raise ValueError(
+                f"Expected a method that keeps structure='{s}', but got method "
+                f"{self.method.name!r}, which changes the density as it prunes; use 'static', "
+                "'set', 'rigl' or 'snip' with a structure"
+            )
+        self.method.check(self.context)
 
     def make_schedule(self, total_steps: int | None) -> TopologySchedule:
         """The periodic schedule for a training of ``total_steps`` (``None``: unknown)."""
@@ -157,7 +204,7 @@ class MaskEngine:
         self.schedule, self.total_steps = schedule, total_steps
         self.context = self._make_context()
         try:
-            self.method.check(self.context)
+            self.check_method()
         except ValueError:
             self.schedule, self.total_steps, self.context = before
             raise
@@ -186,6 +233,7 @@ class MaskEngine:
                 if group.get("sparse", True) and p.ndim >= 2 and id(p) not in seen:
                     seen.add(id(p))
                     new.append((p, names.get(id(p), f"param{index}"), index))
+        new = self._structurable(new)
         if not new:
             return
         shapes = [tuple(p.shape) for p, _, _ in new]
@@ -194,7 +242,14 @@ class MaskEngine:
         target = 1.0 - self.sparsity
 
         def counts_at(density: float) -> list[int]:
+            if self.structure is not None and self.structure.kind == "nm" and density == target:
+                return [n // self.structure.m * self.structure.n for n in numels]
             densities = layer_densities(self.distribution, shapes, density, layer_names)
+            if self.structure is not None and density == target:  # fan-in: k per row
+                return [
+                    gemm_shape(shape)[0] * row_count(shape, d)
+                    for shape, d in zip(shapes, densities, strict=True)
+                ]
             return exact_counts(densities, numels, density)
 
         targets = counts_at(target)
@@ -202,11 +257,37 @@ class MaskEngine:
         counts = targets if start == target else counts_at(start)
         for (p, name, index), count, goal in zip(new, counts, targets, strict=True):
             _dtensor.check_placements(p, name)
-            mask = _dtensor.shard_like(random_mask(p.shape, count, self.generator), p)
+            if self.structure is not None and count == goal:
+                rows = gemm_shape(p.shape)[0]
+                k = None if self.structure.kind == "nm" else count // rows
+                mask = random_structured(p.shape, self.structure, self.generator, k)
+            else:  # no structure, or a dense start (SNIP) that the first update structures
+                mask = random_mask(p.shape, count, self.generator)
+            mask = _dtensor.shard_like(mask, p)
             self.layers.append(SparseLayer(p, name, index, mask, count, goal))
         self.context = self._make_context()
         if self.masks_applied:
             self.mask_weights_and_state(self.layers[-len(new) :])
+
+    def _structurable(self, new: list[tuple[Tensor, str, int]]) -> list[tuple[Tensor, str, int]]:
+        """The layers the structure can hold; the others stay dense, listed in ``excluded``."""
+        s = self.structure
+        if s is None:
+            return new
+        kept = []
+        for p, name, index in new:
+            if _dtensor.is_dtensor(p):
+                raise ValueError(
+                    f"Expected plain tensors with structure='{s}', but {name} is a DTensor: "
+                    "structured masks under FSDP2 are not supported; leave structure out"
+                )
+            if fits(p.shape, s):
+                kept.append((p, name, index))
+            else:
+                fan_in = gemm_shape(p.shape)[1]
+                reason = f"input dimension {fan_in} is not a multiple of {s.m}"
+                self.excluded.append({"name": name, "shape": tuple(p.shape), "reason": reason})
+        return kept
 
     def state_tensors(self, layer: SparseLayer) -> list[Tensor]:
         """The inner state tensors of the layer's shape (momentum, exp_avg, ...)."""
@@ -349,6 +430,8 @@ class MaskEngine:
         """Apply the method's new masks; zero weights and inner state wherever a mask changed."""
         read_gradient = self.method.reads_gradient(scheduled, self.context)
         new_masks = self.method.new_masks(self.context, rate, scores, scheduled)
+        if self.structure is not None:
+            self._check_structure(new_masks)
         grown = []
         for layer, new in zip(self.layers, new_masks, strict=True):
             changed = layer.mask ^ new
@@ -372,6 +455,18 @@ class MaskEngine:
         generator.set_state(state.pop("generator"))
         self.__dict__.update(state, generator=generator)
 
+    def _check_structure(self, masks: list[Tensor]) -> None:
+        """A method that returns masks outside the structure is a bug: fail loudly, change none."""
+        for layer, mask in zip(self.layers, masks, strict=True):
+            k = None if self.structure.kind == "nm" else layer.target // gemm_shape(mask.shape)[0]
+            try:
+                check_structured(mask, self.structure, k)
+            except ValueError as e:
+                raise RuntimeError(
+                    f"method {self.method.name!r} returned a mask for {layer.name} that breaks "
+                    f"structure='{self.structure}': {e}"
+                ) from e
+
     # --- reading ------------------------------------------------------------------------------
     @property
     def density(self) -> float:
@@ -391,4 +486,7 @@ class MaskEngine:
             }
             for layer in self.layers
         ]
-        return SparsityReport(rows, {**self.stats.as_dict(), "step": self.step})
+        updates = {**self.stats.as_dict(), "step": self.step}
+        if self.structure is None:
+            return SparsityReport(rows, updates)
+        return SparsityReport(rows, updates, structure=str(self.structure), dense=self.excluded)

@@ -20,15 +20,18 @@ from torch import Tensor
 
 from . import _compat, _dtensor, _select
 from ._dtensor import DTENSOR_TYPES
+from .structure import Structure, gemm_shape, select_structured, structured_drop_and_grow
 
 __all__ = [
     "apply_masks_",
     "count_active",
     "drop_and_grow",
+    "exchange",
     "group_by_device_and_dtype",
     "random_mask",
     "select_largest",
     "select_largest_across",
+    "select_largest_within",
     "select_smallest",
 ]
 
@@ -279,3 +282,76 @@ def apply_masks_(
         return
     for ts, ms in group_by_device_and_dtype(tensors, masks).values():
         _compat.foreach_mul_(ts, [m.view(torch.uint8) for m in ms])
+
+
+def _per_row(structure: Structure, shape: Sequence[int], count: int) -> int | None:
+    """The per-row count of a constant fan-in layer with ``count`` active; ``None`` for N:M."""
+    return None if structure.kind == "nm" else count // gemm_shape(shape)[0]
+
+
+def select_largest_within(scores: Tensor, count: int, structure: Structure | None) -> Tensor:
+    """The ``count`` largest ``scores`` of one layer, kept in ``structure`` if there is one.
+
+    Without a structure this is [`select_largest`][sparseopt.masks.select_largest]; under
+    ``N:M`` the top ``N`` of every group (``count`` is then ``numel * N / M``); under
+    ``"fan_in"`` the top ``count / rows`` of every row. Ties go to the lowest index.
+
+    Args:
+        scores (Tensor): one layer's scores.
+        count (int): how many to select (a multiple of the rows under ``"fan_in"``).
+        structure (Structure | None): from [`parse_structure`][sparseopt.structure.parse_structure].
+
+    Returns:
+        A bool mask of ``scores``' shape with ``count`` ones.
+
+    Examples:
+        >>> import torch
+        >>> from sparseopt.structure import parse_structure
+        >>> scores = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
+        >>> select_largest_within(scores, 4, None).int().tolist()
+        [[1, 1, 0, 0], [0, 0, 1, 1]]
+        >>> select_largest_within(scores, 4, parse_structure("1:2")).int().tolist()
+        [[1, 0, 1, 0], [0, 1, 0, 1]]
+    """
+    if structure is None:
+        return select_largest(scores, count)
+    return select_structured(scores, structure, _per_row(structure, scores.shape, count))
+
+
+def exchange(
+    mask: Tensor,
+    drop_scores: Tensor,
+    grow_scores: Tensor,
+    k: int,
+    structure: Structure | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Drop ``k`` and grow ``k`` in one layer, inside the structure if there is one.
+
+    Without a structure this is [`drop_and_grow`][sparseopt.masks.drop_and_grow]; with one,
+    [`structured_drop_and_grow`][sparseopt.structure.structured_drop_and_grow]: the ``k``
+    smallest active ``drop_scores`` of the layer go, and each group (row) regrows as many as it
+    lost from its own inactive positions, so every group (row) keeps its count.
+
+    Args:
+        mask (Tensor): the current bool mask.
+        drop_scores (Tensor): drop scores, the mask's shape.
+        grow_scores (Tensor): grow scores, the mask's shape.
+        k (int): connections to exchange.
+        structure (Structure | None): the layer's structure.
+
+    Returns:
+        ``(new_mask, dropped, grown)``.
+
+    Examples:
+        >>> import torch
+        >>> from sparseopt.structure import parse_structure
+        >>> mask = torch.tensor([[True, False, True, False]])
+        >>> w, g = torch.tensor([[0.1, 0.0, 0.9, 0.0]]), torch.tensor([[0.0, 0.2, 0.0, 0.7]])
+        >>> exchange(mask, w.abs(), g.abs(), 1, None)[0].int().tolist()
+        [[0, 0, 1, 1]]
+        >>> exchange(mask, w.abs(), g.abs(), 1, parse_structure("1:2"))[0].int().tolist()
+        [[0, 1, 1, 0]]
+    """
+    if structure is None:
+        return drop_and_grow(mask, drop_scores, grow_scores, k)
+    return structured_drop_and_grow(mask, drop_scores, grow_scores, structure, k)

@@ -42,8 +42,11 @@ class SparseOptimizer(torch.optim.Optimizer):
             ``"gmp"``, ``"snip"``, a name registered with
             [`register_method`][sparseopt.methods.register_method], or an instance.
             Default: ``"set"``.
-        sparsity (float): target fraction of zeros over all sparse parameters, in [0, 1).
-            Default: 0.9.
+        sparsity (float | None): target fraction of zeros over all sparse parameters, in
+            [0, 1). Default: 0.9; under an ``N:M`` structure ``1 - N/M``, and no other value.
+        structure (str | None): ``"N:M"`` (e.g. ``"2:4"``: N active in every group of M
+            along the input dimension) or ``"fan_in"`` (the same count in every output row);
+            see ``docs/structured.md``. Default: None (unstructured).
         distribution (str | Mapping[str, float]): ``"erk"``, ``"er"``, ``"uniform"``, or a mapping
             parameter name -> density (unnamed layers share the rest uniformly). Default: ``"erk"``.
         update_every (int): optimizer steps between topology updates (ΔT). Default: 100.
@@ -95,8 +98,9 @@ class SparseOptimizer(torch.optim.Optimizer):
         self,
         optimizer: torch.optim.Optimizer,
         method: str | SparsityMethod = "set",
-        sparsity: float = 0.9,
+        sparsity: float | None = None,
         *,
+        structure: str | None = None,
         distribution: str | Mapping[str, float] = "erk",
         update_every: int = 100,
         prune_rate: float = 0.3,
@@ -121,6 +125,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             optimizer,
             sparsity,
             distribution,
+            structure=structure,
             update_every=update_every,
             prune_rate=prune_rate,
             prune_schedule=prune_schedule,
@@ -131,16 +136,12 @@ class SparseOptimizer(torch.optim.Optimizer):
             model=model,
         )
         self.method = self._engine.method = get_method(method, **method_options)
-        engine = self._engine
-        self.sparsity, self.distribution, self.seed = (
-            engine.sparsity,
-            engine.distribution,
-            engine.seed,
-        )
+        self.sparsity, self.structure = self._engine.sparsity, self._engine.structure
+        self.distribution, self.seed = self._engine.distribution, self._engine.seed
         self.model, self.remask = model, remask
         self._superposition: Superposition | None = None
         self._engine.register(self.optimizer.param_groups)
-        self.method.check(self._engine.context)
+        self._engine.check_method()
 
     # --- views of the inner optimizer (live; never cached, see notes/style.md P3) -----------------
     @property
@@ -354,6 +355,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             beta=beta,
             reprune=reprune,
             bn_update=bn_update,
+            structure=self._engine.structure,
         )
 
     def _require_tickets(self, what: str) -> Superposition:

@@ -83,9 +83,15 @@ class SparsityReport(dict):
         gradients), ``last_update_step``, ``last_rate``, ``last_exchanged`` (connections grown in
         the last update), ``exchanged`` (in all updates), and the current ``step``.
 
+        ``structure`` and ``dense`` (only under a ``structure``): the structure, and the layers
+        it left dense (``name``, ``shape``, ``reason``; e.g. an input dimension that is not a
+        multiple of ``M``).
+
     Args:
         layers (Sequence[dict]): the per-layer rows.
         updates (dict): the update statistics.
+        structure (str | None): the optimizer's structure. Default: None.
+        dense (Sequence[dict]): the layers the structure left dense. Default: ().
 
     Examples:
         >>> import torch
@@ -107,7 +113,14 @@ class SparsityReport(dict):
         step 0: 0 topology updates (0 skipped), 0 connections exchanged
     """
 
-    def __init__(self, layers: Sequence[dict[str, Any]], updates: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        layers: Sequence[dict[str, Any]],
+        updates: dict[str, Any],
+        *,
+        structure: str | None = None,
+        dense: Sequence[dict[str, Any]] = (),
+    ) -> None:
         numel = sum(r["numel"] for r in layers)
         nnz = sum(r["nnz"] for r in layers)
         density = nnz / numel if numel else 1.0
@@ -116,6 +129,9 @@ class SparsityReport(dict):
             total={"numel": numel, "nnz": nnz, "density": density, "sparsity": 1.0 - density},
             updates=dict(updates),
         )
+        if structure is not None:
+            self["structure"] = structure
+            self["dense"] = [dict(d) for d in dense]
 
     def __str__(self) -> str:
         rows = [
@@ -133,6 +149,12 @@ class SparsityReport(dict):
         lines.append("-" * len(head))
         total = f"{'total':<{width}}  {'':>{shape_w}}  {t['numel']:>10}  {t['nnz']:>10}"
         lines.append(f"{total}  {t['density']:7.4f}")
+        if "structure" in self:
+            lines.append(f"structure {self['structure']}")
+            lines += [
+                f"  left dense: {d['name']} ({'x'.join(map(str, d['shape']))}): {d['reason']}"
+                for d in self["dense"]
+            ]
         u = self["updates"]
         lines.append(
             f"step {u['step']}: {u['updates']} topology updates ({u['skipped']} skipped), "

@@ -191,7 +191,7 @@ class SupTicketsScheduler(LRScheduler):
         lows = _positive_per_group("lr_low", lr_low, groups)
         highs = _positive_per_group("lr_high", lr_high, groups)
         explore_rate = _validate.real("explore_rate", explore_rate, 0, 1)
-        check_superposition_args(averaging, beta, reprune)
+        check_superposition_args(averaging, beta, reprune, optimizer.structure)
         include_phase1 = _validate.boolean("include_phase1", include_phase1)
         check_bn_update(bn_update)
         if bn_update is not None and optimizer.model is None:

@@ -36,7 +36,8 @@ from torch.optim.swa_utils import update_bn
 
 from . import _compat, _dtensor, _validate
 from ._dtensor import load_like
-from .masks import select_largest, select_largest_across
+from .masks import select_largest_across, select_largest_within
+from .structure import Structure
 
 __all__ = [
     "AVERAGING_RULES",
@@ -59,11 +60,18 @@ AVERAGING_RULES = ("cia", "caa", "cima")
 REPRUNE_MODES = ("layer", "global")
 
 
-def check_superposition_args(averaging: Any, beta: Any, reprune: Any) -> None:
+def check_superposition_args(
+    averaging: Any, beta: Any, reprune: Any, structure: Structure | None = None
+) -> None:
     """Validate the three knobs, naming the argument in the error."""
     _validate.choice("averaging", averaging, AVERAGING_RULES)
     _validate.real("beta", beta, 0, 1, high_open=True)
     _validate.choice("reprune", reprune, REPRUNE_MODES)
+    if structure is not None and reprune == "global":
+        raise ValueError(
+            f"Expected reprune='layer' with structure='{structure}', but got 'global': a global "
+            "top-K over all layers cannot keep N active per group or k per row"
+        )
 
 
 def check_bn_update(bn_update: Any) -> None:
@@ -144,10 +152,19 @@ def recompute_bn(model: nn.Module, bn_update: BNUpdate) -> None:
         )
 
 
-def support_masks(values: Sequence[Tensor], counts: Sequence[int], reprune: str) -> list[Tensor]:
-    """Bool masks of the largest ``|values|``: ``counts[l]`` per tensor, or their sum globally."""
+def support_masks(
+    values: Sequence[Tensor],
+    counts: Sequence[int],
+    reprune: str,
+    structure: Structure | None = None,
+) -> list[Tensor]:
+    """Bool masks of the largest ``|values|``: ``counts[l]`` per tensor, or their sum globally;
+    under a structure the top ``N`` of each group or the top ``k`` of each row (per layer)."""
     if reprune == "layer":
-        return [select_largest(v.abs(), c) for v, c in zip(values, counts, strict=True)]
+        return [
+            select_largest_within(v.abs(), c, structure)
+            for v, c in zip(values, counts, strict=True)
+        ]
     return select_largest_across([v.abs() for v in values], sum(counts))
 
 
@@ -160,8 +177,11 @@ class Superposition:
         reprune (str): ``"layer"`` or ``"global"``.
     """
 
-    def __init__(self, averaging: str, beta: float, reprune: str) -> None:
-        check_superposition_args(averaging, beta, reprune)
+    def __init__(
+        self, averaging: str, beta: float, reprune: str, structure: Structure | None = None
+    ) -> None:
+        check_superposition_args(averaging, beta, reprune, structure)
+        self.structure = structure
         self.averaging = averaging
         self.beta = float(beta)
         self.reprune = reprune
@@ -224,12 +244,14 @@ class Superposition:
             for k, b in buffers.items():
                 self._fold(self.buffers[k], b.detach())
         values = [self.params[j] for j in sparse]
-        for v, keep in zip(values, support_masks(values, counts, self.reprune), strict=True):
+        for v, keep in zip(
+            values, support_masks(values, counts, self.reprune, self.structure), strict=True
+        ):
             v.mul_(keep)
 
     def masks(self, sparse: Sequence[int], counts: Sequence[int]) -> list[Tensor]:
         """The support of the pruned copy (exactly what the last re-prune kept)."""
-        return support_masks([self.params[j] for j in sparse], counts, self.reprune)
+        return support_masks([self.params[j] for j in sparse], counts, self.reprune, self.structure)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -249,9 +271,10 @@ class Superposition:
         params: Sequence[Tensor],
         sparse: Sequence[int],
         buffers: dict[str, Tensor],
+        structure: Structure | None = None,
     ) -> Superposition:
         """Rebuild from :meth:`state_dict` on the devices (and shards) of the live params."""
-        sup = cls(state["averaging"], state["beta"], state["reprune"])
+        sup = cls(state["averaging"], state["beta"], state["reprune"], structure)
         sup.tickets = int(state["tickets"])
         sup.params = [load_like(state["params"][i], p) for i, p in enumerate(params)]
         missing = set(state["buffers"]) - set(buffers)
@@ -314,6 +337,7 @@ def consolidate(
     beta: float,
     reprune: str,
     bn_update: BNUpdate | None,
+    structure: Structure | None = None,
 ) -> Superposition:
     """Fold the live ticket into ``sup`` (a new copy when ``None``) and return it.
 
@@ -326,7 +350,7 @@ def consolidate(
         ValueError: for bad knobs, knobs that differ from the first ticket's, ``bn_update``
             without a model, or a ``bn_update`` that cannot run.
     """
-    check_superposition_args(averaging, beta, reprune)
+    check_superposition_args(averaging, beta, reprune, structure)
     check_bn_update(bn_update)
     if bn_update is not None and model is None:
         raise ValueError(
@@ -342,7 +366,7 @@ def consolidate(
                 UserWarning,
                 stacklevel=3,
             )
-        sup, backup = Superposition(averaging, beta, reprune), None
+        sup, backup = Superposition(averaging, beta, reprune, structure), None
     elif (sup.averaging, sup.beta, sup.reprune) != (averaging, float(beta), reprune):
         raise ValueError(
             f"consolidate(averaging={averaging!r}, beta={beta}, reprune={reprune!r}) differs "
@@ -362,6 +386,7 @@ def consolidate(
                     sup.buffers[key].copy_(buf.detach())
     except BaseException:
         if backup is not None:
-            vars(sup).update(vars(Superposition.from_state_dict(backup, params, sparse, buffers)))
+            restored = Superposition.from_state_dict(backup, params, sparse, buffers, structure)
+            vars(sup).update(vars(restored))
         raise
     return sup

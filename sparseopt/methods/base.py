@@ -11,7 +11,8 @@ from torch import Tensor
 
 from .. import _validate
 from .._dtensor import shard_like
-from ..masks import drop_and_grow
+from ..masks import exchange
+from ..structure import Structure
 from .context import MethodContext, SparseLayer
 
 __all__ = ["GROWTH", "SparseLayer", "SparsityMethod"]
@@ -42,6 +43,9 @@ class SparsityMethod:
         name: the registry name.
         periodic: whether the method updates the topology every ``update_every`` steps.
         default_growth: the growth strategy when ``growth`` is not given.
+        structures: the mask structures the method keeps (``"nm"``, ``"fan_in"``); the
+            optimizer refuses any other. Drop-and-grow keeps both: each group or row regrows
+            what it lost.
         growth: the growth strategy of this instance.
         uses_gradient: whether a drop-and-grow update reads the dense gradient
             (``growth == "gradient"``); FLOPs accounting reads [`reads_gradient`][] per update.
@@ -88,6 +92,7 @@ class SparsityMethod:
     name: ClassVar[str] = "base"
     periodic: ClassVar[bool] = True
     default_growth: ClassVar[str] = "random"
+    structures: ClassVar[tuple[str, ...]] = ("nm", "fan_in")
 
     def __init__(self, *, growth: str | None = None, **options: Any) -> None:
         if options:
@@ -236,17 +241,25 @@ class SparsityMethod:
         return min(math.floor(rate * layer.count + 1e-9), layer.numel - layer.count, layer.count)
 
     def update_layer(
-        self, layer: SparseLayer, rate: float, grow_scores: Tensor
+        self,
+        layer: SparseLayer,
+        rate: float,
+        grow_scores: Tensor,
+        structure: Structure | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Drop and grow in one layer; returns ``(new_mask, dropped, grown)``.
+
+        Under a structure, drops and grows are paired inside each ``N:M`` group or fan-in row
+        (SRigL's per-neuron rule; [`exchange`][sparseopt.masks.exchange]).
 
         Args:
             layer (SparseLayer): the layer.
             rate (float): the drop fraction.
             grow_scores (Tensor): what [`grow_scores`][] returned for it.
+            structure (Structure | None): the optimizer's structure. Default: None.
         """
         k = self.num_to_drop(layer, rate)
-        return drop_and_grow(layer.mask, self.drop_scores(layer), grow_scores, k)
+        return exchange(layer.mask, self.drop_scores(layer), grow_scores, k, structure)
 
     def new_masks(
         self,
@@ -270,7 +283,7 @@ class SparsityMethod:
             One bool mask per layer, in the order of ``ctx.layers``.
         """
         return [
-            self.update_layer(layer, rate, scores)[0]
+            self.update_layer(layer, rate, scores, ctx.structure)[0]
             for layer, scores in zip(ctx.layers, grow_scores, strict=True)
         ]
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..schedules import TopologySchedule
+from ..structure import Structure
 
 __all__ = ["MethodContext", "SparseLayer"]
 
@@ -67,6 +68,8 @@ class MethodContext:
         schedule: the periodic topology-update schedule (``update_every``, drop fraction).
         total_steps: the length of training in optimizer steps, or ``None`` if unknown.
         sparsity: the target sparsity over all sparse layers.
+        structure: the mask structure (``N:M`` groups or constant fan-in rows), or ``None``:
+            every mask a method returns must keep it (the engine checks).
 
     Examples:
         >>> import torch
@@ -87,3 +90,4 @@ class MethodContext:
     schedule: TopologySchedule
     total_steps: int | None
     sparsity: float
+    structure: Structure | None = None

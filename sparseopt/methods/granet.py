@@ -70,6 +70,7 @@ class GMP(SparsityMethod):
     periodic = False
     regrow = False
     default_growth = "gradient"
+    structures = ()  # the density moves: N:M fixes it, and fan-in rows would need per-row pruning
 
     def __init__(
         self,

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import _validate
 from .._compat import override
-from ..masks import select_largest, select_largest_across
+from ..masks import select_largest_across, select_largest_within
 from .base import SparsityMethod
 from .context import MethodContext, SparseLayer
 
@@ -32,8 +32,10 @@ class SNIP(SparsityMethod):
 
     Args:
         scope (str): ``"global"`` keeps the global top ``round((1 - sparsity) * N)`` (the original
-            SNIP); ``"layer"`` keeps each layer's count of the ``distribution``. Default:
-            ``"global"``.
+            SNIP); ``"layer"`` keeps each layer's count of the ``distribution``. Under a
+            ``structure`` the selection is per layer whatever the scope: the top ``N`` of each
+            group by ``|g * w|`` (``N:M``), or the top ``k`` of each row (``"fan_in"``).
+            Default: ``"global"``.
         growth (str | None): how explorations grow: ``"gradient"`` (the default) or
             ``"random"``.
         **options: rejected (no other options).
@@ -121,9 +123,10 @@ class SNIP(SparsityMethod):
             torch.zeros_like(layer.param, dtype=torch.float32) if s is None else s.float()
             for layer, s in zip(layers, grow_scores, strict=True)
         ]
-        if self.scope == "layer":
+        if self.scope == "layer" or ctx.structure is not None:
             masks = [
-                select_largest(s, layer.target) for s, layer in zip(scores, layers, strict=True)
+                select_largest_within(s, layer.target, ctx.structure)
+                for s, layer in zip(scores, layers, strict=True)
             ]
         else:
             masks = select_largest_across(scores, sum(layer.target for layer in layers))
