@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip install --constraint constraints.txt
 STAMP  := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: demo demo-fashion demo-lm fashion-data test test-gpu test-matrix gpu-check lint venv docs docs-check clean
+.PHONY: demo-structured demo demo-fashion demo-lm fashion-data test test-gpu test-matrix gpu-check lint venv docs docs-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,13 @@ fashion-data:
 # RigL at 95% with and without Sup-tickets on the real Fashion-MNIST, 3 seeds (docs/reproducing.md).
 demo-fashion: $(STAMP) fashion-data
 	$(PY) examples/demo.py --data fashion --methods dense rigl --sparsities 0.95 --out runs/demo-fashion
+
+# Structured sparsity on MNIST-1D: unstructured, 2:4, 1:4 and constant fan-in RigL at equal
+# density (50% and 75% sparsity, uniform per layer), with and without Sup-tickets, 5 seeds
+# (60 runs; docs/reproducing.md).
+demo-structured: $(STAMP)
+	$(PY) examples/demo.py --methods rigl --structures none 2:4 1:4 fan_in --sparsities 0.5 0.75 \
+		--distribution uniform --seeds 0 1 2 3 4 --out runs/demo-structured
 
 # A character-level GPT on the standard library's own source: dense, RigL and SET at 80% and 90%,
 # with and without Sup-tickets, 3 seeds (27 runs, 2 workers; docs/reproducing.md).

@@ -107,7 +107,10 @@ def label(job: dict[str, Any]) -> str:
     """``"RigL 90% + Sup-tickets"``, ``"Dense"``."""
     if job["method"] == "dense":
         return NAMES["dense"]
-    name = f"{NAMES.get(job['method'], job['method'])} {100 * job['sparsity']:g}%"
+    name = NAMES.get(job["method"], job["method"])
+    if job.get("structure"):
+        name += f" {job['structure']}"
+    name += f" {100 * job['sparsity']:g}%"
     return name + (" + Sup-tickets" if job["sup"] else "")
 
 
@@ -167,6 +170,7 @@ def run_one(
             inner,
             method=method,
             sparsity=job["sparsity"],
+            structure=job.get("structure"),
             distribution=job["distribution"],
             update_every=job["update_every"],
             prune_rate=job["prune_rate"],
@@ -259,7 +263,9 @@ def run_one(
                 break
 
     result: dict[str, Any] = {
-        "method": method,
+        # a structured run is its own configuration: "rigl 2:4"
+        "method": f"{method} {job['structure']}" if job.get("structure") else method,
+        "structure": job.get("structure"),
         "sup_tickets": sup,
         "sparsity": job["sparsity"] if sparse else 0.0,
         "seed": seed,
@@ -512,6 +518,12 @@ RUN_COLUMNS = [
 ]
 
 
+def _name(method: str) -> str:
+    """``"RigL"`` for ``"rigl"``, ``"RigL 2:4"`` for a structured ``"rigl 2:4"``."""
+    head, _, rest = method.partition(" ")
+    return f"{NAMES.get(head, head)} {rest}".strip()
+
+
 def paired_differences(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per sparse configuration: Sup-tickets minus the same method without it, seed by seed.
 
@@ -533,7 +545,7 @@ def paired_differences(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         mean, std = mean_std(diffs)
         rows.append(
             {
-                "label": f"{NAMES.get(method, method)} {100 * sparsity:g}%",
+                "label": f"{_name(method)} {100 * sparsity:g}%",
                 "seeds": [s for s, _, _ in values],
                 "diffs": diffs,
                 "mean": mean,
@@ -545,9 +557,37 @@ def paired_differences(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def paired_structures(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per structured configuration: its accuracy minus the unstructured run of the same method,
+    sparsity, Sup-tickets arm and seed (same initial weights, same batches), in points."""
+    plain = {
+        (r["method"], r["sparsity"], r["sup_tickets"], r["seed"]): r
+        for r in results
+        if not r.get("structure")
+    }
+    groups: dict[tuple, list[tuple[int, float]]] = {}
+    for r in results:
+        if not r.get("structure"):
+            continue
+        base_method = r["method"].split()[0]
+        b = plain.get((base_method, r["sparsity"], r["sup_tickets"], r["seed"]))
+        if b is not None:
+            key = (r["label"], r["sparsity"])
+            groups.setdefault(key, []).append((r["seed"], 100 * (r["accuracy"] - b["accuracy"])))
+    rows = []
+    for (name, _), values in groups.items():
+        diffs = [d for _, d in values]
+        mean, std = mean_std(diffs)
+        rows.append({"label": name, "seeds": [s for s, _ in values], "diffs": diffs,
+                     "mean": mean, "std": std, "wins": sum(d > 0 for d in diffs),
+                     "vs_live": float("nan")})  # fmt: skip
+    return rows
+
+
 def format_paired(rows: list[dict[str, Any]]) -> str:
+    w = max([14, *(len(r["label"]) for r in rows)])
     head = (
-        f"{'configuration':<14}  {'Sup-tickets - base (points)':>28}  {'wins':>5}  "
+        f"{'configuration':<{w}}  {'Sup-tickets - base (points)':>28}  {'wins':>5}  "
         f"{'superposed - live':>17}  per-seed differences"
     )
     lines = [head, "-" * len(head)]
@@ -555,7 +595,7 @@ def format_paired(rows: list[dict[str, Any]]) -> str:
         diff = f"{r['mean']:+.2f} ± {r['std']:.2f}"
         seeds = " ".join(f"{d:+.2f}" for d in r["diffs"])
         lines.append(
-            f"{r['label']:<14}  {diff:>28}  {r['wins']}/{len(r['diffs']):<3}  "
+            f"{r['label']:<{w}}  {diff:>28}  {r['wins']}/{len(r['diffs']):<3}  "
             f"{r['vs_live']:>+17.2f}  {seeds}"
         )
     return "\n".join(lines)
@@ -751,7 +791,7 @@ def plot(out: str, results: list[dict[str, Any]], split: str = "test") -> list[s
     for i, s in enumerate(sparsities or [0.0]):
         ax = axes[0][i]
         runs = [r for r in sparse if r["sparsity"] == s and r["seed"] == seed0]
-        runs.sort(key=lambda r: (METHODS.index(r["method"]), r["sup_tickets"]))
+        runs.sort(key=lambda r: (r["method"], r["sup_tickets"]))
         if not runs:
             continue
         names = [layer["name"] for layer in runs[0]["layers"]]
@@ -784,6 +824,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="'dense' runs once, without sparsity or Sup-tickets",
     )
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.9, 0.95])
+    p.add_argument(
+        "--structures",
+        nargs="+",
+        default=["none"],
+        help="mask structures: none, fan_in, N:M (e.g. 2:4); an N:M runs only at its own "
+        "sparsity 1 - N/M (make demo-structured)",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument(
         "--sup-tickets",
@@ -885,13 +932,20 @@ def make_jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
     if "dense" in args.methods:
         configs.append(("dense", 0.0, False))
     for s in args.sparsities:
-        for m in args.methods:
-            if m != "dense":
-                configs += [(m, s, sup) for sup in arms]
+        for structure in args.structures:
+            if ":" in structure:  # N:M fixes the sparsity
+                n, m_ = (int(v) for v in structure.split(":"))
+                if abs(s - (1 - n / m_)) > 1e-9:
+                    continue
+            for m in args.methods:
+                if m != "dense":
+                    st = None if structure == "none" else structure
+                    configs += [(m, s, sup, st) for sup in arms]
     jobs = []
-    for method, sparsity, sup in configs:
+    for method, sparsity, sup, *structure in configs:
         for seed in args.seeds:
             job = dict(common, method=method, sparsity=sparsity, sup=sup, seed=seed)
+            job["structure"] = structure[0] if structure else None
             job["index"] = len(jobs)
             jobs.append(job)
     return jobs
@@ -981,6 +1035,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print()
     print(f"{what} metrics, mean ± std over seeds {args.seeds}; FLOPs relative to dense")
     print(format_table(rows, "val" if args.eval_on == "val" else "test"))
+    by_structure = paired_structures(results)
+    if by_structure:
+        print(f"\npaired by seed: {what} accuracy of each structure minus unstructured")
+        print(format_paired(by_structure))
     paired = paired_differences(results)
     if paired:
         print(f"\npaired by seed: {what} accuracy of Sup-tickets minus the same method without it")
@@ -1007,6 +1065,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "runs": results,
         "paired": paired,
+        "paired_structures": by_structure,
         "deployed": deployed,
         "out": args.out,
         "seconds": elapsed,
