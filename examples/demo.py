@@ -679,7 +679,7 @@ def plot(out: str, results: list[dict[str, Any]], split: str = "test") -> list[s
 
     # 2. test accuracy over steps: live vs superposed ticket, and the run without Sup-tickets
     configs = sorted({(r["method"], r["sparsity"]) for r in sparse}, key=lambda c: (c[1], c[0]))
-    methods = sorted({m for m, _ in configs}, key=METHODS.index)
+    methods = sorted({m for m, _ in configs}, key=lambda m: (METHODS.index(m.split()[0]), m))
     sparsities = sorted({s for _, s in configs})
     fig, axes = plt.subplots(
         len(sparsities),
@@ -753,7 +753,7 @@ def plot(out: str, results: list[dict[str, Any]], split: str = "test") -> list[s
             zoom.tick_params(labelsize=6)
             zoom.grid(alpha=0.3)
             ax.set_ylim(max(0.0, low - 2.0), 100.0)
-            ax.set_title(f"{NAMES.get(m, m)} {100 * s:g}%", fontsize=10)
+            ax.set_title(f"{_name(m)} {100 * s:g}%", fontsize=10)
             ax.set_xlabel("optimizer step")
             if j == 0:
                 ax.set_ylabel(f"{split} accuracy (%), mean over seeds")
