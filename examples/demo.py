@@ -794,11 +794,14 @@ def plot(out: str, results: list[dict[str, Any]], split: str = "test") -> list[s
         runs.sort(key=lambda r: (r["method"], r["sup_tickets"]))
         if not runs:
             continue
-        names = [layer["name"] for layer in runs[0]["layers"]]
+        # a structure may leave a layer dense (not a sparse layer then): it shows at 1.0
+        names = [layer["name"] for layer in max((r["layers"] for r in runs), key=len)]
         width = 0.8 / len(runs)
         for k, r in enumerate(runs):
             xs = [x + (k - (len(runs) - 1) / 2) * width for x in range(len(names))]
-            ax.bar(xs, [layer["density"] for layer in r["layers"]], width, label=r["label"])
+            density = {layer["name"]: layer["density"] for layer in r["layers"]}
+            heights = [density.get(name, 1.0) for name in names]
+            ax.bar(xs, heights, width, label=r["label"])
         ax.axhline(1 - s, color="grey", ls=":", lw=1, label=f"overall {1 - s:.2f}")
         ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
         ax.set_ylabel("density")
