@@ -1,0 +1,573 @@
+"""Structured masks as pure tensor kernels: N:M groups and constant fan-in rows.
+
+Every function here works on the *GEMM view* of a weight, ``w.reshape(w.shape[0], -1)``: a
+``Linear`` weight ``(out, in)`` as it is, a convolution's ``(out, in, kh, kw)`` as
+``(out, in * kh * kw)``. Two structures are known:
+
+- ``"N:M"`` (e.g. ``"2:4"``): every group of ``M`` consecutive weights along the last dimension
+  of that view holds exactly ``N`` active weights. Groups never straddle two rows.
+- ``"fan_in"`` (constant fan-in, as SRigL, Lasby et al. 2024): every row of that view holds
+  exactly ``k`` active weights, the same ``k`` for the whole layer.
+
+All selections are exact and deterministic: ties go to the lowest index (inside a group or row
+for the per-group selections, over the flat layer for the layer-wide drop), a ``-inf`` or NaN
+score is taken last, and nothing depends on how a kernel orders equal values. The functions
+take tensors on any device and give their masks back on that device; only
+[`random_structured`][sparseopt.structure.random_structured] draws from a CPU generator and
+returns a CPU mask (so that a seed means the same mask on every device).
+
+This module imports only torch and the standard library.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Structure",
+    "check_structured",
+    "density",
+    "fits",
+    "gemm_shape",
+    "parse_structure",
+    "random_structured",
+    "row_count",
+    "select_structured",
+    "structure_violations",
+    "structured_drop_and_grow",
+]
+
+_NM = re.compile(r"(\d+):(\d+)")
+_PARSE_ERROR = "Expected structure to be None, 'fan_in' or 'N:M' with 0 < N < M, but got {!r}"
+
+
+@dataclass(frozen=True)
+class Structure:
+    """A mask structure: ``N:M`` groups or constant fan-in rows (build it with
+    [`parse_structure`][sparseopt.structure.parse_structure]).
+
+    Attributes:
+        kind (str): ``"nm"`` or ``"fan_in"``.
+        n (int | None): active weights per group (``"nm"``); ``None`` for ``"fan_in"``.
+        m (int | None): the group size (``"nm"``); ``None`` for ``"fan_in"``.
+
+    Raises:
+        ValueError: if ``kind`` is unknown, or ``n``, ``m`` do not satisfy ``0 < n < m`` for
+            ``"nm"``, or are given for ``"fan_in"``.
+
+    Examples:
+        >>> s = Structure("nm", 2, 4)
+        >>> str(s), s == parse_structure("2:4")
+        ('2:4', True)
+        >>> str(Structure("fan_in", None, None))
+        'fan_in'
+    """
+
+    kind: Literal["nm", "fan_in"]
+    n: int | None = None
+    m: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind == "fan_in":
+            if self.n is not None or self.m is not None:
+                raise ValueError(
+                    f"Expected n and m to be None for 'fan_in', but got n={self.n}, m={self.m}"
+                )
+            return
+        if self.kind != "nm":
+            raise ValueError(f"Expected kind to be 'nm' or 'fan_in', but got {self.kind!r}")
+        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (self.n, self.m))
+        if not ok or not 0 < self.n < self.m:
+            raise ValueError(_PARSE_ERROR.format(f"{self.n}:{self.m}"))
+
+    def __str__(self) -> str:
+        return "fan_in" if self.kind == "fan_in" else f"{self.n}:{self.m}"
+
+
+def parse_structure(value: str | Structure | None) -> Structure | None:
+    """The [`Structure`][sparseopt.structure.Structure] named by ``value``.
+
+    ``N == M`` is refused: every weight would be active (a dense layer), which is not a sparse
+    structure; leave ``structure`` out for a dense or unstructured layer instead.
+
+    Args:
+        value (str | Structure | None): ``None`` (no structure), ``"fan_in"``, ``"N:M"`` with
+            ``0 < N < M`` (``"2:4"``, ``"1:4"``, ``"4:8"``, ...), or a ``Structure`` (returned
+            as it is).
+
+    Returns:
+        The structure, or ``None`` for ``None``.
+
+    Raises:
+        TypeError: if ``value`` is neither ``None``, a str nor a ``Structure``.
+        ValueError: if the string is not ``"fan_in"`` or ``"N:M"`` with ``0 < N < M``.
+
+    Examples:
+        >>> parse_structure("2:4")
+        Structure(kind='nm', n=2, m=4)
+        >>> parse_structure("fan_in"), parse_structure(None)
+        (Structure(kind='fan_in', n=None, m=None), None)
+        >>> parse_structure("3:2")
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected structure to be None, 'fan_in' or 'N:M' with 0 < N < M, but got '3:2'
+    """
+    if value is None or isinstance(value, Structure):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(
+            "Expected structure to be None, 'fan_in' or an 'N:M' string, but got "
+            f"{type(value).__name__}"
+        )
+    if value == "fan_in":
+        return Structure("fan_in")
+    match = _NM.fullmatch(value)
+    if match is None:
+        raise ValueError(_PARSE_ERROR.format(value))
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ValueError(_PARSE_ERROR.format(value))
+    return Structure("nm", n, m)
+
+
+def _structure(value: str | Structure | None) -> Structure:
+    s = parse_structure(value)
+    if s is None:
+        raise ValueError("Expected a structure ('fan_in' or 'N:M'), but got None")
+    return s
+
+
+def gemm_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """The shape of a weight's GEMM view: ``(shape[0], prod(shape[1:]))``.
+
+    Args:
+        shape (Sequence[int]): the weight's shape (``torch.Size`` or a tuple), ``ndim >= 2``.
+
+    Returns:
+        ``(rows, fan_in)``: output units and inputs per unit.
+
+    Raises:
+        ValueError: if ``shape`` has fewer than 2 dimensions.
+
+    Examples:
+        >>> gemm_shape((64, 32)), gemm_shape((64, 16, 3, 3))
+        ((64, 32), (64, 144))
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2:
+        raise ValueError(f"Expected a weight shape with ndim >= 2, but got {shape}")
+    return shape[0], math.prod(shape[1:])
+
+
+def fits(shape: Sequence[int], structure: str | Structure | None) -> bool:
+    """Whether a weight of ``shape`` can hold ``structure``.
+
+    Any shape with ``ndim >= 2`` and no empty dimension fits ``"fan_in"``; ``"N:M"`` also needs
+    the fan-in (``prod(shape[1:])``) to be a multiple of ``M``. ``None`` (unstructured) fits every
+    shape.
+
+    Args:
+        shape (Sequence[int]): the weight's shape.
+        structure (str | Structure | None): the structure.
+
+    Returns:
+        ``True`` if it fits.
+
+    Examples:
+        >>> fits((8, 12), "2:4"), fits((8, 10), "2:4"), fits((8, 3, 3, 3), "fan_in")
+        (True, False, True)
+        >>> fits((8,), "fan_in")
+        False
+    """
+    s = parse_structure(structure)
+    if s is None:
+        return True
+    if len(shape) < 2 or any(int(d) < 1 for d in shape):
+        return False
+    _, fan_in = gemm_shape(shape)
+    return s.kind == "fan_in" or fan_in % s.m == 0
+
+
+def density(structure: str | Structure) -> float:
+    """The density an ``N:M`` structure fixes: ``N / M``.
+
+    Args:
+        structure (str | Structure): an ``N:M`` structure.
+
+    Returns:
+        ``N / M`` as a float (``n / m`` in Python, the nearest double).
+
+    Raises:
+        ValueError: for ``"fan_in"`` (its density comes from the layer distribution) or ``None``.
+
+    Examples:
+        >>> density("2:4"), density("1:8")
+        (0.5, 0.125)
+    """
+    s = _structure(structure)
+    if s.kind != "nm":
+        raise ValueError(
+            "Expected an 'N:M' structure, but got 'fan_in' (its density is per layer: "
+            "see row_count)"
+        )
+    return s.n / s.m
+
+
+def row_count(shape: Sequence[int], density: float) -> int:
+    """Active weights per row of a constant fan-in layer: ``round(density * fan_in)``, in
+    ``[1, fan_in]``.
+
+    ``round`` is Python's (half to even), as everywhere else in the library's counts.
+
+    Args:
+        shape (Sequence[int]): the weight's shape, ``ndim >= 2``.
+        density (float): the layer's density, in ``[0, 1]``.
+
+    Returns:
+        ``k``, at least 1 and at most ``fan_in = prod(shape[1:])``.
+
+    Raises:
+        TypeError: if ``density`` is not a real number.
+        ValueError: if ``density`` is outside ``[0, 1]`` or ``shape`` has ``ndim < 2`` or an
+            empty dimension.
+
+    Examples:
+        >>> row_count((64, 100), 0.1), row_count((64, 16, 3, 3), 0.1), row_count((4, 5), 0.01)
+        (10, 14, 1)
+    """
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise TypeError(f"Expected density to be a float, but got {type(density).__name__}")
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"Expected density to be in [0, 1], but got {density}")
+    if not fits(shape, "fan_in"):
+        raise ValueError(f"Expected a weight shape with ndim >= 2, no dim 0, but got {shape}")
+    _, fan_in = gemm_shape(shape)
+    return min(fan_in, max(1, round(density * fan_in)))
+
+
+# --- the shared machinery ------------------------------------------------------------------------
+def _rows_view(shape: Sequence[int], s: Structure) -> tuple[int, int]:
+    """``(groups, length)``: the flat weight as ``groups`` segments of ``length`` consecutive
+    weights, each a unit that holds a fixed count (an N:M group, or a fan-in row)."""
+    if not fits(shape, s):
+        if s.kind == "nm" and fits(shape, "fan_in"):
+            _, fan_in = gemm_shape(shape)
+            raise ValueError(
+                f"Expected a weight whose fan-in is a multiple of {s.m} for {s}, but got shape "
+                f"{tuple(shape)} (fan-in {fan_in})"
+            )
+        raise ValueError(
+            f"Expected a weight shape with ndim >= 2 and no dim 0 for {s}, but got {tuple(shape)}"
+        )
+    rows, fan_in = gemm_shape(shape)
+    if s.kind == "nm":
+        return rows * (fan_in // s.m), s.m
+    return rows, fan_in
+
+
+def _per_unit(shape: Sequence[int], s: Structure, k: int | None) -> int:
+    """How many active weights each unit (group or row) holds."""
+    _, fan_in = gemm_shape(shape)
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
+        raise TypeError(f"Expected k to be an int or None, but got {type(k).__name__}")
+    if s.kind == "nm":
+        per_row = fan_in // s.m * s.n
+        if k is not None and k != per_row:
+            raise ValueError(
+                f"Expected k to be None or {per_row} (the per-row count of {s} over fan-in "
+                f"{fan_in}), but got {k}"
+            )
+        return s.n
+    if k is None:
+        raise ValueError("Expected k (active weights per row) for 'fan_in', but got None")
+    if not 0 <= k <= fan_in:
+        raise ValueError(f"Expected 0 <= k <= {fan_in} (the fan-in), but got k={k}")
+    return k
+
+
+def _as_sortable(scores: Tensor) -> Tensor:
+    """Scores as float32/float64, NaN as ``-inf`` (so that both are taken last)."""
+    if scores.dtype not in (torch.float32, torch.float64):
+        scores = scores.double() if scores.dtype == torch.int64 else scores.float()
+    return torch.where(torch.isnan(scores), float("-inf"), scores)
+
+
+def _top_per_unit(scores: Tensor, count: Tensor | int) -> Tensor:
+    """Bool mask of the ``count`` largest entries of each row of a 2-D ``scores``, ties to the
+    lowest column. ``count`` is an int or a per-row int tensor."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    ranks = torch.arange(scores.shape[1], device=scores.device)
+    need = count if isinstance(count, int) else count.unsqueeze(1)
+    chosen = (ranks.unsqueeze(0) < need).expand_as(order)
+    out = torch.zeros(order.shape, dtype=torch.bool, device=order.device)
+    return out.scatter_(1, order, chosen)
+
+
+def _check_mask(mask: Tensor, name: str = "mask") -> None:
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = f"a {mask.dtype} tensor" if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"Expected {name} to be a bool tensor, but got {got}")
+
+
+# --- selection -----------------------------------------------------------------------------------
+def select_structured(scores: Tensor, structure: str | Structure, k: int | None = None) -> Tensor:
+    """The structured mask of the largest ``scores``: the top ``N`` of every group (``N:M``) or
+    the top ``k`` of every row (``"fan_in"``).
+
+    Ties go to the lowest index inside the group or row; ``-inf`` (and NaN) scores are taken
+    last. Low-precision scores are compared in float32 (the same order).
+
+    Args:
+        scores (Tensor): scores of a weight's shape (``ndim >= 2``, a conv's 4-D shape included),
+            any float dtype and device.
+        structure (str | Structure): ``"N:M"`` or ``"fan_in"``.
+        k (int | None): active weights per row; required for ``"fan_in"``. For ``N:M`` it may
+            be left out; if given it must equal ``fan_in // M * N``.
+
+    Returns:
+        A bool mask of ``scores``' shape and device.
+
+    Raises:
+        TypeError: if ``k`` is not an int.
+        ValueError: if the shape does not fit the structure, or ``k`` is missing, out of
+            ``[0, fan_in]`` or disagrees with ``N:M``.
+
+    Examples:
+        >>> import torch
+        >>> scores = torch.tensor([[4.0, 1.0, 3.0, 3.0, 0.0, 2.0, 1.0, 5.0]])
+        >>> select_structured(scores, "2:4").int()
+        tensor([[1, 0, 1, 0, 0, 1, 0, 1]], dtype=torch.int32)
+        >>> select_structured(scores, "fan_in", k=3).int()
+        tensor([[1, 0, 1, 0, 0, 0, 0, 1]], dtype=torch.int32)
+    """
+    s = _structure(structure)
+    units, length = _rows_view(scores.shape, s)
+    count = _per_unit(scores.shape, s, k)
+    flat = _as_sortable(scores.detach()).reshape(units, length)
+    return _top_per_unit(flat, count).view(scores.shape)
+
+
+def random_structured(
+    shape: Sequence[int],
+    structure: str | Structure,
+    generator: torch.Generator,
+    k: int | None = None,
+) -> Tensor:
+    """A CPU structured mask whose active positions are uniformly random inside each group
+    (``N:M``) or row (``"fan_in"``).
+
+    Args:
+        shape (Sequence[int]): the weight's shape.
+        structure (str | Structure): ``"N:M"`` or ``"fan_in"``.
+        generator (torch.Generator): a CPU generator; the same state gives the same mask.
+        k (int | None): active weights per row, required for ``"fan_in"`` (see
+            [`select_structured`][sparseopt.structure.select_structured]).
+
+    Returns:
+        A bool tensor of ``shape`` on the CPU (move it to the weight's device).
+
+    Raises:
+        TypeError: if ``generator`` is not a CPU ``torch.Generator`` or ``k`` not an int.
+        ValueError: if the shape does not fit the structure or ``k`` is invalid.
+
+    Examples:
+        >>> import torch
+        >>> mask = random_structured((3, 8), "2:4", torch.Generator().manual_seed(0))
+        >>> mask.view(3, 2, 4).sum(-1).tolist()
+        [[2, 2], [2, 2], [2, 2]]
+        >>> again = random_structured((3, 8), "2:4", torch.Generator().manual_seed(0))
+        >>> torch.equal(mask, again)
+        True
+    """
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        got = (
+            f"a generator on {generator.device}"
+            if isinstance(generator, torch.Generator)
+            else type(generator).__name__
+        )
+        raise TypeError(f"Expected generator to be a CPU torch.Generator, but got {got}")
+    s = _structure(structure)
+    shape = tuple(int(d) for d in shape)
+    units, length = _rows_view(shape, s)
+    count = _per_unit(shape, s, k)
+    draws = torch.rand((units, length), generator=generator, device="cpu")
+    return _top_per_unit(draws, count).view(shape)
+
+
+# --- drop and grow -------------------------------------------------------------------------------
+def structured_drop_and_grow(
+    mask: Tensor,
+    drop_scores: Tensor,
+    grow_scores: Tensor,
+    structure: str | Structure,
+    k_drop: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One prune-and-regrow exchange that keeps every group's (or row's) count.
+
+    1. Drop: among the active positions of the whole layer, the ``k_drop`` with the smallest
+       ``drop_scores`` (ties to the lowest flat index; NaN dropped last).
+    2. Grow: inside each ``N:M`` group (``"fan_in"``: each row) that lost ``d`` weights, the
+       ``d`` positions with the largest ``grow_scores`` among the group's inactive positions,
+       the just-dropped ones included (ties to the lowest index; ``-inf`` and NaN taken last).
+       A weight dropped and grown again is in neither ``dropped`` nor ``grown``.
+
+    So each group or row holds exactly as many active weights as before, whatever that count
+    was (the input mask is not checked against the structure; use
+    [`check_structured`][sparseopt.structure.check_structured]).
+
+    Args:
+        mask (Tensor): the current bool mask, a weight's shape.
+        drop_scores (Tensor): scores of that shape (e.g. ``|w|``); only active positions count.
+        grow_scores (Tensor): scores of that shape (e.g. ``|grad|``, or random).
+        structure (str | Structure): ``"N:M"`` or ``"fan_in"``.
+        k_drop (int): how many to drop over the whole layer, in ``[0, active count]``.
+
+    Returns:
+        ``(new, dropped, grown)``, bool masks of ``mask``'s shape and device:
+        ``dropped = mask & ~new`` and ``grown = new & ~mask`` (equal counts).
+
+    Raises:
+        TypeError: if ``mask`` is not bool or ``k_drop`` not an int.
+        ValueError: if the shapes differ or do not fit the structure, or ``k_drop`` is outside
+            ``[0, active count]``.
+
+    Examples:
+        One 2:4 row with two groups; the smallest active weight (0.1, in group 0) is dropped
+        and the largest gradient of that group regrows:
+
+        >>> import torch
+        >>> mask = torch.tensor([[True, True, False, False, True, False, True, False]])
+        >>> w = torch.tensor([[0.5, 0.1, 0.0, 0.0, 0.7, 0.0, 0.9, 0.0]])
+        >>> g = torch.tensor([[0.0, 0.0, 0.2, 0.3, 0.0, 0.9, 0.0, 0.8]])
+        >>> new, dropped, grown = structured_drop_and_grow(mask, w.abs(), g.abs(), "2:4", 1)
+        >>> new.int().tolist(), dropped.nonzero()[:, 1].tolist(), grown.nonzero()[:, 1].tolist()
+        ([[1, 0, 0, 1, 1, 0, 1, 0]], [1], [3])
+    """
+    s = _structure(structure)
+    _check_mask(mask)
+    for name, t in (("drop_scores", drop_scores), ("grow_scores", grow_scores)):
+        if not isinstance(t, Tensor) or t.shape != mask.shape:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(
+                f"Expected {name} of the mask's shape {tuple(mask.shape)}, but got {got}"
+            )
+    if isinstance(k_drop, bool) or not isinstance(k_drop, int):
+        raise TypeError(f"Expected k_drop to be an int, but got {type(k_drop).__name__}")
+    units, length = _rows_view(mask.shape, s)
+    flat_mask = mask.reshape(-1)
+    active = flat_mask.nonzero().reshape(-1)  # increasing flat indices
+    if not 0 <= k_drop <= active.numel():
+        raise ValueError(f"Expected 0 <= k_drop <= {active.numel()} (active), but got {k_drop}")
+    if k_drop == 0:
+        empty = torch.zeros_like(mask)
+        return mask.clone(), empty, empty.clone()
+    drop = drop_scores.detach().reshape(-1)[active]
+    if drop.dtype not in (torch.float32, torch.float64):
+        drop = drop.double() if drop.dtype == torch.int64 else drop.float()
+    order = torch.sort(drop, stable=True).indices  # ascending; NaN sorts last
+    dropped_now = torch.zeros_like(flat_mask)
+    dropped_now[active[order[:k_drop]]] = True
+    kept = (flat_mask & ~dropped_now).view(units, length)
+    need = dropped_now.view(units, length).sum(1)
+    grow = _as_sortable(grow_scores.detach()).reshape(units, length)
+    # Candidates (not kept) first, each side by descending score; ties to the lowest index.
+    by_score = torch.sort(grow, dim=1, descending=True, stable=True).indices
+    by_candidate = torch.sort(kept.gather(1, by_score).to(torch.uint8), dim=1, stable=True)
+    order = by_score.gather(1, by_candidate.indices)
+    ranks = torch.arange(length, device=mask.device).unsqueeze(0)
+    grown_now = torch.zeros_like(kept).scatter_(1, order, ranks < need.unsqueeze(1))
+    new = (kept | grown_now).view(mask.shape)
+    return new, mask & ~new, new & ~mask
+
+
+# --- checks --------------------------------------------------------------------------------------
+def _unit_counts(mask: Tensor, s: Structure, k: int | None) -> tuple[Tensor, int]:
+    _check_mask(mask)
+    units, length = _rows_view(mask.shape, s)
+    counts = mask.reshape(units, length).sum(1)
+    if s.kind == "fan_in" and k is None:
+        want = int(torch.mode(counts.cpu()).values) if units else 0  # the most common count
+    else:
+        want = _per_unit(mask.shape, s, k)
+    return counts, want
+
+
+def structure_violations(mask: Tensor, structure: str | Structure, k: int | None = None) -> int:
+    """How many groups (``N:M``) or rows (``"fan_in"``) do not hold their count.
+
+    Args:
+        mask (Tensor): a bool mask of a weight's shape.
+        structure (str | Structure): ``"N:M"`` or ``"fan_in"``.
+        k (int | None): the per-row count for ``"fan_in"``. Default: ``None``, the count most
+            rows hold (ties: the smallest), i.e. the rows that differ from the majority.
+
+    Returns:
+        The number of bad groups or rows (0: the mask holds the structure).
+
+    Raises:
+        TypeError: if ``mask`` is not a bool tensor.
+        ValueError: if the shape does not fit the structure or ``k`` is invalid.
+
+    Examples:
+        >>> import torch
+        >>> mask = torch.tensor([[1, 1, 0, 0, 1, 1, 1, 0]], dtype=torch.bool)
+        >>> structure_violations(mask, "2:4"), structure_violations(mask, "fan_in", k=5)
+        (1, 0)
+    """
+    s = _structure(structure)
+    counts, want = _unit_counts(mask, s, k)
+    return int((counts != want).sum())
+
+
+def check_structured(mask: Tensor, structure: str | Structure, k: int | None = None) -> None:
+    """Raise unless every group (``N:M``) or row (``"fan_in"``) of ``mask`` holds its count.
+
+    Args:
+        mask (Tensor): a bool mask of a weight's shape.
+        structure (str | Structure): ``"N:M"`` or ``"fan_in"``.
+        k (int | None): the per-row count for ``"fan_in"``. Default: ``None``: every row must
+            hold the count most rows hold.
+
+    Raises:
+        TypeError: if ``mask`` is not a bool tensor.
+        ValueError: if the shape does not fit, or a group or row holds another count (the
+            message names the first one, in the GEMM view ``(out, prod(shape[1:]))``, and how
+            many are bad).
+
+    Examples:
+        >>> import torch
+        >>> check_structured(torch.tensor([[1, 0, 1, 0]], dtype=torch.bool), "2:4")
+        >>> bad = torch.tensor([[1, 0, 1, 0], [1, 1, 1, 0]], dtype=torch.bool)
+        >>> check_structured(bad, "2:4")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected every group of 4 ... but row 1, columns 0..3 holds 3 (1 bad group of 2)
+    """
+    s = _structure(structure)
+    counts, want = _unit_counts(mask, s, k)
+    bad = (counts != want).nonzero().reshape(-1)
+    if bad.numel() == 0:
+        return
+    first = int(bad[0])
+    got = int(counts[first])
+    if s.kind == "nm":
+        _, fan_in = gemm_shape(mask.shape)
+        per_row = fan_in // s.m
+        row, col = divmod(first, per_row)
+        start = col * s.m
+        raise ValueError(
+            f"Expected every group of {s.m} consecutive weights along the input dimension to "
+            f"hold {s.n} active, but row {row}, columns {start}..{start + s.m - 1} holds {got} "
+            f"({bad.numel()} bad group{'s' if bad.numel() > 1 else ''} of {counts.numel()})"
+        )
+    raise ValueError(
+        f"Expected every row to hold {want} active (constant fan-in), but row {first} holds "
+        f"{got} ({bad.numel()} bad row{'s' if bad.numel() > 1 else ''} of {counts.numel()})"
+    )
