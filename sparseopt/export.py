@@ -804,9 +804,9 @@ class CondensedLinear(nn.Module):
         self.register_buffer("crow_indices", crow.to(index_dtype), persistent=False)
         with warnings.catch_warnings():  # torch warns once per process that CSR is in beta
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
-            empty = torch.zeros(0, dtype=torch.int64)
+            empty = torch.zeros(0, dtype=torch.int64, device="cpu")  # a CPU dummy, on purpose
             torch.sparse_csr_tensor(
-                torch.zeros(2, dtype=torch.int64),
+                torch.zeros(2, dtype=torch.int64, device="cpu"),
                 empty,
                 empty.float(),
                 (1, 1),
@@ -1488,5 +1488,5 @@ def _convert_structured(
     if isinstance(module, nn.Linear):
         new: nn.Module = CondensedLinear(module, mask)
     else:
-        new = CondensedConv1x1(module, mask)  # type: ignore[arg-type]
+        new = CondensedConv1x1(module, mask)
     return new, note + f"{what}: sparsity {sparsity:.3f} reaches {threshold:.3f}"
