@@ -26,15 +26,23 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .structure import Structure, fits, parse_structure, structure_violations
+
 __all__ = [
+    "CondensedConv1x1",
+    "CondensedLinear",
     "InferenceReport",
+    "SemiStructuredLinear",
     "SparseConv1x1",
     "SparseLinear",
+    "fan_in_min_sparsity_rule",
     "load_sparse",
     "min_sparsity_rule",
     "save_sparse",
+    "semi_structured_unsupported",
     "to_sparse_inference",
 ]
 
@@ -681,11 +689,427 @@ def _conv_unsupported(conv: nn.Conv2d) -> str:
     return ""
 
 
+# --- structured inference: constant fan-in (condensed) and 2:4 (semi-structured) ---------------
+_COMPILED_GATHER: Any = None
+
+
+def _gather_multiply_sum(rows: Tensor, indices: Tensor, values: Tensor) -> Tensor:
+    """``out[b, o] = sum_j rows[b, indices[o, j]] * values[o, j]``: the fused formulation that
+    ``torch.compile`` turns into one loop (SRigL's condensed layer)."""
+    return (rows[:, indices] * values).sum(-1)
+
+
+def _compiled_gather() -> Any:
+    global _COMPILED_GATHER
+    if _COMPILED_GATHER is None:
+        _COMPILED_GATHER = torch.compile(_gather_multiply_sum)
+    return _COMPILED_GATHER
+
+
+def _constant_fan_in(active: Tensor) -> tuple[int, int, int]:
+    """``(k, fewest, most)`` active per row of a 2-D bool mask (``k`` is row 0's count)."""
+    counts = active.sum(1)
+    if counts.numel() == 0:
+        return 0, 0, 0
+    return int(counts[0]), int(counts.min()), int(counts.max())
+
+
+class CondensedLinear(nn.Module):
+    """``nn.Linear`` whose rows each hold the same number ``k`` of active weights (constant
+    fan-in), stored condensed: ``values`` and ``indices`` of shape ``(out_features, k)``.
+
+    Row ``o`` computes ``sum_j x[..., indices[o, j]] * values[o, j] + bias[o]``. Two eager
+    kernels run it, chosen by what measured fastest on CPU (``benchmarks/structured_inference.py``,
+    ``docs/benchmarks.md``): for one input row, ``torch.mv`` with a CSR view of the same buffers
+    (every row pointer is ``o * k``; float16/bfloat16: ``index_select`` plus ``vecdot``); for more
+    rows, ``F.embedding_bag`` over the transposed input with ``values`` as per-sample weights (one
+    pass, no ``(rows, out, k)`` intermediate). ``compile=True`` runs instead the fused
+    gather-multiply-sum ``(x[:, indices] * values).sum(-1)`` through ``torch.compile`` (SRigL's
+    formulation); it was not faster on CPU in our measurement, hence off by default.
+
+    Built by [`to_sparse_inference`][sparseopt.export.to_sparse_inference] for layers whose mask
+    has constant fan-in (``SparseOptimizer(structure="fan_in")``); indices are int32 (int64 for
+    more than ``2**31 - 1`` inputs), ascending inside each row.
+
+    Args:
+        linear (nn.Linear): the dense layer (masked weights exactly 0), any float dtype.
+        mask (Tensor | None): the active positions, a bool tensor of the weight's shape whose
+            rows each hold the same count. An active weight may be exactly 0. Default: ``None``,
+            the nonzeros of the weight (then every row must hold the same number of nonzeros).
+        compile (bool): run the ``torch.compile``-d fused gather instead of the eager kernels.
+            Default: ``False`` (the eager kernels measured faster on CPU).
+
+    Raises:
+        ValueError: if the mask is not a bool tensor of the weight's shape, leaves nonzero
+            weights outside it, or its rows hold different counts.
+
+    Examples:
+        >>> import torch
+        >>> from sparseopt.export import CondensedLinear
+        >>> dense = torch.nn.Linear(8, 4)
+        >>> mask = torch.zeros(4, 8, dtype=torch.bool)
+        >>> mask[:, :2] = True  # two active inputs per output
+        >>> with torch.no_grad():
+        ...     _ = dense.weight.mul_(mask)
+        >>> condensed = CondensedLinear(dense, mask)
+        >>> condensed.values.shape, condensed.indices.dtype
+        (torch.Size([4, 2]), torch.int32)
+        >>> x = torch.randn(3, 8)
+        >>> torch.allclose(condensed(x), dense(x), atol=1e-6)
+        True
+    """
+
+    def __init__(
+        self, linear: nn.Linear, mask: Tensor | None = None, *, compile: bool = False
+    ) -> None:
+        super().__init__()
+        weight = linear.weight.detach()
+        if weight.ndim != 2:
+            raise ValueError(f"Expected a 2-D weight, but got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        if mask is None:
+            active = weight != 0
+        else:
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+                raise ValueError("Expected mask to be a bool tensor or None")
+            if mask.shape != weight.shape:
+                raise ValueError(
+                    f"Expected mask of the weight's shape {tuple(weight.shape)}, but got "
+                    f"{tuple(mask.shape)}"
+                )
+            active = mask.to(weight.device)
+            outside = int(torch.count_nonzero(weight[~active]))
+            if outside:
+                raise ValueError(
+                    f"Expected the weights outside the mask to be 0, but got {outside} nonzeros"
+                )
+        k, fewest, most = _constant_fan_in(active)
+        if fewest != most:
+            raise ValueError(
+                "Expected every row to hold the same number of active weights (constant "
+                f"fan-in), but rows hold {fewest} to {most}"
+                + ("" if mask is not None else " nonzeros (pass the mask if some are exactly 0)")
+            )
+        self.k = k
+        self.use_compile = bool(compile)  # not .compile: nn.Module.compile is a method
+        index_dtype = torch.int32 if self.in_features < 2**31 else torch.int64
+        # positions of the active weights, ascending within each row
+        order = torch.sort(active.to(torch.uint8), dim=1, descending=True, stable=True).indices
+        indices = order[:, :k].contiguous()
+        self.register_buffer("values", weight.gather(1, indices).contiguous())
+        self.register_buffer("indices", indices.to(index_dtype))
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        self.register_buffer("bias", bias)
+        crow = torch.arange(self.out_features + 1, device=weight.device) * k  # row o: o * k
+        self.register_buffer("crow_indices", crow.to(index_dtype), persistent=False)
+        with warnings.catch_warnings():  # torch warns once per process that CSR is in beta
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+            empty = torch.zeros(0, dtype=torch.int64, device="cpu")  # a CPU dummy, on purpose
+            torch.sparse_csr_tensor(
+                torch.zeros(2, dtype=torch.int64, device="cpu"),
+                empty,
+                empty.float(),
+                (1, 1),
+                check_invariants=True,
+            )
+
+    def dense_weight(self) -> Tensor:
+        """The weight as a dense ``(out_features, in_features)`` tensor (zeros elsewhere).
+
+        Returns:
+            A new tensor of ``values``' dtype and device.
+
+        Examples:
+            >>> import torch
+            >>> from sparseopt.export import CondensedLinear
+            >>> dense = torch.nn.Linear(4, 2, bias=False)
+            >>> with torch.no_grad():
+            ...     _ = dense.weight.copy_(torch.tensor([[0.0, 1, 0, 2], [3, 0, 4, 0]]))
+            >>> torch.equal(CondensedLinear(dense).dense_weight(), dense.weight)
+            True
+        """
+        out = self.values.new_zeros(self.out_features, self.in_features)
+        return out.scatter_(1, self.indices.long(), self.values)
+
+    @torch.jit.unused
+    def _fused(self, rows):  # no annotations: TorchScript cannot resolve them here
+        return _compiled_gather()(rows, self.indices, self.values)
+
+    def _matvec(self, row: Tensor) -> Tensor:
+        use_csr = self.values.dtype in (torch.float32, torch.float64)
+        if not torch.jit.is_scripting():  # no fake-tensor rule builds a CSR tensor (export)
+            use_csr = use_csr and not torch.compiler.is_compiling()
+        if use_csr:  # a CSR view of the same buffers: MKL's sparse mv
+            cols, values = self.indices.reshape(-1), self.values.reshape(-1)
+            size = [self.out_features, self.in_features]
+            if torch.jit.is_scripting():  # TorchScript does not know check_invariants
+                csr = torch.sparse_compressed_tensor(
+                    self.crow_indices, cols, values, size, layout=torch.sparse_csr
+                )
+            else:
+                csr = torch.sparse_compressed_tensor(
+                    self.crow_indices,
+                    cols,
+                    values,
+                    size,
+                    layout=torch.sparse_csr,
+                    check_invariants=False,
+                )
+            return torch.mv(csr, row)
+        gathered = row.index_select(0, self.indices.reshape(-1)).view_as(self.values)
+        return torch.linalg.vecdot(gathered, self.values)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x @ weight.T + bias`` over the last dimension of ``x``.
+
+        Args:
+            x (Tensor): ``(*, in_features)``, the dtype of the weight.
+
+        Returns:
+            ``(*, out_features)``.
+
+        Examples:
+            >>> import torch
+            >>> from sparseopt.export import CondensedLinear
+            >>> CondensedLinear(torch.nn.Linear(8, 4))(torch.randn(2, 5, 8)).shape
+            torch.Size([2, 5, 4])
+        """
+        rows = x.reshape(-1, self.in_features)
+        if self.k == 0:  # an all-zero weight (F.embedding_bag refuses empty bags)
+            out = rows.new_zeros(rows.shape[0], self.out_features)
+        elif self.use_compile:
+            out = self._fused(rows)
+        elif rows.shape[0] == 1:
+            out = self._matvec(rows[0]).unsqueeze(0)
+        else:  # out.T[o] = sum_j values[o, j] * rows.T[indices[o, j]]
+            out = F.embedding_bag(
+                self.indices, rows.t().contiguous(), per_sample_weights=self.values, mode="sum"
+            ).t()
+        if self.bias is not None:
+            out = out + self.bias
+        shape = list(x.shape[:-1])
+        shape.append(self.out_features)
+        return out.reshape(shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
+            f"bias={self.bias is not None}, compile={self.use_compile}"
+        )
+
+
+class CondensedConv1x1(CondensedLinear):
+    """A 1x1 ``nn.Conv2d`` (stride 1, no padding, one group) with constant fan-in, condensed
+    like [`CondensedLinear`][sparseopt.export.CondensedLinear] and run over the pixels.
+
+    Args:
+        conv (nn.Conv2d): the dense layer; its ``(out, in, 1, 1)`` weight is condensed.
+        mask (Tensor | None): the active positions, of the conv weight's shape. Default:
+            ``None``, the nonzeros.
+        compile (bool): as for ``CondensedLinear``. Default: ``False``.
+
+    Raises:
+        ValueError: if ``conv`` is not a 1x1, stride-1, unpadded, single-group convolution, or
+            its mask does not have constant fan-in.
+
+    Examples:
+        >>> import torch
+        >>> from sparseopt.export import CondensedConv1x1
+        >>> dense = torch.nn.Conv2d(8, 4, 1)
+        >>> with torch.no_grad():
+        ...     _ = dense.weight[:, 4:].zero_()
+        >>> x = torch.randn(2, 8, 5, 5)
+        >>> torch.allclose(CondensedConv1x1(dense)(x), dense(x), atol=1e-5)
+        True
+    """
+
+    def __init__(
+        self, conv: nn.Conv2d, mask: Tensor | None = None, *, compile: bool = False
+    ) -> None:
+        reason = _conv_unsupported(conv)
+        if reason:
+            raise ValueError(
+                f"Expected a 1x1, stride-1, unpadded, ungrouped conv, but got {reason}"
+            )
+        linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None)
+        linear.weight = nn.Parameter(conv.weight.detach().reshape(conv.out_channels, -1))
+        linear.bias = conv.bias
+        flat_mask = None if mask is None else mask.reshape(conv.out_channels, -1)
+        super().__init__(linear, flat_mask, compile=compile)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The convolution of ``x``, ``(N, C_in, H, W) -> (N, C_out, H, W)``.
+
+        Args:
+            x (Tensor): ``(N, in_features, H, W)``.
+
+        Returns:
+            ``(N, out_features, H, W)``, contiguous.
+
+        Examples:
+            >>> import torch
+            >>> from sparseopt.export import CondensedConv1x1
+            >>> CondensedConv1x1(torch.nn.Conv2d(8, 4, 1))(torch.randn(2, 8, 3, 3)).shape
+            torch.Size([2, 4, 3, 3])
+        """
+        n, c, h, w = x.shape
+        if self.k == 0 or self.use_compile:
+            rows = x.permute(0, 2, 3, 1).reshape(-1, c)
+            out = super().forward(rows)  # bias included
+            return out.reshape(n, h, w, self.out_features).permute(0, 3, 1, 2).contiguous()
+        cols = x.transpose(0, 1).reshape(c, n * h * w)  # the transposed GEMM input
+        out = F.embedding_bag(self.indices, cols, per_sample_weights=self.values, mode="sum")
+        if self.bias is not None:
+            out = out + self.bias.unsqueeze(1)
+        return out.reshape(self.out_features, n, h, w).transpose(0, 1).contiguous()
+
+    def extra_repr(self) -> str:
+        return "kernel_size=(1, 1), " + super().extra_repr()
+
+
+def semi_structured_unsupported(weight: Tensor) -> str:
+    """Why a 2:4 weight cannot run with ``torch.sparse.to_sparse_semi_structured``, or ``""``.
+
+    The checks: a 2-D weight on a CUDA device of compute capability at least 8.0 (Ampere or
+    newer), in float16 or bfloat16 (float32 weights are not cast silently: cast the model
+    first), whose shape is a multiple of the selected backend's minimum sparse tile
+    (cuSPARSELt: 16x16; CUTLASS: 32x64, for 16-bit types). Whether the mask is 2:4 is not
+    checked here.
+
+    Args:
+        weight (Tensor): the ``(out_features, in_features)`` weight.
+
+    Returns:
+        The reason, or ``""`` when the conversion can be tried.
+
+    Examples:
+        >>> import torch
+        >>> print(semi_structured_unsupported(torch.zeros(64, 64)))  # doctest: +ELLIPSIS
+        semi-structured 2:4 kernels need a CUDA device ... but the weight is on cpu
+    """
+    if weight.ndim != 2:
+        return f"semi-structured 2:4 needs a 2-D weight, not shape {tuple(weight.shape)}"
+    if weight.device.type != "cuda":
+        return (
+            "semi-structured 2:4 kernels need a CUDA device of compute capability >= 8.0, but "
+            f"the weight is on {weight.device}"
+        )
+    major, minor = torch.cuda.get_device_capability(weight.device)
+    if (major, minor) < (8, 0):
+        return (
+            "semi-structured 2:4 kernels need compute capability >= 8.0, but "
+            f"{torch.cuda.get_device_name(weight.device)} has {major}.{minor}"
+        )
+    if weight.dtype not in (torch.float16, torch.bfloat16):
+        return (
+            f"semi-structured 2:4 takes float16/bfloat16 weights, not {_dtype_name(weight.dtype)} "
+            "(cast the model with .half() or .to(torch.bfloat16) first)"
+        )
+    rows, cols = _semi_structured_tile(weight.dtype)
+    if weight.shape[0] % rows or weight.shape[1] % cols:
+        return (
+            f"semi-structured 2:4 needs a weight shape that is a multiple of ({rows}, {cols}), "
+            f"not {tuple(weight.shape)}"
+        )
+    return ""
+
+
+def _semi_structured_tile(dtype: torch.dtype) -> tuple[int, int]:
+    """The minimum sparse tile of the backend ``to_sparse_semi_structured`` will use."""
+    from torch.sparse import semi_structured as ss
+
+    cusparselt = getattr(torch.backends, "cusparselt", None)
+    use_cutlass = ss.SparseSemiStructuredTensor._FORCE_CUTLASS or not (
+        cusparselt is not None and cusparselt.is_available()
+    )
+    cls = (
+        ss.SparseSemiStructuredTensorCUTLASS
+        if use_cutlass
+        else (ss.SparseSemiStructuredTensorCUSPARSELT)
+    )
+    try:
+        c = cls._DTYPE_SHAPE_CONSTRAINTS[dtype]
+        return int(c.sparse_min_rows), int(c.sparse_min_cols)
+    except (AttributeError, KeyError):  # a torch that moved them: the strictest known tile
+        return 32, 64
+
+
+class SemiStructuredLinear(nn.Module):
+    """``nn.Linear`` with a 2:4 weight compressed by ``torch.sparse.to_sparse_semi_structured``
+    (cuSPARSELt or CUTLASS sparse tensor cores; CUDA, compute capability >= 8.0, float16 or
+    bfloat16).
+
+    The weight is held as a ``SparseSemiStructuredTensor`` parameter (``requires_grad=False``)
+    and ``F.linear`` dispatches to the sparse kernel. For inference only; save the dense masked
+    model (``save_sparse``) and convert after loading, rather than saving this module.
+
+    Args:
+        linear (nn.Linear): the dense layer whose weight holds 2 nonzeros (at most) in every
+            group of 4 consecutive inputs.
+
+    Raises:
+        ValueError: if the weight cannot be converted (see
+            [`semi_structured_unsupported`][sparseopt.export.semi_structured_unsupported]) or
+            is not 2:4.
+
+    Examples:
+        >>> import torch
+        >>> from sparseopt.export import SemiStructuredLinear
+        >>> SemiStructuredLinear(torch.nn.Linear(64, 64))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: ... need a CUDA device of compute capability >= 8.0, but the weight is on cpu
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach()
+        reason = semi_structured_unsupported(weight)
+        if reason:
+            raise ValueError(reason)
+        groups = (weight != 0).reshape(weight.shape[0], -1, 4).sum(-1)
+        if bool((groups > 2).any()):
+            raise ValueError("Expected at most 2 nonzeros in every group of 4 inputs (2:4)")
+        from torch.sparse import to_sparse_semi_structured
+
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(
+            to_sparse_semi_structured(weight.contiguous()), requires_grad=False
+        )
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x @ weight.T + bias`` with the 2:4 sparse kernel.
+
+        Args:
+            x (Tensor): ``(*, in_features)``, the weight's dtype and device.
+
+        Returns:
+            ``(*, out_features)``.
+
+        Examples:
+            >>> import torch
+            >>> from sparseopt.export import SemiStructuredLinear
+            >>> callable(SemiStructuredLinear.forward)  # needs a CUDA device to run
+            True
+        """
+        return F.linear(x.contiguous(), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"structure=2:4, bias={self.bias is not None}"
+        )
+
+
 class InferenceReport(list):
     """What [`to_sparse_inference`][sparseopt.export.to_sparse_inference] did, one row per layer.
 
     A ``list`` of dicts with ``name``, ``type``, ``shape``, ``sparsity``, ``converted`` (the
-    layout, or ``None`` when the layer stayed dense) and ``reason``. It prints as a table.
+    layout: ``"csr"``, ``"bsr"``, ``"condensed"`` or ``"2:4"``; ``None`` when the layer stayed
+    dense), ``structure`` (``"2:4"``, another ``"N:M"``, ``"fan_in"``, or ``None``: unstructured
+    or not looked for) and ``reason``. It prints as a table.
 
     Args:
         iterable (Iterable[dict]): the rows. Default: none.
@@ -715,11 +1139,11 @@ class InferenceReport(list):
         return [r["name"] for r in self if r["converted"]]
 
     def __str__(self) -> str:
-        lines = [f"{'layer':<32} {'type':<10} {'sparsity':>8}  {'as':<6} reason"]
+        lines = [f"{'layer':<32} {'type':<10} {'sparsity':>8}  {'as':<9} reason"]
         for r in self:
             sp = "" if r["sparsity"] is None else f"{r['sparsity']:.3f}"
             lines.append(
-                f"{r['name']:<32} {r['type']:<10} {sp:>8}  {r['converted'] or 'dense':<6} "
+                f"{r['name']:<32} {r['type']:<10} {sp:>8}  {r['converted'] or 'dense':<9} "
                 f"{r['reason']}"
             )
         return "\n".join(lines)
@@ -732,6 +1156,67 @@ def _block_for(shape: tuple[int, ...]) -> int | None:
     return None
 
 
+def fan_in_min_sparsity_rule(numel: int, batch_size: int) -> float:
+    """The sparsity above which a constant fan-in layer, condensed, beat dense on CPU.
+
+    Measured with ``benchmarks/structured_inference.py`` (torch 2.13, one thread; the table is in
+    ``docs/benchmarks.md``): [`CondensedLinear`][sparseopt.export.CondensedLinear] against
+    ``F.linear`` on 256x256, 512x512, 1024x1024 and 4096x4096 layers at 80, 90 and 95% sparsity,
+    batch 1, 8 and 64, in three runs. A layer of at most 2**16 weights (256x256) lost or tied
+    (it won by a few percent only at batch 64). One of at most 2**18 (512x512) won at batch 64
+    from 90% (1.9-2.4x) and was a toss-up below (0.84-1.35x). Larger ones won at 90% and 95% at
+    every batch (1.4-10x), and at 80% at batch 64 (1.35-2.0x, one run 0.82x); at 80% below
+    batch 64 the result flipped from run to run. Below 80% was not measured: left dense.
+
+    Args:
+        numel (int): the layer's weight count.
+        batch_size (int): rows of the GEMM (the batch; for a 1x1 convolution at least the batch).
+
+    Returns:
+        The minimum sparsity in ``[0, 1]`` at which the layer is condensed (1.0: never).
+
+    Examples:
+        >>> fan_in_min_sparsity_rule(4096 * 4096, 1), fan_in_min_sparsity_rule(4096 * 4096, 64)
+        (0.9, 0.8)
+        >>> fan_in_min_sparsity_rule(512 * 512, 1), fan_in_min_sparsity_rule(512 * 512, 64)
+        (1.0, 0.9)
+        >>> fan_in_min_sparsity_rule(256 * 256, 64)
+        1.0
+    """
+    if numel <= 1 << 16:
+        return 1.0
+    if numel <= 1 << 18:
+        return 0.9 if batch_size >= 64 else 1.0
+    return 0.8 if batch_size >= 64 else 0.9
+
+
+def _layer_structure(active: Tensor, wanted: Structure | str) -> tuple[str | None, int, str]:
+    """``(label, k, why)`` for a 2-D mask: ``label`` is ``"2:4"``, another ``"N:M"`` or
+    ``"fan_in"`` when the mask holds it (``k``: active per row), else ``None`` and ``why``."""
+    rows, fan_in = active.shape
+    k, fewest, most = _constant_fan_in(active)
+    constant = fewest == most and 0 < k < fan_in
+    if wanted == "auto":
+        two_four = constant and fits(active.shape, "2:4") and k * 2 == fan_in
+        if two_four and structure_violations(active, "2:4") == 0:
+            return "2:4", k, ""
+        if constant:
+            return "fan_in", k, ""
+        return None, k, f"no structure found (rows hold {fewest} to {most} active)"
+    assert isinstance(wanted, Structure)
+    if wanted.kind == "nm":
+        if not fits(active.shape, wanted):
+            return None, k, f"fan-in {fan_in} is not a multiple of {wanted.m}: not {wanted}"
+        bad = structure_violations(active, wanted)
+        if bad:
+            groups = rows * (fan_in // wanted.m)
+            return None, k, f"not {wanted}: {bad} of {groups} groups hold another count"
+        return str(wanted), k, ""
+    if not constant:
+        return None, k, f"not constant fan-in (rows hold {fewest} to {most} active)"
+    return "fan_in", k, ""
+
+
 def to_sparse_inference(
     model: nn.Module,
     *,
@@ -739,41 +1224,74 @@ def to_sparse_inference(
     layout: str = "csr",
     batch_size: int = 1,
     blocksize: int | None = None,
+    structure: str | None = None,
+    masks: Mapping[Any, Tensor] | None = None,
 ) -> nn.Module:
-    """A copy of ``model`` whose sparse enough layers compute with ``torch.sparse`` (inference).
+    """A copy of ``model`` whose sparse enough layers compute with sparse kernels (inference).
 
-    Each ``nn.Linear`` and each 1x1 ``nn.Conv2d`` (stride 1, no padding, one group) whose weight
-    is float32 or float64 and at least ``min_sparsity`` sparse becomes a
-    [`SparseLinear`][sparseopt.export.SparseLinear] or
-    [`SparseConv1x1`][sparseopt.export.SparseConv1x1]. Other layers stay dense: larger
-    convolutions (im2col plus a sparse GEMM lost to oneDNN's dense convolution in our
+    Unstructured (``structure=None``, the default): each ``nn.Linear`` and each 1x1
+    ``nn.Conv2d`` (stride 1, no padding, one group) whose weight is float32 or float64 and at
+    least ``min_sparsity`` sparse becomes a [`SparseLinear`][sparseopt.export.SparseLinear] or
+    [`SparseConv1x1`][sparseopt.export.SparseConv1x1] (CSR or BSR). Other layers stay dense:
+    larger convolutions (im2col plus a sparse GEMM lost to oneDNN's dense convolution in our
     measurement), half-precision weights (torch's CPU CSR kernels take float32/float64 only) and
-    every other module type. The outputs equal the dense model's within float32 rounding (the
-    sums run in another order). ``model`` itself is not changed.
+    every other module type.
+
+    Structured (``structure="auto"``, ``"fan_in"`` or ``"N:M"``, as trained with
+    ``SparseOptimizer(structure=...)``): a layer whose mask holds the structure is converted by
+    it, the others as above (with the reason in the report):
+
+    - 2:4 ``nn.Linear`` on a CUDA device of compute capability >= 8.0, float16/bfloat16:
+      [`SemiStructuredLinear`][sparseopt.export.SemiStructuredLinear]
+      (``torch.sparse.to_sparse_semi_structured``), whatever ``min_sparsity`` says. Elsewhere
+      (CPU, older GPUs, float32, shapes off the kernel's tile) the report says why, and the
+      layer is treated as constant fan-in (a 2:4 mask has ``in_features / 2`` per row).
+    - Constant fan-in (and any other ``N:M``, whose rows all hold ``fan_in * N / M``):
+      [`CondensedLinear`][sparseopt.export.CondensedLinear] or
+      [`CondensedConv1x1`][sparseopt.export.CondensedConv1x1] (any float dtype) when at least
+      ``min_sparsity`` sparse, by default the measured
+      [`fan_in_min_sparsity_rule`][sparseopt.export.fan_in_min_sparsity_rule]; else dense.
+
+    ``"auto"`` detects per layer: 2:4 when every group of 4 inputs holds exactly 2 active, else
+    constant fan-in when every row holds the same count ``k`` with ``0 < k < fan_in``. Without
+    ``masks`` the active positions are the nonzeros, so a trained active weight that is exactly 0
+    breaks the count of its row: pass ``masks=opt.masks`` to use the optimizer's masks.
+
+    The outputs equal the dense model's within rounding (the sums run in another order); 2:4
+    runs in the weight's half precision. ``model`` itself is not changed.
 
     The report is attached as ``sparse_inference_report`` (an
     [`InferenceReport`][sparseopt.export.InferenceReport]); a warning says when no layer was
-    converted. The copy works with ``torch.jit.script`` and ``torch.export.export`` (CSR; see
-    ``docs/deploying.md``). Put it in ``eval()`` mode and call it under ``torch.inference_mode()``.
+    converted. The CSR copy works with ``torch.jit.script`` (see ``docs/deploying.md``). Put it
+    in ``eval()`` mode and call it under ``torch.inference_mode()``.
 
     Args:
         model (nn.Module): the trained model (masked weights exactly 0).
         min_sparsity (float | None): convert layers at least this sparse. Default: ``None``, the
-            measured rule [`min_sparsity_rule`][sparseopt.export.min_sparsity_rule] for each
-            layer's size and ``batch_size`` (with 0.005 of slack, for masks drawn at random).
-        layout (str): ``"csr"``, or ``"bsr"`` (square blocks; only layers whose shape the block
-            divides). Default: ``"csr"``.
-        batch_size (int): the batch the model will serve, for the default rule. Default: 1.
+            measured rules [`min_sparsity_rule`][sparseopt.export.min_sparsity_rule] (CSR) and
+            [`fan_in_min_sparsity_rule`][sparseopt.export.fan_in_min_sparsity_rule] (condensed)
+            for each layer's size and ``batch_size`` (with 0.005 of slack, for masks drawn at
+            random).
+        layout (str): the unstructured layout, ``"csr"``, or ``"bsr"`` (square blocks; only
+            layers whose shape the block divides). Default: ``"csr"``.
+        batch_size (int): the batch the model will serve, for the default rules. Default: 1.
         blocksize (int | None): the block of ``"bsr"``. Default: ``None``, the largest of 16, 8,
             4, 2 that divides the layer's weight.
+        structure (str | None): ``None`` (unstructured only, the behaviour of earlier
+            versions), ``"auto"`` (detect per layer), ``"fan_in"`` or ``"N:M"`` (use that
+            structure where a layer's mask holds it). Default: ``None``.
+        masks (Mapping | None): the active positions, a mapping from the model's parameters
+            (``SparseOptimizer.masks``) or ``state_dict`` names to bool masks. Default:
+            ``None``, the nonzeros of each weight.
 
     Returns:
         The converted copy, in the mode (train or eval) of ``model``.
 
     Raises:
-        TypeError: if ``model`` is not an ``nn.Module`` or a number argument has the wrong type.
-        ValueError: if ``min_sparsity`` is outside ``[0, 1]``, ``layout`` is unknown, or
-            ``batch_size`` or ``blocksize`` is not positive.
+        TypeError: if ``model`` is not an ``nn.Module`` or an argument has the wrong type.
+        ValueError: if ``min_sparsity`` is outside ``[0, 1]``, ``layout`` or ``structure`` is
+            unknown, ``batch_size`` or ``blocksize`` is not positive, or a mask does not fit its
+            weight (see [`save_sparse`][sparseopt.export.save_sparse]).
 
     Examples:
         >>> import torch
@@ -786,6 +1304,18 @@ def to_sparse_inference(
         >>> fast.sparse_inference_report.converted
         ['0']
         >>> x = torch.randn(3, 64)
+        >>> torch.allclose(fast(x), model(x), atol=1e-5)
+        True
+
+        A constant fan-in layer (4 active inputs per output) is condensed:
+
+        >>> from sparseopt.structure import random_structured
+        >>> mask = random_structured((64, 64), "fan_in", torch.Generator().manual_seed(0), k=4)
+        >>> with torch.no_grad():
+        ...     _ = model[0].weight.copy_(torch.randn(64, 64) * mask)
+        >>> fast = to_sparse_inference(model, min_sparsity=0.9, structure="auto")
+        >>> type(fast[0]).__name__, fast.sparse_inference_report[0]["structure"]
+        ('CondensedLinear', 'fan_in')
         >>> torch.allclose(fast(x), model(x), atol=1e-5)
         True
     """
@@ -812,6 +1342,16 @@ def to_sparse_inference(
             raise TypeError(f"Expected {arg} to be an int, but got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"Expected {arg} to be positive, but got {value}")
+    wanted: Structure | str | None
+    if structure == "auto":
+        wanted = "auto"
+    else:
+        try:
+            wanted = parse_structure(structure)
+        except (TypeError, ValueError) as e:
+            kind = type(e)
+            raise kind(str(e).replace("to be None,", "to be None, 'auto',", 1)) from None
+    chosen = _resolve_masks(model, masks, model.state_dict(keep_vars=True))
     out = copy.deepcopy(model)
     report = InferenceReport()
     replace: list[tuple[str, nn.Module]] = []
@@ -829,26 +1369,47 @@ def to_sparse_inference(
                         "shape": tuple(weight.shape),
                         "sparsity": 1 - int(torch.count_nonzero(weight)) / weight.numel(),
                         "converted": None,
+                        "structure": None,
                         "reason": "layer type not supported (stays dense)",
                     }
                 )
             continue
         w = module.weight.detach()
-        sparsity = 1 - int(torch.count_nonzero(w)) / w.numel()
+        mask = chosen.get(f"{name}.weight" if name else "weight")
+        active = (w != 0) if mask is None else mask.to(w.device)
+        sparsity = 1 - int(torch.count_nonzero(active)) / w.numel()
         row = {
             "name": name,
             "type": kind,
             "shape": tuple(w.shape),
             "sparsity": sparsity,
             "converted": None,
+            "structure": None,
             "reason": "",
         }
         report.append(row)
         if isinstance(module, nn.Conv2d) and _conv_unsupported(module):
             row["reason"] = f"{_conv_unsupported(module)}: only 1x1 convolutions run sparse"
             continue
+        note = ""
+        if wanted is not None:
+            label, k, why = _layer_structure(active.reshape(w.shape[0], -1), wanted)
+            row["structure"] = label
+            if label is None:
+                note = why + "; "
+            else:
+                new, reason = _convert_structured(
+                    module, mask, label, k, sparsity, min_sparsity, batch_size
+                )
+                row["reason"] = reason
+                if new is not None:
+                    replace.append((name, new))
+                    row["converted"] = (
+                        "2:4" if isinstance(new, SemiStructuredLinear) else ("condensed")
+                    )
+                continue
         if w.dtype not in (torch.float32, torch.float64):
-            row["reason"] = f"{w.dtype}: torch's CPU sparse kernels take float32/float64"
+            row["reason"] = note + f"{w.dtype}: torch's CPU sparse kernels take float32/float64"
             continue
         if min_sparsity is None:  # half a percent of slack: a 95% mask may hold 94.97% zeros
             threshold = min_sparsity_rule(w.numel(), batch_size)
@@ -857,19 +1418,19 @@ def to_sparse_inference(
             threshold = min_sparsity
             converts = sparsity >= threshold
         if not converts:
-            row["reason"] = f"sparsity {sparsity:.3f} < {threshold:.3f}: dense is faster"
+            row["reason"] = note + f"sparsity {sparsity:.3f} < {threshold:.3f}: dense is faster"
             continue
         shape2d = (w.shape[0], w.numel() // w.shape[0])
         block = 1
         if layout == "bsr":
             block = blocksize or _block_for(shape2d) or 0
             if not block or shape2d[0] % block or shape2d[1] % block:
-                row["reason"] = f"no square block divides {shape2d}"
+                row["reason"] = note + f"no square block divides {shape2d}"
                 continue
         cls = SparseLinear if isinstance(module, nn.Linear) else SparseConv1x1
         replace.append((name, cls(module, layout, block) if layout == "bsr" else cls(module)))
         row["converted"] = layout
-        row["reason"] = f"sparsity {sparsity:.3f} reaches {threshold:.3f}"
+        row["reason"] = note + f"sparsity {sparsity:.3f} reaches {threshold:.3f}"
     for name, new in replace:
         new.train(out.training)
         if name == "":
@@ -887,3 +1448,45 @@ def to_sparse_inference(
             stacklevel=2,
         )
     return out
+
+
+def _convert_structured(
+    module: nn.Module,
+    mask: Tensor | None,
+    label: str,
+    k: int,
+    sparsity: float,
+    min_sparsity: float | None,
+    batch_size: int,
+) -> tuple[nn.Module | None, str]:
+    """The structured module for one layer whose mask holds ``label`` (or ``None``), and why."""
+    w = module.weight.detach()
+    note = ""
+    if label == "2:4":
+        why = (
+            semi_structured_unsupported(w)
+            if isinstance(module, nn.Linear)
+            else "semi-structured 2:4 runs nn.Linear only"
+        )
+        if not why:
+            try:
+                return SemiStructuredLinear(module), "2:4 semi-structured (sparse tensor cores)"
+            except (RuntimeError, NotImplementedError, ValueError) as e:
+                why = f"to_sparse_semi_structured failed: {e}"
+        note = f"2:4 mask, but {why}; "
+    if not w.is_floating_point():
+        return None, note + f"{w.dtype}: the condensed layer takes float weights"
+    if min_sparsity is None:
+        threshold = fan_in_min_sparsity_rule(w.numel(), batch_size)
+        converts = sparsity >= threshold - 0.005
+    else:
+        threshold = min_sparsity
+        converts = sparsity >= threshold
+    what = f"constant fan-in {k}"
+    if not converts:
+        return None, note + f"{what}: sparsity {sparsity:.3f} < {threshold:.3f}: dense is faster"
+    if isinstance(module, nn.Linear):
+        new: nn.Module = CondensedLinear(module, mask)
+    else:
+        new = CondensedConv1x1(module, mask)
+    return new, note + f"{what}: sparsity {sparsity:.3f} reaches {threshold:.3f}"

@@ -11,7 +11,9 @@ Every function here works on the *GEMM view* of a weight, ``w.reshape(w.shape[0]
 
 All selections are exact and deterministic: ties go to the lowest index (inside a group or row
 for the per-group selections, over the flat layer for the layer-wide drop), a ``-inf`` or NaN
-score is taken last, and nothing depends on how a kernel orders equal values. The functions
+score is taken last (NaN counts as ``-inf`` for growth, ``+inf`` for the drop), ``-0.0`` ties
+with ``0.0``, and nothing depends on how a kernel orders equal values. No selection sorts: a
+``topk`` finds the threshold and ties at it are filled in index order. The functions
 take tensors on any device and give their masks back on that device; only
 [`random_structured`][sparseopt.structure.random_structured] draws from a CPU generator and
 returns a CPU mask (so that a seed means the same mask on every device).
@@ -299,15 +301,40 @@ def _as_sortable(scores: Tensor) -> Tensor:
     return torch.where(torch.isnan(scores), float("-inf"), scores)
 
 
-def _top_per_unit(scores: Tensor, count: Tensor | int) -> Tensor:
-    """Bool mask of the ``count`` largest entries of each row of a 2-D ``scores``, ties to the
-    lowest column. ``count`` is an int or a per-row int tensor."""
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    ranks = torch.arange(scores.shape[1], device=scores.device)
-    need = count if isinstance(count, int) else count.unsqueeze(1)
-    chosen = (ranks.unsqueeze(0) < need).expand_as(order)
-    out = torch.zeros(order.shape, dtype=torch.bool, device=order.device)
-    return out.scatter_(1, order, chosen)
+def _fill_ties(better: Tensor, tied: Tensor, need: Tensor | int, dim: int = -1) -> Tensor:
+    """``better`` plus, in each line along ``dim``, the first ``need - better.sum()`` of ``tied``
+    in index order: an exact selection with ties to the lowest index, without a sort."""
+    room = need - better.sum(dim, keepdim=True)
+    return better | (tied & (torch.cumsum(tied, dim, dtype=torch.int32) <= room))
+
+
+def _top_per_unit(scores: Tensor, count: Tensor | int, candidates: Tensor | None = None) -> Tensor:
+    """Bool mask of the ``count`` largest entries of each row of a 2-D ``scores`` (no NaN),
+    among ``candidates`` if given, ties to the lowest column. ``count`` is an int or a per-row
+    int tensor, at most the number of candidates of its row.
+
+    One ``topk`` of the largest count finds each row's threshold (the ``count``-th largest);
+    everything above it is taken, and ties at it fill the rest in column order. No sort: this
+    is O(length) per row, against O(length log length) for a stable sort.
+    """
+    units = scores.shape[0]
+    need = (
+        torch.full((units, 1), count, device=scores.device)
+        if isinstance(count, int)
+        else count.reshape(units, 1)
+    )
+    kmax = count if isinstance(count, int) else (int(count.max()) if units else 0)
+    if kmax == 0:
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if candidates is not None:
+        scores = torch.where(candidates, scores, float("-inf"))
+    top = torch.topk(scores, kmax, dim=1, sorted=True).values
+    threshold = top.gather(1, (need - 1).clamp(min=0))
+    better = scores > threshold  # a non-candidate (-inf) is never above
+    tied = scores == threshold
+    if candidates is not None:
+        tied &= candidates
+    return _fill_ties(better, tied, need, dim=1)
 
 
 def _check_mask(mask: Tensor, name: str = "mask") -> None:
@@ -412,7 +439,7 @@ def structured_drop_and_grow(
     """One prune-and-regrow exchange that keeps every group's (or row's) count.
 
     1. Drop: among the active positions of the whole layer, the ``k_drop`` with the smallest
-       ``drop_scores`` (ties to the lowest flat index; NaN dropped last).
+       ``drop_scores`` (ties to the lowest flat index; NaN counts as ``+inf``).
     2. Grow: inside each ``N:M`` group (``"fan_in"``: each row) that lost ``d`` weights, the
        ``d`` positions with the largest ``grow_scores`` among the group's inactive positions,
        the just-dropped ones included (ties to the lowest index; ``-inf`` and NaN taken last).
@@ -471,18 +498,17 @@ def structured_drop_and_grow(
     drop = drop_scores.detach().reshape(-1)[active]
     if drop.dtype not in (torch.float32, torch.float64):
         drop = drop.double() if drop.dtype == torch.int64 else drop.float()
-    order = torch.sort(drop, stable=True).indices  # ascending; NaN sorts last
+    drop = torch.where(torch.isnan(drop), float("inf"), drop)  # NaN: dropped last, as +inf
+    # the k_drop-th smallest: the largest of the k_drop smallest (no kthvalue: CUDA flags it as
+    # nondeterministic under torch.use_deterministic_algorithms)
+    kth = torch.topk(drop, k_drop, largest=False, sorted=False).values.max()
+    chosen = _fill_ties(drop < kth, drop == kth, k_drop)
     dropped_now = torch.zeros_like(flat_mask)
-    dropped_now[active[order[:k_drop]]] = True
+    dropped_now[active[chosen]] = True
     kept = (flat_mask & ~dropped_now).view(units, length)
     need = dropped_now.view(units, length).sum(1)
     grow = _as_sortable(grow_scores.detach()).reshape(units, length)
-    # Candidates (not kept) first, each side by descending score; ties to the lowest index.
-    by_score = torch.sort(grow, dim=1, descending=True, stable=True).indices
-    by_candidate = torch.sort(kept.gather(1, by_score).to(torch.uint8), dim=1, stable=True)
-    order = by_score.gather(1, by_candidate.indices)
-    ranks = torch.arange(length, device=mask.device).unsqueeze(0)
-    grown_now = torch.zeros_like(kept).scatter_(1, order, ranks < need.unsqueeze(1))
+    grown_now = _top_per_unit(grow, need, candidates=~kept)
     new = (kept | grown_now).view(mask.shape)
     return new, mask & ~new, new & ~mask
 

@@ -42,6 +42,7 @@ def _keep_threads():
         ("compiled_step", ("rows",), ("| params | variant | ms |", "compiled wrapped")),
         ("inference", ("grid", "rows"), ("| threads | shape |", "| threads | model |")),
         ("export_size", ("rows",), ("| model | params (M) |",)),
+        ("structured_inference", ("rows",), ("| threads | shape | sparsity | k |", "2:4")),
     ],
 )
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -21,6 +21,7 @@ from sparseopt import (
     save_sparse,
     to_sparse_inference,
 )
+from sparseopt.structure import check_structured, random_structured, select_structured
 
 METHODS = ["static", "set", "rigl", "granet", "gmp", "snip"]
 
@@ -398,3 +399,315 @@ def test_without_safetensors_the_torch_fallback_is_used(tmp_path, monkeypatch):
     info = save_sparse(model, tmp_path / "m", masks=opt.masks)
     assert info["format"] == "torch"
     assert (tmp_path / "m").read_bytes()[:2] == b"PK"
+
+
+# --- structured inference: constant fan-in (condensed) and 2:4 ----------------------------------
+def _fan_in_linear(out_f, in_f, k, bias=True, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    mask = random_structured((out_f, in_f), "fan_in", g, k)
+    layer = nn.Linear(in_f, out_f, bias=bias).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(out_f, in_f, generator=g).to(dtype) * mask)
+        if bias:
+            layer.bias.copy_(torch.randn(out_f, generator=g).to(dtype))
+    return layer, mask
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    out_f=st.integers(1, 40),
+    in_f=st.integers(1, 40),
+    frac=st.floats(0.0, 1.0),
+    lead=st.lists(st.integers(1, 4), min_size=0, max_size=3),
+    bias=st.booleans(),
+    double=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_condensed_linear_equals_the_masked_dense_layer(
+    out_f, in_f, frac, lead, bias, double, seed
+):
+    dtype = torch.float64 if double else torch.float32
+    k = round(frac * in_f)
+    dense, mask = _fan_in_linear(out_f, in_f, k, bias, seed, dtype)
+    layer = ex.CondensedLinear(dense, mask)
+    assert layer.values.shape == (out_f, k)
+    assert layer.indices.shape == (out_f, k)
+    assert layer.indices.dtype == torch.int32
+    assert torch.equal(layer.dense_weight(), dense.weight.detach())
+    x = torch.randn(*lead, in_f, dtype=dtype)  # no lead dims: one row, the matrix-vector path
+    tol = 1e-12 if double else 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), dense(x), rtol=tol, atol=tol)
+
+
+def test_condensed_rows_are_ascending_and_active_zeros_need_the_mask():
+    dense, mask = _fan_in_linear(6, 10, 3)
+    layer = ex.CondensedLinear(dense, mask)
+    assert bool((layer.indices[:, 1:] > layer.indices[:, :-1]).all())
+    assert torch.equal(ex.CondensedLinear(dense).indices, layer.indices)  # nonzeros == mask
+    with torch.no_grad():
+        dense.weight[0, int(layer.indices[0, 0])] = 0.0  # an active weight that is exactly 0
+    with pytest.raises(ValueError, match="rows hold 2 to 3 nonzeros"):
+        ex.CondensedLinear(dense)
+    kept = ex.CondensedLinear(dense, mask)
+    x = torch.randn(4, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(kept(x), dense(x))
+    with pytest.raises(ValueError, match="outside the mask"):
+        ex.CondensedLinear(dense, torch.zeros_like(mask))
+    with pytest.raises(ValueError, match="bool tensor"):
+        ex.CondensedLinear(dense, mask.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_condensed_half_precision(dtype):
+    dense, mask = _fan_in_linear(16, 32, 4, dtype=dtype)
+    layer = ex.CondensedLinear(dense, mask)
+    for rows in (1, 5):
+        x = torch.randn(rows, 32).to(dtype)
+        with torch.no_grad():
+            ref = (x.double() @ dense.weight.double().T + dense.bias.double()).to(dtype)
+            torch.testing.assert_close(layer(x), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_condensed_all_zero_layer():
+    dense = nn.Linear(8, 3)
+    with torch.no_grad():
+        dense.weight.zero_()
+    layer = ex.CondensedLinear(dense)
+    assert layer.k == 0
+    for shape in ((8,), (5, 8)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), dense(x))
+
+
+_DYNAMO = (
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"  # torch's, in inductor
+)
+
+
+@pytest.mark.filterwarnings(_DYNAMO)
+def test_condensed_compiled_equals_eager():
+    dense, mask = _fan_in_linear(24, 40, 6)
+    layer = ex.CondensedLinear(dense, mask, compile=True)
+    assert "compile=True" in repr(layer)
+    x = torch.randn(2, 3, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings(_DYNAMO)
+def test_condensed_copies_saves_scripts_and_exports(tmp_path):
+    dense, mask = _fan_in_linear(12, 20, 5)
+    layer = ex.CondensedLinear(dense, mask)
+    assert sorted(layer.state_dict()) == ["bias", "indices", "values"]
+    torch.save(layer.state_dict(), tmp_path / "c.pt")
+    fresh = nn.Linear(20, 12)  # same mask, other values
+    with torch.no_grad():
+        fresh.weight.mul_(mask)
+    again = ex.CondensedLinear(fresh, mask)
+    again.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True))
+    for rows in (1, 4):
+        x = torch.randn(rows, 20)
+        with torch.no_grad():
+            expected = dense(x)
+        torch.testing.assert_close(copy.deepcopy(layer)(x), expected)
+        torch.testing.assert_close(again(x), expected)
+        torch.testing.assert_close(torch.jit.script(layer)(x), expected)
+        exported = torch.export.export(layer, (x,)).module()
+        torch.testing.assert_close(exported(x), expected)
+
+
+@pytest.mark.filterwarnings(_DYNAMO)
+@pytest.mark.parametrize("bias", [True, False])
+def test_condensed_conv1x1_equals_dense(bias):
+    conv = nn.Conv2d(12, 8, 1, bias=bias)
+    mask = random_structured(conv.weight.shape, "fan_in", torch.Generator().manual_seed(0), 3)
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    x = torch.randn(2, 12, 5, 4)
+    for compile_ in (False, True):
+        layer = ex.CondensedConv1x1(conv, mask, compile=compile_)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="1x1"):
+        ex.CondensedConv1x1(nn.Conv2d(12, 8, 3))
+
+
+class _Lin2Conv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 48)
+        self.conv = nn.Conv2d(48, 48, 1)
+
+    def forward(self, x):
+        return self.conv(torch.relu(self.fc(x)).unsqueeze(-1).unsqueeze(-1)).flatten(1)
+
+
+def test_structure_auto_condenses_fan_in_layers_and_reports_them():
+    model = _Lin2Conv()
+    g = torch.Generator().manual_seed(0)
+    for layer in (model.fc, model.conv):
+        with torch.no_grad():
+            layer.weight.mul_(random_structured(layer.weight.shape, "fan_in", g, 4))
+    fast = to_sparse_inference(model, structure="auto", min_sparsity=0.9)
+    report = {r["name"]: r for r in fast.sparse_inference_report}
+    assert isinstance(fast.fc, ex.CondensedLinear)
+    assert isinstance(fast.conv, ex.CondensedConv1x1)
+    assert report["fc"]["converted"] == "condensed"
+    assert report["fc"]["structure"] == "fan_in"
+    assert "constant fan-in 4" in report["fc"]["reason"]
+    assert "condensed" in str(fast.sparse_inference_report)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+    # the default structure=None keeps the unstructured behaviour: CSR
+    plain = to_sparse_inference(model, min_sparsity=0.9)
+    assert isinstance(plain.fc, ex.SparseLinear)
+    assert all(r["structure"] is None for r in plain.sparse_inference_report)
+
+
+def test_masks_make_the_structure_exact_when_an_active_weight_is_zero():
+    model = nn.Sequential(nn.Linear(32, 16))
+    mask = random_structured((16, 32), "fan_in", torch.Generator().manual_seed(0), 3)
+    with torch.no_grad():
+        model[0].weight.mul_(mask)
+        model[0].weight[2, int(mask[2].nonzero()[0])] = 0.0
+    with pytest.warns(UserWarning, match="converted no layer"):
+        guessed = to_sparse_inference(model, structure="fan_in", min_sparsity=0.99)
+    row = guessed.sparse_inference_report[0]
+    assert row["structure"] is None
+    assert "not constant fan-in (rows hold 2 to 3 active)" in row["reason"]
+    exact = to_sparse_inference(
+        model, structure="fan_in", min_sparsity=0.9, masks={model[0].weight: mask}
+    )
+    assert isinstance(exact[0], ex.CondensedLinear)
+    assert exact[0].k == 3
+    assert exact.sparse_inference_report[0]["sparsity"] == pytest.approx(1 - 3 / 32)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(exact(x), model(x))
+    by_name = to_sparse_inference(
+        model, structure="auto", min_sparsity=0.9, masks={"0.weight": mask}
+    )
+    assert isinstance(by_name[0], ex.CondensedLinear)
+
+
+def test_the_fan_in_rule_keeps_dense_what_condensed_would_slow_down():
+    model = _Lin2Conv()
+    g = torch.Generator().manual_seed(0)
+    for layer in (model.fc, model.conv):  # 40 of 64 and 40 of 48: barely sparse
+        with torch.no_grad():
+            layer.weight.mul_(random_structured(layer.weight.shape, "fan_in", g, 40))
+    with pytest.warns(UserWarning, match="converted no layer"):
+        fast = to_sparse_inference(model, structure="auto")
+    assert all("dense is faster" in r["reason"] for r in fast.sparse_inference_report)
+    assert ex.fan_in_min_sparsity_rule(64 * 48, 1) == 1.0  # tiny layers never pay
+
+
+def _two_four_linear(out_f=64, in_f=128, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(out_f, in_f, generator=g)
+    mask = select_structured(w.abs(), "2:4")
+    layer = nn.Linear(in_f, out_f).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_((w * mask).to(dtype))
+    return layer, mask
+
+
+@pytest.mark.parametrize("structure", ["auto", "2:4"])
+def test_two_four_on_cpu_falls_back_and_says_why(structure):
+    layer, _ = _two_four_linear()
+    model = nn.Sequential(layer)
+    with pytest.warns(UserWarning, match="converted no layer"):
+        fast = to_sparse_inference(model, structure=structure)
+    row = fast.sparse_inference_report[0]
+    assert row["structure"] == "2:4"
+    assert row["converted"] is None
+    assert "2:4 mask, but semi-structured 2:4 kernels need a CUDA device" in row["reason"]
+    assert "on cpu" in row["reason"]
+    assert "constant fan-in 64: sparsity 0.500 < " in row["reason"]
+    # with min_sparsity the fallback is the condensed layer (k = in / 2)
+    forced = to_sparse_inference(model, structure=structure, min_sparsity=0.5)
+    assert isinstance(forced[0], ex.CondensedLinear)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(forced(x), model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="CUDA device"):
+        ex.SemiStructuredLinear(layer)
+
+
+def test_other_n_m_structures_are_condensed_and_wrong_ones_reported():
+    layer = nn.Linear(64, 32)
+    with torch.no_grad():
+        layer.weight.mul_(select_structured(layer.weight.abs(), "1:8"))
+    model = nn.Sequential(layer)
+    fast = to_sparse_inference(model, structure="1:8", min_sparsity=0.8)
+    assert fast.sparse_inference_report[0]["structure"] == "1:8"
+    assert isinstance(fast[0], ex.CondensedLinear)
+    assert fast[0].k == 8
+    with pytest.warns(UserWarning, match="converted no layer"):
+        wrong = to_sparse_inference(model, structure="2:4")
+    assert (
+        "not 2:4: 512 of 512 groups hold another count"
+        in (wrong.sparse_inference_report[0]["reason"])
+    )
+    with pytest.warns(UserWarning, match="converted no layer"):
+        odd = to_sparse_inference(nn.Sequential(nn.Linear(6, 4)), structure="2:4")
+    assert "fan-in 6 is not a multiple of 4" in odd.sparse_inference_report[0]["reason"]
+
+
+def test_structure_argument_errors():
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"to be None, 'auto', 'fan_in' or 'N:M'.*'3:2'"):
+        to_sparse_inference(model, structure="3:2")
+    with pytest.raises(TypeError, match="Expected structure"):
+        to_sparse_inference(model, structure=4)
+    with pytest.raises(ValueError, match="masks to hold tensors of the model"):
+        to_sparse_inference(model, structure="auto", masks={"nope": torch.ones(8, 8).bool()})
+
+
+def test_the_cpu_reference_packs_an_exported_two_four_weight():
+    """torch's CPU reference of the CUTLASS compression keeps exactly the 2:4 weights."""
+    conversions = pytest.importorskip("torch.sparse._semi_structured_conversions")
+    layer, mask = _two_four_linear(64, 128, torch.float16)
+    check_structured(layer.weight != 0, "2:4")
+    w = layer.weight.detach()
+    packed, meta = conversions.sparse_semi_structured_from_dense_cutlass(w)
+    assert packed.shape == (64, 64)  # half the columns: two values per group of four
+    back = conversions.sparse_semi_structured_to_dense_cutlass(packed, meta)
+    assert torch.equal(back, w)
+    assert torch.equal(packed.reshape(-1), w[mask].reshape(-1))
+
+
+@pytest.mark.cuda
+def test_semi_structured_linear_on_cuda(device):
+    major, _ = torch.cuda.get_device_capability(device)
+    if major < 8:
+        pytest.skip("semi-structured 2:4 needs compute capability >= 8.0")
+    layer, _ = _two_four_linear(256, 512, torch.float16)
+    layer = layer.to(device)
+    fast = to_sparse_inference(nn.Sequential(layer), structure="2:4")
+    row = fast.sparse_inference_report[0]
+    assert row["converted"] == "2:4", row["reason"]
+    assert isinstance(fast[0], ex.SemiStructuredLinear)
+    for shape in ((1, 512), (3, 7, 512), (256, 512)):
+        x = torch.randn(shape, device=device, dtype=torch.float16)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), layer(x), rtol=1e-2, atol=1e-2)
+    with pytest.warns(UserWarning, match="converted no layer"):
+        fp32 = to_sparse_inference(nn.Sequential(layer.float()), structure="2:4")
+    assert "float16/bfloat16" in fp32.sparse_inference_report[0]["reason"]
+
+
+@pytest.mark.cuda
+def test_condensed_on_cuda(device):
+    dense, mask = _fan_in_linear(32, 64, 7)
+    dense = dense.to(device)
+    layer = ex.CondensedLinear(dense, mask.to(device))
+    for rows in (1, 9):
+        x = torch.randn(rows, 64, device=device)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-5)

@@ -66,7 +66,7 @@ def ref_drop_and_grow(mask, drop_scores, grow_scores, s, k_drop):
     d = drop_scores.double().reshape(-1).tolist()
     g = grow_scores.double().reshape(-1).tolist()
     active = [i for i in range(len(m)) if m[i]]
-    active.sort(key=lambda i: (math.isnan(d[i]), 0.0 if math.isnan(d[i]) else d[i], i))
+    active.sort(key=lambda i: (math.inf if math.isnan(d[i]) else d[i], i))  # NaN as +inf
     dropped = set(active[:k_drop])
     new = [m[i] and i not in dropped for i in range(len(m))]
     for unit in _units(mask.shape, s):
@@ -108,7 +108,7 @@ cases = st.one_of(nm_case(), fan_in_case())
 
 
 def tied_scores(shape, seed, dtype=torch.float32, specials=True):
-    """Scores from {-2, ..., 2} (ties everywhere), with some -inf and NaN if ``specials``."""
+    """Scores in {-2, ..., 2} (ties everywhere); with ``specials`` also inf, -inf, NaN, -0.0."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(-2, 3, shape, generator=g).to(torch.float64)
     if specials:
@@ -116,6 +116,7 @@ def tied_scores(shape, seed, dtype=torch.float32, specials=True):
         x[pick < 0.08] = -math.inf
         x[(pick >= 0.08) & (pick < 0.12)] = math.nan
         x[(pick >= 0.12) & (pick < 0.15)] = math.inf
+        x[(pick >= 0.15) & (pick < 0.3) & (x == 0)] = -0.0  # ties with 0.0
     return x.to(dtype)
 
 
@@ -340,6 +341,19 @@ def test_drop_and_grow_regrown_weights_are_neither_dropped_nor_grown():
     new, dropped, grown = structured_drop_and_grow(mask, drop, grow, "fan_in", 2)
     assert new.int().tolist() == [[1, 0, 1, 0], [0, 0, 1, 1]]
     assert dropped.int().tolist() == [[0, 0, 0, 0], [1, 1, 0, 0]]
+
+
+@pytest.mark.parametrize("structure", ["2:4", "fan_in"])
+def test_drop_and_grow_regrows_even_when_every_grow_score_is_minus_inf(structure):
+    """A kept weight before the candidates must not use up a regrowth slot."""
+    mask = torch.tensor([[True, True, False, False]])
+    drop = torch.tensor([[0.9, 0.1, 0.0, 0.0]])  # drops column 1; column 0 stays
+    for value in (-math.inf, math.nan):
+        grow = torch.full((1, 4), value)
+        new, dropped, grown = structured_drop_and_grow(mask, drop, grow, structure, 1)
+        assert torch.equal(new, mask)  # column 1, the lowest candidate, comes back
+        assert not dropped.any()
+        assert not grown.any()
 
 
 def test_drop_and_grow_zero_and_errors():
