@@ -20,6 +20,7 @@ MODULES = [
     "sparseopt.distributions",
     "sparseopt.schedules",
     "sparseopt.masks",
+    "sparseopt.structure",
     "sparseopt.metrics",
     "sparseopt.report",
     "sparseopt.flops",

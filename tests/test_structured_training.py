@@ -311,3 +311,33 @@ def test_a_method_that_breaks_the_structure_is_caught_before_any_mask_changes():
     with pytest.raises(RuntimeError, match=r"'careless' returned a mask for param0 that breaks"):
         opt.step()
     assert torch.equal(opt.layers[0].mask, before)
+
+
+# --- from training to the exported fast module ------------------------------------------------
+def test_a_trained_fan_in_ultimate_ticket_exports_to_condensed_layers_that_match_it():
+    """End to end: RigL + Sup-tickets under ``fan_in``; the ultimate ticket's masks go to
+    ``to_sparse_inference(structure="auto", masks=...)``, every sparse Linear becomes a
+    CondensedLinear, and the outputs equal the trained model's."""
+    from sparseopt import to_sparse_inference
+    from sparseopt.export import CondensedLinear
+
+    model = wide_mlp().double()
+    inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = SparseOptimizer(inner, "rigl", 0.75, structure="fan_in", model=model, update_every=2,
+                          seed=0)  # fmt: skip
+    sched = SupTicketsScheduler(opt, 20, 3, superpose_fraction=0.3, lr_low=0.01, lr_high=0.02)
+    for x, y in batches("mlp", 20):
+        train_step(model, opt, (x.double(), y))
+        sched.step()
+    assert opt.tickets > 0
+    assert_structured(opt, "fan_in")
+    fast = to_sparse_inference(model.eval(), structure="auto", masks=opt.masks, min_sparsity=0.5)
+    kinds = [type(m).__name__ for m in fast.modules() if not isinstance(m, (nn.Sequential,
+                                                                            nn.ReLU))]  # fmt: skip
+    assert kinds == ["CondensedLinear"] * 3, kinds
+    for layer, module in zip(opt.layers, [m for m in fast if isinstance(m, CondensedLinear)],
+                             strict=True):  # fmt: skip
+        assert module.values.shape == (layer.param.shape[0], layer.target // layer.param.shape[0])
+    x = torch.randn(5, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=0, atol=1e-12)
