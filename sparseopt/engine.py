@@ -231,7 +231,7 @@ class MaskEngine:
         # and gets one mask: its first position is its layer
         seen = {id(layer.param) for layer in self.layers}
         for group in groups:
-            sparse = _validate.boolean('param group "sparse"', group.get("sparse", True))
+            sparse = self.sparse_flag(group)
             for p in group["params"]:
                 index = self.num_params
                 self.num_params += 1
@@ -273,6 +273,13 @@ class MaskEngine:
         self.context = self._make_context()
         if self.masks_applied:
             self.mask_weights_and_state(self.layers[-len(new) :])
+
+    @staticmethod
+    def sparse_flag(group: Any) -> bool:
+        """A param group's ``"sparse"`` flag (default True); a ``TypeError`` unless a bool."""
+        if not isinstance(group, Mapping):
+            return True  # not a param group: torch's add_param_group refuses it
+        return _validate.boolean('param group "sparse"', group.get("sparse", True))
 
     def _structurable(self, new: list[tuple[Tensor, str, int]]) -> list[tuple[Tensor, str, int]]:
         """The layers the structure can hold; the others stay dense, listed in ``excluded``."""

@@ -183,7 +183,8 @@ def _resolve_masks(
                 if isinstance(mask, Tensor)
                 else type(mask).__name__
             )
-            raise ValueError(
+            wrong_type = not isinstance(mask, Tensor) or mask.dtype != torch.bool
+            raise (TypeError if wrong_type else ValueError)(
                 f"Expected the mask of {name!r} to be a bool tensor of shape {tuple(t.shape)}, "
                 f"but got {got}"
             )
@@ -236,9 +237,9 @@ def save_sparse(
 
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``, ``path`` not a path, ``masks`` not a
-            mapping of parameters or names, or ``zero_signs`` not a bool.
-        ValueError: if a mask belongs to no tensor of the model, is not a bool tensor of its
-            tensor's shape, or leaves nonzero weights outside it.
+            mapping of parameters or names to bool tensors, or ``zero_signs`` not a bool.
+        ValueError: if a mask belongs to no tensor of the model, does not have its tensor's
+            shape, or leaves nonzero weights outside it.
 
     Examples:
         >>> import os, tempfile, torch
