@@ -50,11 +50,14 @@ class TopologySchedule:
     ) -> None:
         update_every = _validate.integer("update_every", update_every, 1)
         prune_rate = _validate.real("prune_rate", prune_rate, 0, 1)
-        _validate.choice("prune_schedule", decay, PRUNE_SCHEDULES)
+        _validate.choice("decay", decay, PRUNE_SCHEDULES)
         if end_step is not None:  # 0: no update (stop_fraction * total_steps < 1)
             end_step = _validate.integer("end_step", end_step, 0)
         if decay == "cosine" and end_step is None:
-            raise ValueError("prune_schedule='cosine' needs total_steps to know where it ends")
+            raise ValueError(
+                "Expected end_step with decay='cosine' (prune_schedule='cosine' needs total_steps "
+                "to know where it ends), but got None"
+            )
         self.update_every = update_every
         self.prune_rate = float(prune_rate)
         self.decay = decay
