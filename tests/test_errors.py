@@ -1182,12 +1182,11 @@ def _snapshot(opt: SparseOptimizer) -> dict[str, Any]:
     }
 
 
-def _run(case: Case, env: Env) -> None:
-    target = TARGETS[case.call]
+def _prepare(case: Case, env: Env) -> dict[str, Any]:
+    """Run the row's setup and build its arguments."""
     if case.setup is not None:
         case.setup(env)
-    kwargs = {k: _resolve(v, env) for k, v in case.kwargs.items()}
-    target.run(env, kwargs)
+    return {k: _resolve(v, env) for k, v in case.kwargs.items()}
 
 
 def _ids(cases: list[Case]) -> list:
@@ -1198,9 +1197,7 @@ def _ids(cases: list[Case]) -> list:
 def test_error_table(case, tmp_path, method_registry):
     env = Env(tmp_path)
     target = TARGETS[case.call]
-    if case.setup is not None:
-        case.setup(env)
-    kwargs = {k: _resolve(v, env) for k, v in case.kwargs.items()}
+    kwargs = _prepare(case, env)
     before = _snapshot(env.opt) if target.on_opt else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -1217,9 +1214,24 @@ def test_error_table(case, tmp_path, method_registry):
 @pytest.mark.parametrize("case", _ids(VALID))
 def test_valid_edges_and_numpy_scalars_are_accepted(case, tmp_path, method_registry):
     """The negative control: the table is not over-strict."""
+    env = Env(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        _run(case, Env(tmp_path))
+        TARGETS[case.call].run(env, _prepare(case, env))
+
+
+def test_the_untouched_check_sees_a_change(tmp_path):
+    """Negative control: an accepted call on the optimizer shows in the snapshot."""
+    env = Env(tmp_path)
+    for change in (
+        lambda o: o.explore(0.5),
+        lambda o: setattr(o, "total_steps", 10),
+        lambda o: setattr(o, "periodic_updates", False),
+        lambda o: o.consolidate(),
+    ):
+        before = _snapshot(env.opt)
+        change(env.opt)
+        assert first_difference(before, _snapshot(env.opt)) is not None
 
 
 def test_rejected_setter_keeps_the_old_value():
