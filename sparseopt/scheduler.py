@@ -47,6 +47,11 @@ def cyclic_lr(i: int, cycle_steps: int, lr_low: float, lr_high: float) -> float:
     i = _validate.integer("i", i, 1)
     cycle_steps = _validate.integer("cycle_steps", cycle_steps, 1)
     lr_low, lr_high = _validate.real("lr_low", lr_low), _validate.real("lr_high", lr_high)
+    return _triangle(i, cycle_steps, lr_low, lr_high)
+
+
+def _triangle(i: int, cycle_steps: int, lr_low: Any, lr_high: Any) -> Any:
+    """Eq. 3 unchecked: the scheduler's rates may be tensors (a tensor ``lr``)."""
     t = ((i - 1) % cycle_steps + 1) / cycle_steps
     if t <= 0.5:
         return (1.0 - 2.0 * t) * lr_low + 2.0 * t * lr_high
@@ -351,7 +356,7 @@ class SupTicketsScheduler(LRScheduler):
             low = self.lr_low[g] if len(self.lr_low) > 1 else self.lr_low[0] * ratios[g]
             high = self.lr_high[g] if len(self.lr_high) > 1 else self.lr_high[0] * ratios[g]
             done = i > self.num_tickets * self.cycle_steps
-            out.append(low if done else cyclic_lr(i, self.cycle_steps, low, high))
+            out.append(low if done else _triangle(i, self.cycle_steps, low, high))
         return out
 
     def get_lr(self) -> list[float]:
