@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any
 
-__all__ = ["boolean", "choice", "integer", "is_real", "real", "type_of"]
+__all__ = ["boolean", "choice", "integer", "is_real", "real", "shape", "type_of"]
 
 
 def type_of(value: Any) -> str:
@@ -27,9 +27,13 @@ def is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _bound(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"  # an int bound exactly, however large
+
+
 def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
-    left = "(-inf" if low is None else f"{'(' if low_open else '['}{low:g}"
-    right = "inf)" if high is None else f"{high:g}{')' if high_open else ']'}"
+    left = "(-inf" if low is None else f"{'(' if low_open else '['}{_bound(low)}"
+    right = "inf)" if high is None else f"{_bound(high)}{')' if high_open else ']'}"
     return f"{left}, {right}"
 
 
@@ -96,11 +100,33 @@ def choice(name: str, value: Any, options: Collection[str], *, fold_case: bool =
 
 
 def boolean(name: str, value: Any) -> bool:
-    """``value`` if it is a ``bool`` (numpy's ``bool_`` included).
+    """``value`` if it is a ``bool`` (numpy's ``bool_``, named ``bool`` since numpy 2, included).
 
     Raises:
         TypeError: for anything else, ``0`` and ``1`` included.
     """
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    kind = type(value)
+    if isinstance(value, bool) or (
+        kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")
+    ):
         return bool(value)
     raise TypeError(f"Expected {name} to be a bool, but got {type_of(value)}")
+
+
+def shape(name: str, value: Any) -> tuple[int, ...]:
+    """``value`` as a tuple of ``int`` if it is a shape: a sequence (``torch.Size``, tuple, list)
+    of non-negative integers.
+
+    Raises:
+        TypeError: if ``value`` is not a sequence of integers (a string, a float dimension).
+        ValueError: if a dimension is negative.
+    """
+    ok = isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+    if not ok or not all(
+        isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in value
+    ):
+        raise TypeError(f"Expected {name} to be a sequence of ints, but got {type_of(value)}")
+    dims = tuple(int(d) for d in value)
+    if any(d < 0 for d in dims):
+        raise ValueError(f"Expected {name} to have no negative dimension, but got {dims}")
+    return dims

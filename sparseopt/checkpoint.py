@@ -100,8 +100,14 @@ def load(
     that every mask fits its parameter.
 
     Raises:
+        TypeError: if ``state_dict`` is not a mapping.
         ValueError: if there is no ``"sparseopt"`` entry, or it does not fit.
     """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            "Expected state_dict to be a dict made by SparseOptimizer.state_dict(), but got "
+            f"{type(state_dict).__name__}"
+        )
     if "sparseopt" not in state_dict:
         raise ValueError(
             "state dict has no 'sparseopt' entry: it was not made by "

@@ -19,8 +19,9 @@ whose total is exactly ``round(density * N)``.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
+
+from . import _validate
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -36,10 +37,7 @@ Shape = Sequence[int]
 
 
 def _check_density(density: float) -> None:
-    if not isinstance(density, numbers.Real) or isinstance(density, bool):
-        raise TypeError(f"Expected density to be a float, but got {density!r}")
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"Expected density in (0, 1], but got {density}")
+    _validate.real("density", density, 0, 1, low_open=True)
 
 
 def uniform(shapes: Sequence[Shape], density: float) -> list[float]:
@@ -166,6 +164,8 @@ def from_mapping(
         One density per tensor, in the order of ``names``.
 
     Raises:
+        TypeError: if ``mapping`` is not a mapping, one of its densities or ``density`` is not a
+            real number.
         ValueError: for an unknown name, a density outside [0, 1], or an impossible budget.
 
     Examples:
@@ -177,6 +177,11 @@ def from_mapping(
         [0.0531, 0.25]
     """
     _check_density(density)
+    if not isinstance(mapping, Mapping):
+        raise TypeError(
+            "Expected mapping to be a mapping name -> density, but got "
+            f"{_validate.type_of(mapping)}"
+        )
     unknown = sorted(set(mapping) - set(names))
     if unknown:
         raise ValueError(
@@ -184,7 +189,12 @@ def from_mapping(
             f"the sparse parameters are {list(names)}"
         )
     for name, d in mapping.items():
-        if not isinstance(d, numbers.Real) or isinstance(d, bool) or not 0.0 <= d <= 1.0:
+        if not _validate.is_real(d):
+            raise TypeError(
+                f"Expected distribution[{name!r}] to be a density (a real number), but got "
+                f"{_validate.type_of(d)}"
+            )
+        if not 0.0 <= d <= 1.0:
             raise ValueError(f"distribution[{name!r}] must be a density in [0, 1], but got {d!r}")
     numels = [math.prod(s) for s in shapes]
     total = sum(numels)
@@ -235,8 +245,10 @@ def layer_densities(
         One density per tensor.
 
     Raises:
-        ValueError: for an unknown name, or a mapping without ``names``.
-        TypeError: if ``distribution`` is neither a string nor a mapping.
+        ValueError: for an unknown name, a mapping without ``names``, or a ``density`` outside
+            (0, 1].
+        TypeError: if ``distribution`` is neither a string nor a mapping, or ``density`` is not
+            a real number.
 
     Examples:
         >>> [round(d, 4) for d in layer_densities("erk", [(64, 32), (10, 64)], 0.1)]
@@ -277,7 +289,9 @@ def exact_counts(densities: Sequence[float], numels: Sequence[int], density: flo
         One integer count per tensor, each in ``[0, n_l]``.
 
     Raises:
-        ValueError: if ``densities`` and ``numels`` differ in length.
+        TypeError: if ``density`` is not a real number.
+        ValueError: if ``densities`` and ``numels`` differ in length, or ``density`` is outside
+            [0, 1].
 
     Examples:
         ``1.5`` and ``2.5`` active weights round to ``2 + 2 = round(0.5 * 8)``; the tie for the
@@ -288,8 +302,12 @@ def exact_counts(densities: Sequence[float], numels: Sequence[int], density: flo
         >>> exact_counts(erk([(64, 32), (10, 64)], 0.1), [2048, 640], 0.1)
         [152, 117]
     """
+    density = _validate.real("density", density, 0, 1)
     if len(densities) != len(numels):
-        raise ValueError("densities and numels must have the same length")
+        raise ValueError(
+            f"Expected densities and numels of the same length, but got {len(densities)} "
+            f"densities and {len(numels)} numels"
+        )
     target = round(density * sum(numels))
     raw = [d * n for d, n in zip(densities, numels, strict=True)]
 

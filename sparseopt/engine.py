@@ -131,7 +131,11 @@ class MaskEngine:
         self.prune_schedule = prune_schedule
         self.stop_fraction = _validate.real("stop_fraction", stop_fraction, 0, 1, low_open=True)
         self.remask = _validate.choice("remask", remask, ("auto", "always"))
-        self.seed = torch.initial_seed() if seed is None else _validate.integer("seed", seed)
+        self.seed = (  # what torch.Generator.manual_seed takes
+            torch.initial_seed()
+            if seed is None
+            else _validate.integer("seed", seed, -(2**63), 2**64 - 1)
+        )
         if total_steps is not None:
             total_steps = _validate.integer("total_steps", total_steps, 1)
         self.total_steps = total_steps
@@ -227,10 +231,11 @@ class MaskEngine:
         # and gets one mask: its first position is its layer
         seen = {id(layer.param) for layer in self.layers}
         for group in groups:
+            sparse = self.sparse_flag(group)
             for p in group["params"]:
                 index = self.num_params
                 self.num_params += 1
-                if group.get("sparse", True) and p.ndim >= 2 and id(p) not in seen:
+                if sparse and p.ndim >= 2 and id(p) not in seen:
                     seen.add(id(p))
                     new.append((p, names.get(id(p), f"param{index}"), index))
         new = self._structurable(new)
@@ -268,6 +273,13 @@ class MaskEngine:
         self.context = self._make_context()
         if self.masks_applied:
             self.mask_weights_and_state(self.layers[-len(new) :])
+
+    @staticmethod
+    def sparse_flag(group: Any) -> bool:
+        """A param group's ``"sparse"`` flag (default True); a ``TypeError`` unless a bool."""
+        if not isinstance(group, Mapping):
+            return True  # not a param group: torch's add_param_group refuses it
+        return _validate.boolean('param group "sparse"', group.get("sparse", True))
 
     def _structurable(self, new: list[tuple[Tensor, str, int]]) -> list[tuple[Tensor, str, int]]:
         """The layers the structure can hold; the others stay dense, listed in ``excluded``."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import numbers
 import os
 import warnings
 import zlib
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _validate
 from .structure import Structure, fits, parse_structure, structure_violations
 
 __all__ = [
@@ -136,6 +138,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _path(path: Any) -> str:
+    """``path`` as a string, or a ``TypeError`` that names the argument."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"Expected path to be a str or os.PathLike, but got {_validate.type_of(path)}"
+        )
+    return os.fspath(path)
+
+
 def _resolve_masks(
     model: nn.Module, masks: Mapping[Any, Tensor] | None, names: dict[str, Tensor]
 ) -> dict[str, Tensor]:
@@ -179,7 +190,8 @@ def _resolve_masks(
                 if isinstance(mask, Tensor)
                 else type(mask).__name__
             )
-            raise ValueError(
+            wrong_type = not isinstance(mask, Tensor) or mask.dtype != torch.bool
+            raise (TypeError if wrong_type else ValueError)(
                 f"Expected the mask of {name!r} to be a bool tensor of shape {tuple(t.shape)}, "
                 f"but got {got}"
             )
@@ -231,10 +243,10 @@ def save_sparse(
         ``numel`` and ``nnz`` (active weights).
 
     Raises:
-        TypeError: if ``model`` is not an ``nn.Module`` or ``masks`` is not a mapping of
-            parameters or names.
-        ValueError: if a mask belongs to no tensor of the model, is not a bool tensor of its
-            tensor's shape, or leaves nonzero weights outside it.
+        TypeError: if ``model`` is not an ``nn.Module``, ``path`` not a path, ``masks`` not a
+            mapping of parameters or names to bool tensors, or ``zero_signs`` not a bool.
+        ValueError: if a mask belongs to no tensor of the model, does not have its tensor's
+            shape, or leaves nonzero weights outside it.
 
     Examples:
         >>> import os, tempfile, torch
@@ -255,8 +267,8 @@ def save_sparse(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected model to be an nn.Module, but got {type(model).__name__}")
-    if not isinstance(zero_signs, bool):
-        raise TypeError(f"Expected zero_signs to be a bool, but got {type(zero_signs).__name__}")
+    zero_signs = _validate.boolean("zero_signs", zero_signs)
+    path = _path(path)
     state = model.state_dict(keep_vars=True)
     params = {id(p) for p in model.parameters()}
     chosen = _resolve_masks(model, masks, state)
@@ -312,7 +324,6 @@ def save_sparse(
             stacklevel=2,
         )
     header = {"format": _FORMAT, "version": str(_VERSION), "tensors": json.dumps(entries)}
-    path = os.fspath(path)
     if _have_safetensors():
         from safetensors.torch import save_file
 
@@ -414,7 +425,7 @@ def load_sparse(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, Ten
         (pass them on to rebuild a ``SparseOptimizer``'s masks, or to check them).
 
     Raises:
-        TypeError: if ``model`` is not an ``nn.Module``.
+        TypeError: if ``model`` is not an ``nn.Module`` or ``path`` not a path.
         ValueError: if the file is not a sparse checkpoint of a known version, is truncated or
             corrupted, or does not fit the model (the message names the tensors).
 
@@ -431,7 +442,7 @@ def load_sparse(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, Ten
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected model to be an nn.Module, but got {type(model).__name__}")
-    path = os.fspath(path)
+    path = _path(path)
     header, tensors = _read(path)
     if header.get("format") != _FORMAT:
         raise ValueError(f"{path} is not a sparse checkpoint (no {_FORMAT!r} header)")
@@ -479,6 +490,13 @@ def load_sparse(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, Ten
 _LAYOUTS = ("csr", "bsr")
 
 
+def _check_layout(layout: Any) -> None:
+    if not isinstance(layout, str):
+        raise TypeError(f"Expected layout to be a str, but got {_validate.type_of(layout)}")
+    if layout not in _LAYOUTS:
+        raise ValueError(f"Expected layout to be one of {_LAYOUTS}, but got {layout!r}")
+
+
 def min_sparsity_rule(numel: int, batch_size: int) -> float:
     """The sparsity above which a CSR layer beat dense on CPU in our measurement.
 
@@ -496,12 +514,18 @@ def min_sparsity_rule(numel: int, batch_size: int) -> float:
         The minimum sparsity in ``[0, 1]`` at which the layer is converted (1.0: only an all-zero
         layer).
 
+    Raises:
+        TypeError: if ``numel`` or ``batch_size`` is not an int.
+        ValueError: if ``numel`` is negative or ``batch_size`` is not positive.
+
     Examples:
         >>> min_sparsity_rule(2048 * 512, 1), min_sparsity_rule(2048 * 512, 8)
         (0.95, 0.9)
         >>> min_sparsity_rule(512 * 512, 8), min_sparsity_rule(512 * 512, 64)
         (0.99, 0.9)
     """
+    numel = _validate.integer("numel", numel, 0)
+    batch_size = _validate.integer("batch_size", batch_size, 1)
     if numel <= 1 << 16:
         return 1.0
     if numel <= 1 << 18:
@@ -524,6 +548,8 @@ class SparseLinear(nn.Module):
             Default: 4.
 
     Raises:
+        TypeError: if ``linear`` is not an ``nn.Linear``, ``layout`` not a string or
+            ``blocksize`` not an int.
         ValueError: if ``layout`` is unknown or ``blocksize`` does not divide the weight.
 
     Examples:
@@ -538,8 +564,10 @@ class SparseLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, layout: str = "csr", blocksize: int = 4) -> None:
         super().__init__()
-        if layout not in _LAYOUTS:
-            raise ValueError(f"Expected layout to be one of {_LAYOUTS}, but got {layout!r}")
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"Expected linear to be an nn.Linear, but got {type(linear).__name__}")
+        _check_layout(layout)
+        blocksize = _validate.integer("blocksize", blocksize, 1)
         weight = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.layout = layout
@@ -631,7 +659,10 @@ class SparseConv1x1(SparseLinear):
         blocksize (int): the square block of ``"bsr"``. Default: 4.
 
     Raises:
-        ValueError: if ``conv`` is not a 1x1, stride-1, unpadded, single-group convolution.
+        TypeError: if ``conv`` is not an ``nn.Conv2d``, or as for
+            [`SparseLinear`][sparseopt.export.SparseLinear].
+        ValueError: if ``conv`` is not a 1x1, stride-1, unpadded, single-group convolution, or
+            as for [`SparseLinear`][sparseopt.export.SparseLinear].
 
     Examples:
         >>> import torch
@@ -643,6 +674,8 @@ class SparseConv1x1(SparseLinear):
     """
 
     def __init__(self, conv: nn.Conv2d, layout: str = "csr", blocksize: int = 4) -> None:
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"Expected conv to be an nn.Conv2d, but got {type(conv).__name__}")
         reason = _conv_unsupported(conv)
         if reason:
             raise ValueError(
@@ -1324,24 +1357,27 @@ def to_sparse_inference(
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected model to be an nn.Module, but got {type(model).__name__}")
     if min_sparsity is not None:
-        if isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float)):
+        if not _validate.is_real(min_sparsity):
             raise TypeError(
                 "Expected min_sparsity to be a float or None, but got "
-                f"{type(min_sparsity).__name__}"
+                f"{_validate.type_of(min_sparsity)}"
             )
         if not 0.0 <= min_sparsity <= 1.0:
             raise ValueError(f"Expected min_sparsity to be in [0, 1], but got {min_sparsity}")
-    if not isinstance(layout, str):
-        raise TypeError(f"Expected layout to be a str, but got {type(layout).__name__}")
-    if layout not in _LAYOUTS:
-        raise ValueError(f"Expected layout to be one of {_LAYOUTS}, but got {layout!r}")
+        min_sparsity = float(min_sparsity)
+    _check_layout(layout)
     for arg, value in (("batch_size", batch_size), ("blocksize", blocksize)):
         if value is None and arg == "blocksize":
             continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"Expected {arg} to be an int, but got {type(value).__name__}")
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            # the type first: tests/test_export.py matches "to be an int, but got float"
+            raise TypeError(
+                f"Expected {arg} to be an int, but got {type(value).__name__} {value!r}"
+            )
         if value < 1:
             raise ValueError(f"Expected {arg} to be positive, but got {value}")
+    batch_size = int(batch_size)
+    blocksize = None if blocksize is None else int(blocksize)
     wanted: Structure | str | None
     if structure == "auto":
         wanted = "auto"

@@ -42,12 +42,17 @@ def layer_flops(model: nn.Module, *inputs: Any, **kwargs: Any) -> tuple[dict[str
     Returns:
         ``(per_layer, total)``: FLOPs of each weighted module, and of the whole pass.
 
+    Raises:
+        TypeError: if ``model`` is not an ``nn.Module``.
+
     Examples:
         >>> import torch
         >>> per_layer, total = layer_flops(torch.nn.Linear(3, 2, bias=False), torch.randn(5, 3))
         >>> per_layer, total   # 2 * batch * in * out
         ({'weight': 60}, 60)
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected model to be an nn.Module, but got {type(model).__name__}")
     was_training = model.training
     model.eval()
     try:
@@ -106,6 +111,7 @@ class TrainingFlops:
         *inputs: an example batch (its size sets the absolute numbers, not the ratios).
 
     Raises:
+        TypeError: if ``opt`` is not a ``SparseOptimizer`` or ``model`` not an ``nn.Module``.
         ValueError: if no FLOPs were counted for some sparse layer (no ``model=``, or the
             example input does not reach it).
 
@@ -122,6 +128,10 @@ class TrainingFlops:
     """
 
     def __init__(self, opt: SparseOptimizer, model: nn.Module, *inputs: Any) -> None:
+        from .optimizer import SparseOptimizer  # at run time only: optimizer never imports flops
+
+        if not isinstance(opt, SparseOptimizer):
+            raise TypeError(f"Expected opt to be a SparseOptimizer, but got {type(opt).__name__}")
         self.per_layer, self.dense_forward = layer_flops(model, *inputs)
         names = {layer.name for layer in opt.layers}
         missing = sorted(names - set(self.per_layer))

@@ -18,9 +18,15 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from . import _compat, _dtensor, _select
+from . import _compat, _dtensor, _select, _validate
 from ._dtensor import DTENSOR_TYPES
-from .structure import Structure, gemm_shape, select_structured, structured_drop_and_grow
+from .structure import (
+    Structure,
+    gemm_shape,
+    parse_structure,
+    select_structured,
+    structured_drop_and_grow,
+)
 
 __all__ = [
     "apply_masks_",
@@ -49,6 +55,7 @@ def select_smallest(scores: Tensor, k: int) -> Tensor:
         A bool tensor of ``scores``' shape with exactly ``k`` ones.
 
     Raises:
+        TypeError: if ``k`` is not an int.
         ValueError: if ``k`` is outside ``[0, scores.numel()]``.
 
     Examples:
@@ -58,6 +65,7 @@ def select_smallest(scores: Tensor, k: int) -> Tensor:
         >>> select_smallest(torch.tensor([3.0, 1.0, 2.0, 1.0, 5.0]), 2)
         tensor([False,  True, False,  True, False])
     """
+    k = _validate.integer("k", k)
     if _dtensor.is_dtensor(scores):
         return _dtensor.select_smallest(scores, k)
     return _select.smallest(scores, k)
@@ -74,6 +82,7 @@ def select_largest(scores: Tensor, k: int) -> Tensor:
         A bool tensor of ``scores``' shape with exactly ``k`` ones.
 
     Raises:
+        TypeError: if ``k`` is not an int.
         ValueError: if ``k`` is outside ``[0, scores.numel()]``.
 
     Examples:
@@ -81,6 +90,7 @@ def select_largest(scores: Tensor, k: int) -> Tensor:
         >>> select_largest(torch.tensor([3.0, 1.0, 2.0, 1.0, 5.0]), 2)
         tensor([ True, False, False, False,  True])
     """
+    k = _validate.integer("k", k)
     if _dtensor.is_dtensor(scores):
         return _dtensor.select_smallest(-scores, k)
     return _select.largest(scores, k)
@@ -100,6 +110,7 @@ def select_largest_across(scores: Sequence[Tensor], k: int) -> list[Tensor]:
         One bool mask per tensor, of its shape; the masks hold ``k`` ones in all.
 
     Raises:
+        TypeError: if ``k`` is not an int.
         ValueError: if ``k`` exceeds the total number of scores or is negative.
 
     Examples:
@@ -112,6 +123,11 @@ def select_largest_across(scores: Sequence[Tensor], k: int) -> list[Tensor]:
         (tensor([False,  True]), tensor([[ True, False],
                 [ True, False]]))
     """
+    k = _validate.integer("k", k)
+    if len(scores) == 0:  # nothing to select from: only k = 0 fits
+        if k:
+            raise ValueError(f"Expected 0 <= k <= 0 (no scores), but got k={k}")
+        return []
     if any(_dtensor.is_dtensor(s) for s in scores):
         return _dtensor.select_largest_across(scores, k)
     device = scores[0].device
@@ -155,6 +171,8 @@ def random_mask(shape: Sequence[int], count: int, generator: torch.Generator) ->
         A bool tensor on the CPU.
 
     Raises:
+        TypeError: if ``shape`` is not a sequence of ints, ``count`` is not an int, or
+            ``generator`` is not a CPU ``torch.Generator``.
         ValueError: if ``count`` is outside ``[0, prod(shape)]``.
 
     Examples:
@@ -163,6 +181,15 @@ def random_mask(shape: Sequence[int], count: int, generator: torch.Generator) ->
         >>> int(mask.sum()), mask.shape
         (2, torch.Size([2, 3]))
     """
+    shape = _validate.shape("shape", shape)
+    count = _validate.integer("count", count)
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        got = (
+            f"a generator on {generator.device}"
+            if isinstance(generator, torch.Generator)
+            else type(generator).__name__
+        )
+        raise TypeError(f"Expected generator to be a CPU torch.Generator, but got {got}")
     n = 1
     for s in shape:
         n *= s
@@ -193,7 +220,8 @@ def drop_and_grow(
         after, ``grown`` the ones inactive before and active after. Both have ``k`` or fewer ones.
 
     Raises:
-        ValueError: if ``k`` exceeds the number of positions.
+        TypeError: if ``k`` is not an int.
+        ValueError: if ``k`` is negative or exceeds the number of positions.
 
     Examples:
         Drop the smallest ``|w|`` of three active weights (-0.1), grow the largest gradient:
@@ -206,6 +234,7 @@ def drop_and_grow(
         >>> new.nonzero().flatten().tolist(), dropped.nonzero().flatten().tolist()
         ([0, 2, 4], [1])
     """
+    k = _validate.integer("k", k)
     if k == 0:
         empty = torch.zeros_like(mask)
         return mask.clone(), empty, empty
@@ -265,6 +294,9 @@ def apply_masks_(
         masks (Sequence[Tensor]): one bool mask per tensor, of its shape and device.
         nan_safe (bool): write exact zeros even where a tensor holds NaN or inf. Default: False.
 
+    Raises:
+        TypeError: if ``nan_safe`` is not a bool.
+
     Examples:
         >>> import torch
         >>> x = torch.tensor([1.0, float("nan"), 2.0])
@@ -276,7 +308,7 @@ def apply_masks_(
     """
     if not tensors:
         return
-    if nan_safe:
+    if _validate.boolean("nan_safe", nan_safe):
         for t, m in zip(tensors, masks, strict=True):
             t.copy_(torch.where(m, t, torch.zeros((), dtype=t.dtype, device=t.device)))
         return
@@ -299,10 +331,15 @@ def select_largest_within(scores: Tensor, count: int, structure: Structure | Non
     Args:
         scores (Tensor): one layer's scores.
         count (int): how many to select (a multiple of the rows under ``"fan_in"``).
-        structure (Structure | None): from [`parse_structure`][sparseopt.structure.parse_structure].
+        structure (str | Structure | None): a structure or its name
+            ([`parse_structure`][sparseopt.structure.parse_structure]).
 
     Returns:
         A bool mask of ``scores``' shape with ``count`` ones.
+
+    Raises:
+        TypeError: if ``count`` is not an int or ``structure`` is not a structure.
+        ValueError: if ``count`` is out of range or does not fit the structure.
 
     Examples:
         >>> import torch
@@ -313,6 +350,8 @@ def select_largest_within(scores: Tensor, count: int, structure: Structure | Non
         >>> select_largest_within(scores, 4, parse_structure("1:2")).int().tolist()
         [[1, 0, 1, 0], [0, 1, 0, 1]]
     """
+    count = _validate.integer("count", count)
+    structure = parse_structure(structure)
     if structure is None:
         return select_largest(scores, count)
     return select_structured(scores, structure, _per_row(structure, scores.shape, count))
@@ -337,10 +376,14 @@ def exchange(
         drop_scores (Tensor): drop scores, the mask's shape.
         grow_scores (Tensor): grow scores, the mask's shape.
         k (int): connections to exchange.
-        structure (Structure | None): the layer's structure.
+        structure (str | Structure | None): the layer's structure (or its name).
 
     Returns:
         ``(new_mask, dropped, grown)``.
+
+    Raises:
+        TypeError: if ``k`` is not an int or ``structure`` is not a structure.
+        ValueError: if ``k`` is out of range.
 
     Examples:
         >>> import torch
@@ -352,6 +395,8 @@ def exchange(
         >>> exchange(mask, w.abs(), g.abs(), 1, parse_structure("1:2"))[0].int().tolist()
         [[0, 1, 1, 0]]
     """
+    k = _validate.integer("k", k)
+    structure = parse_structure(structure)
     if structure is None:
         return drop_and_grow(mask, drop_scores, grow_scores, k)
     return structured_drop_and_grow(mask, drop_scores, grow_scores, structure, k)

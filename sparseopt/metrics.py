@@ -103,6 +103,9 @@ class InTimeOverParameterization:
     Args:
         opt (SparseOptimizer): the optimizer to follow, from any point of training on.
 
+    Raises:
+        TypeError: if ``opt`` is not a ``SparseOptimizer``.
+
     Examples:
         >>> import torch
         >>> from sparseopt import SparseOptimizer
@@ -118,6 +121,10 @@ class InTimeOverParameterization:
     """
 
     def __init__(self, opt: SparseOptimizer) -> None:
+        from .optimizer import SparseOptimizer  # at run time only: optimizer never imports metrics
+
+        if not isinstance(opt, SparseOptimizer):
+            raise TypeError(f"Expected opt to be a SparseOptimizer, but got {type(opt).__name__}")
         self.opt = opt
         self.ever = [layer.mask.clone() for layer in opt.layers]
         self._handle = opt.register_step_post_hook(self._on_step)

@@ -429,6 +429,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             param_group (dict): as for ``torch.optim.Optimizer.add_param_group``; ``"sparse":
                 False`` keeps the whole group dense.
         """
+        self._engine.sparse_flag(param_group)  # checked before the inner optimizer takes the group
         self.optimizer.add_param_group(param_group)
         self._engine.register(self.optimizer.param_groups[-1:])
 

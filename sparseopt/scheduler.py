@@ -34,12 +34,24 @@ def cyclic_lr(i: int, cycle_steps: int, lr_low: float, lr_high: float) -> float:
     Returns:
         The learning rate of iteration ``i``.
 
+    Raises:
+        TypeError: if ``i`` or ``cycle_steps`` is not an int, or a rate is not a real number.
+        ValueError: if ``i`` or ``cycle_steps`` is not positive.
+
     Examples:
         Two cycles of four steps:
 
         >>> [round(cyclic_lr(i, 4, 0.001, 0.005), 4) for i in range(1, 9)]
         [0.003, 0.005, 0.003, 0.001, 0.003, 0.005, 0.003, 0.001]
     """
+    i = _validate.integer("i", i, 1)
+    cycle_steps = _validate.integer("cycle_steps", cycle_steps, 1)
+    lr_low, lr_high = _validate.real("lr_low", lr_low), _validate.real("lr_high", lr_high)
+    return _triangle(i, cycle_steps, lr_low, lr_high)
+
+
+def _triangle(i: int, cycle_steps: int, lr_low: Any, lr_high: Any) -> Any:
+    """Eq. 3 unchecked: the scheduler's rates may be tensors (a tensor ``lr``)."""
     t = ((i - 1) % cycle_steps + 1) / cycle_steps
     if t <= 0.5:
         return (1.0 - 2.0 * t) * lr_low + 2.0 * t * lr_high
@@ -47,7 +59,7 @@ def cyclic_lr(i: int, cycle_steps: int, lr_low: float, lr_high: float) -> float:
 
 
 def _positive_per_group(name: str, value: Any, groups: int) -> list[float]:
-    values = list(value) if isinstance(value, Sequence) else None
+    values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else None
     if values is not None and len(values) != groups:
         raise ValueError(
             f"{name} must have the same length as optimizer.param_groups. "
@@ -116,7 +128,8 @@ class SupTicketsScheduler(LRScheduler):
         last_epoch (int): as for every ``LRScheduler``. Default: -1.
 
     Raises:
-        TypeError: if ``optimizer`` is not a ``SparseOptimizer``, ``base`` is not an
+        TypeError: for a number or name of the wrong type (a string ``lr_low``, a float
+            ``last_epoch``), or if ``optimizer`` is not a ``SparseOptimizer``, ``base`` is not an
             ``LRScheduler`` stepped per iteration (``ReduceLROnPlateau`` is refused),
             ``include_phase1`` is not a bool, or ``bn_update`` is neither callable nor
             re-iterable.
@@ -127,7 +140,8 @@ class SupTicketsScheduler(LRScheduler):
             ``superpose_fraction * total_steps`` (no ticket), a ``total_steps`` that differs
             from the optimizer's, a method whose pruning reaches into phase 2, a ``bn_update``
             on an optimizer without ``model=``, or ``include_phase1`` on a scheduler built after
-            phase 1 ended (``last_epoch >= phase1_steps``: the phase-1 model is gone).
+            phase 1 ended (``last_epoch >= phase1_steps``: the phase-1 model is gone), or a
+            ``last_epoch`` below -1.
 
     Warns:
         UserWarning: at the first phase-2 step, if the rate at the end of phase 1 is more than
@@ -184,6 +198,7 @@ class SupTicketsScheduler(LRScheduler):
             )
         total_steps = _validate.integer("total_steps", total_steps, 1)
         cycle_steps = _validate.integer("cycle_steps", cycle_steps, 1)
+        last_epoch = _validate.integer("last_epoch", last_epoch, -1)
         superpose_fraction = _validate.real(
             "superpose_fraction", superpose_fraction, 0, 1, low_open=True, high_open=True
         )
@@ -341,7 +356,7 @@ class SupTicketsScheduler(LRScheduler):
             low = self.lr_low[g] if len(self.lr_low) > 1 else self.lr_low[0] * ratios[g]
             high = self.lr_high[g] if len(self.lr_high) > 1 else self.lr_high[0] * ratios[g]
             done = i > self.num_tickets * self.cycle_steps
-            out.append(low if done else cyclic_lr(i, self.cycle_steps, low, high))
+            out.append(low if done else _triangle(i, self.cycle_steps, low, high))
         return out
 
     def get_lr(self) -> list[float]:
@@ -465,11 +480,17 @@ class SupTicketsScheduler(LRScheduler):
             state_dict (dict): the saved state.
 
         Raises:
-            ValueError: if the state was saved by a scheduler with another schedule
+            TypeError: if ``state_dict`` is not a mapping.
+        ValueError: if the state was saved by a scheduler with another schedule
                 (``total_steps``, ``cycle_steps``, the split, ``averaging``, ``reprune``,
                 ``include_phase1``), or
                 with a ``base`` where this one has none, or the reverse.
         """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                "Expected state_dict to be a dict made by SupTicketsScheduler.state_dict(), but "
+                f"got {type(state_dict).__name__}"
+            )
         state = dict(state_dict)
         keys = (
             "total_steps",

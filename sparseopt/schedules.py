@@ -31,9 +31,9 @@ class TopologySchedule:
 
     Raises:
         ValueError: for a non-positive ``update_every``, a ``prune_rate`` outside [0, 1], an
-            unknown ``decay``, or ``"cosine"`` without ``end_step``.
-        TypeError: if ``update_every`` is not an int, ``prune_rate`` not a real number, or
-            ``decay`` not a string.
+            unknown ``decay``, a negative ``end_step``, or ``"cosine"`` without ``end_step``.
+        TypeError: if ``update_every`` or ``end_step`` is not an int, ``prune_rate`` not a real
+            number, or ``decay`` not a string.
 
     Examples:
         RigL's schedule for 1,000 steps: ΔT = 100, α = 0.3, cosine decay, stop at 75%:
@@ -50,9 +50,14 @@ class TopologySchedule:
     ) -> None:
         update_every = _validate.integer("update_every", update_every, 1)
         prune_rate = _validate.real("prune_rate", prune_rate, 0, 1)
-        _validate.choice("prune_schedule", decay, PRUNE_SCHEDULES)
+        _validate.choice("decay", decay, PRUNE_SCHEDULES)
+        if end_step is not None:  # 0: no update (stop_fraction * total_steps < 1)
+            end_step = _validate.integer("end_step", end_step, 0)
         if decay == "cosine" and end_step is None:
-            raise ValueError("prune_schedule='cosine' needs total_steps to know where it ends")
+            raise ValueError(
+                "Expected end_step with decay='cosine' (prune_schedule='cosine' needs total_steps "
+                "to know where it ends), but got None"
+            )
         self.update_every = update_every
         self.prune_rate = float(prune_rate)
         self.decay = decay
@@ -85,6 +90,8 @@ class TopologySchedule:
         if self.decay == "constant":
             return self.prune_rate
         t = min(step, self.end_step)
+        if t >= self.end_step:  # the end (0 there; also for end_step 0, where no update runs)
+            return 0.0
         return self.prune_rate * 0.5 * (1.0 + math.cos(math.pi * t / self.end_step))
 
     def __repr__(self) -> str:

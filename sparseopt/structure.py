@@ -18,7 +18,7 @@ take tensors on any device and give their masks back on that device; only
 [`random_structured`][sparseopt.structure.random_structured] draws from a CPU generator and
 returns a CPU mask (so that a seed means the same mask on every device).
 
-This module imports only torch and the standard library.
+This module imports only torch, the standard library and ``sparseopt._validate``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+
+from . import _validate
 
 __all__ = [
     "Structure",
@@ -61,6 +63,7 @@ class Structure:
         m (int | None): the group size (``"nm"``); ``None`` for ``"fan_in"``.
 
     Raises:
+        TypeError: if ``kind`` is not a string, or ``n``, ``m`` are not ints for ``"nm"``.
         ValueError: if ``kind`` is unknown, or ``n``, ``m`` do not satisfy ``0 < n < m`` for
             ``"nm"``, or are given for ``"fan_in"``.
 
@@ -77,17 +80,18 @@ class Structure:
     m: int | None = None
 
     def __post_init__(self) -> None:
+        _validate.choice("kind", self.kind, ("nm", "fan_in"))
         if self.kind == "fan_in":
             if self.n is not None or self.m is not None:
                 raise ValueError(
                     f"Expected n and m to be None for 'fan_in', but got n={self.n}, m={self.m}"
                 )
             return
-        if self.kind != "nm":
-            raise ValueError(f"Expected kind to be 'nm' or 'fan_in', but got {self.kind!r}")
-        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (self.n, self.m))
-        if not ok or not 0 < self.n < self.m:
-            raise ValueError(_PARSE_ERROR.format(f"{self.n}:{self.m}"))
+        n, m = _validate.integer("n", self.n), _validate.integer("m", self.m)
+        if not 0 < n < m:
+            raise ValueError(_PARSE_ERROR.format(f"{n}:{m}"))
+        object.__setattr__(self, "n", n)  # numpy integers become ints: one hash, one repr
+        object.__setattr__(self, "m", m)
 
     def __str__(self) -> str:
         return "fan_in" if self.kind == "fan_in" else f"{self.n}:{self.m}"
@@ -156,13 +160,14 @@ def gemm_shape(shape: Sequence[int]) -> tuple[int, int]:
         ``(rows, fan_in)``: output units and inputs per unit.
 
     Raises:
-        ValueError: if ``shape`` has fewer than 2 dimensions.
+        TypeError: if ``shape`` is not a sequence of ints.
+        ValueError: if ``shape`` has fewer than 2 dimensions or a negative one.
 
     Examples:
         >>> gemm_shape((64, 32)), gemm_shape((64, 16, 3, 3))
         ((64, 32), (64, 144))
     """
-    shape = tuple(int(s) for s in shape)
+    shape = _validate.shape("shape", shape)
     if len(shape) < 2:
         raise ValueError(f"Expected a weight shape with ndim >= 2, but got {shape}")
     return shape[0], math.prod(shape[1:])
@@ -182,16 +187,21 @@ def fits(shape: Sequence[int], structure: str | Structure | None) -> bool:
     Returns:
         ``True`` if it fits.
 
+    Raises:
+        TypeError: if ``shape`` is not a sequence of ints or ``structure`` is not a structure.
+        ValueError: if ``shape`` has a negative dimension or ``structure`` is an unknown name.
+
     Examples:
         >>> fits((8, 12), "2:4"), fits((8, 10), "2:4"), fits((8, 3, 3, 3), "fan_in")
         (True, False, True)
         >>> fits((8,), "fan_in")
         False
     """
+    shape = _validate.shape("shape", shape)
     s = parse_structure(structure)
     if s is None:
         return True
-    if len(shape) < 2 or any(int(d) < 1 for d in shape):
+    if len(shape) < 2 or any(d < 1 for d in shape):
         return False
     _, fan_in = gemm_shape(shape)
     return s.kind == "fan_in" or fan_in % s.m == 0
@@ -244,10 +254,7 @@ def row_count(shape: Sequence[int], density: float) -> int:
         >>> row_count((64, 100), 0.1), row_count((64, 16, 3, 3), 0.1), row_count((4, 5), 0.01)
         (10, 14, 1)
     """
-    if isinstance(density, bool) or not isinstance(density, (int, float)):
-        raise TypeError(f"Expected density to be a float, but got {type(density).__name__}")
-    if not 0.0 <= density <= 1.0:
-        raise ValueError(f"Expected density to be in [0, 1], but got {density}")
+    density = _validate.real("density", density, 0, 1)
     if not fits(shape, "fan_in"):
         raise ValueError(f"Expected a weight shape with ndim >= 2, no dim 0, but got {shape}")
     _, fan_in = gemm_shape(shape)
@@ -277,8 +284,8 @@ def _rows_view(shape: Sequence[int], s: Structure) -> tuple[int, int]:
 def _per_unit(shape: Sequence[int], s: Structure, k: int | None) -> int:
     """How many active weights each unit (group or row) holds."""
     _, fan_in = gemm_shape(shape)
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
-        raise TypeError(f"Expected k to be an int or None, but got {type(k).__name__}")
+    if k is not None:
+        k = _validate.integer("k", k)
     if s.kind == "nm":
         per_row = fan_in // s.m * s.n
         if k is not None and k != per_row:
@@ -337,6 +344,11 @@ def _top_per_unit(scores: Tensor, count: Tensor | int, candidates: Tensor | None
     return _fill_ties(better, tied, need, dim=1)
 
 
+def _check_tensor(t: Tensor, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"Expected {name} to be a tensor, but got {type(t).__name__}")
+
+
 def _check_mask(mask: Tensor, name: str = "mask") -> None:
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         got = f"a {mask.dtype} tensor" if isinstance(mask, Tensor) else type(mask).__name__
@@ -362,7 +374,7 @@ def select_structured(scores: Tensor, structure: str | Structure, k: int | None 
         A bool mask of ``scores``' shape and device.
 
     Raises:
-        TypeError: if ``k`` is not an int.
+        TypeError: if ``scores`` is not a tensor or ``k`` is not an int.
         ValueError: if the shape does not fit the structure, or ``k`` is missing, out of
             ``[0, fan_in]`` or disagrees with ``N:M``.
 
@@ -374,6 +386,7 @@ def select_structured(scores: Tensor, structure: str | Structure, k: int | None 
         >>> select_structured(scores, "fan_in", k=3).int()
         tensor([[1, 0, 1, 0, 0, 0, 0, 1]], dtype=torch.int32)
     """
+    _check_tensor(scores, "scores")
     s = _structure(structure)
     units, length = _rows_view(scores.shape, s)
     count = _per_unit(scores.shape, s, k)
@@ -421,7 +434,7 @@ def random_structured(
         )
         raise TypeError(f"Expected generator to be a CPU torch.Generator, but got {got}")
     s = _structure(structure)
-    shape = tuple(int(d) for d in shape)
+    shape = _validate.shape("shape", shape)
     units, length = _rows_view(shape, s)
     count = _per_unit(shape, s, k)
     draws = torch.rand((units, length), generator=generator, device="cpu")
@@ -461,7 +474,8 @@ def structured_drop_and_grow(
         ``dropped = mask & ~new`` and ``grown = new & ~mask`` (equal counts).
 
     Raises:
-        TypeError: if ``mask`` is not bool or ``k_drop`` not an int.
+        TypeError: if ``mask`` is not a bool tensor, the scores not tensors or ``k_drop`` not an
+            int.
         ValueError: if the shapes differ or do not fit the structure, or ``k_drop`` is outside
             ``[0, active count]``.
 
@@ -480,13 +494,12 @@ def structured_drop_and_grow(
     s = _structure(structure)
     _check_mask(mask)
     for name, t in (("drop_scores", drop_scores), ("grow_scores", grow_scores)):
-        if not isinstance(t, Tensor) or t.shape != mask.shape:
-            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        _check_tensor(t, name)
+        if t.shape != mask.shape:
             raise ValueError(
-                f"Expected {name} of the mask's shape {tuple(mask.shape)}, but got {got}"
+                f"Expected {name} of the mask's shape {tuple(mask.shape)}, but got {tuple(t.shape)}"
             )
-    if isinstance(k_drop, bool) or not isinstance(k_drop, int):
-        raise TypeError(f"Expected k_drop to be an int, but got {type(k_drop).__name__}")
+    k_drop = _validate.integer("k_drop", k_drop)
     units, length = _rows_view(mask.shape, s)
     flat_mask = mask.reshape(-1)
     active = flat_mask.nonzero().reshape(-1)  # increasing flat indices

@@ -85,7 +85,7 @@ def test_a_taken_name_needs_overwrite(registry):
         (lambda: unregister_method("lottery"), ValueError,
          r"method 'lottery' is not registered; registered methods are \['gmp', .*'static'\]"),
         (lambda: unregister_method(3), TypeError, r"name to be a str.*3"),
-        (lambda: register_method("", SET), TypeError, r"name to be a non-empty str.*''"),
+        (lambda: register_method("", SET), ValueError, r"name to be a non-empty str.*''"),
         (lambda: register_method(None, SET), TypeError, r"name.*None"),
         (lambda: register_method("x", "SET"), TypeError, r"factory to be callable.*'SET'"),
     ],

@@ -24,6 +24,7 @@ from typing import Any
 
 from torch import nn
 
+from .. import _validate
 from ..optimizer import SparseOptimizer
 from ..scheduler import SupTicketsScheduler
 
@@ -65,8 +66,9 @@ def param_groups(
         list[dict]: the param groups.
 
     Raises:
-        TypeError: if ``model`` is not an ``nn.Module``.
-        ValueError: if ``weight_decay`` is negative, or ``sparse_embeddings=True`` while an
+        TypeError: if ``model`` is not an ``nn.Module``, ``weight_decay`` not a real number or
+            ``sparse_embeddings`` not a bool.
+        ValueError: if ``weight_decay`` is negative or NaN, or ``sparse_embeddings=True`` while an
             embedding produces sparse gradients (``nn.Embedding(..., sparse=True)``), whose
             gradients a ``SparseOptimizer`` cannot mask.
 
@@ -93,10 +95,14 @@ def param_groups(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected model to be an nn.Module, but got {type(model).__name__}")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, int | float):
-        raise TypeError(f"Expected weight_decay to be a float, but got {weight_decay!r}")
-    if weight_decay < 0:
+    if not _validate.is_real(weight_decay):
+        raise TypeError(
+            f"Expected weight_decay to be a float, but got {_validate.type_of(weight_decay)}"
+        )
+    if not weight_decay >= 0:  # NaN too
         raise ValueError(f"Expected weight_decay to be >= 0, but got {weight_decay!r}")
+    weight_decay = float(weight_decay)
+    sparse_embeddings = _validate.boolean("sparse_embeddings", sparse_embeddings)
     embeddings: set[int] = set()
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
@@ -177,8 +183,7 @@ class SparseTrainerCallback(_CallbackBase):  # type: ignore[misc,valid-type]
     """
 
     def __init__(self, check_every: int = 1) -> None:
-        if isinstance(check_every, bool) or not isinstance(check_every, int):
-            raise TypeError(f"Expected check_every to be an int, but got {check_every!r}")
+        check_every = _validate.integer("check_every", check_every)
         if check_every < 0:
             raise ValueError(f"Expected check_every to be >= 0, but got {check_every}")
         self.check_every = check_every

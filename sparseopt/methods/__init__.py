@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from .. import _validate
 from .base import GROWTH, SparsityMethod
 from .context import MethodContext, SparseLayer
 from .granet import GMP, GraNet
@@ -56,8 +57,9 @@ def register_method(
         overwrite (bool): replace an existing entry (with a warning). Default: False.
 
     Raises:
-        ValueError: if ``name`` is taken and ``overwrite`` is False.
-        TypeError: if ``name`` is not a string or ``factory`` is not callable.
+        ValueError: if ``name`` is empty, or taken and ``overwrite`` is False.
+        TypeError: if ``name`` is not a string, ``factory`` is not callable or ``overwrite`` is
+            not a bool.
 
     Examples:
         Names are unique; a worked example that registers a new criterion is in the guide
@@ -69,10 +71,13 @@ def register_method(
         ...
         ValueError: method 'rigl' is already registered; pass overwrite=True to replace it
     """
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str):
         raise TypeError(f"Expected name to be a non-empty str, but got {name!r}")
+    if not name:
+        raise ValueError(f"Expected name to be a non-empty str, but got {name!r}")
     if not callable(factory):
         raise TypeError(f"Expected factory to be callable, but got {factory!r}")
+    overwrite = _validate.boolean("overwrite", overwrite)
     key = name.lower()
     if key in _REGISTRY:
         if not overwrite:
