@@ -747,6 +747,17 @@ def _constant_fan_in(active: Tensor) -> tuple[int, int, int]:
     return int(counts[0]), int(counts.min()), int(counts.max())
 
 
+def _check_mask(mask: Any, shape: torch.Size) -> None:
+    """A ``TypeError`` unless ``mask`` is a bool tensor, a ``ValueError`` unless of ``shape``."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = f"{mask.dtype} tensor" if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"Expected mask to be a bool tensor or None, but got {got}")
+    if mask.shape != shape:
+        raise ValueError(
+            f"Expected mask of the weight's shape {tuple(shape)}, but got {tuple(mask.shape)}"
+        )
+
+
 class CondensedLinear(nn.Module):
     """``nn.Linear`` whose rows each hold the same number ``k`` of active weights (constant
     fan-in), stored condensed: ``values`` and ``indices`` of shape ``(out_features, k)``.
@@ -773,8 +784,10 @@ class CondensedLinear(nn.Module):
             Default: ``False`` (the eager kernels measured faster on CPU).
 
     Raises:
-        ValueError: if the mask is not a bool tensor of the weight's shape, leaves nonzero
-            weights outside it, or its rows hold different counts.
+        TypeError: if ``linear`` is not an ``nn.Linear``, ``mask`` not a bool tensor or
+            ``compile`` not a bool.
+        ValueError: if the mask does not have the weight's shape, leaves nonzero weights
+            outside it, or its rows hold different counts.
 
     Examples:
         >>> import torch
@@ -796,6 +809,9 @@ class CondensedLinear(nn.Module):
         self, linear: nn.Linear, mask: Tensor | None = None, *, compile: bool = False
     ) -> None:
         super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"Expected linear to be an nn.Linear, but got {type(linear).__name__}")
+        compile = _validate.boolean("compile", compile)
         weight = linear.weight.detach()
         if weight.ndim != 2:
             raise ValueError(f"Expected a 2-D weight, but got shape {tuple(weight.shape)}")
@@ -803,13 +819,7 @@ class CondensedLinear(nn.Module):
         if mask is None:
             active = weight != 0
         else:
-            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-                raise ValueError("Expected mask to be a bool tensor or None")
-            if mask.shape != weight.shape:
-                raise ValueError(
-                    f"Expected mask of the weight's shape {tuple(weight.shape)}, but got "
-                    f"{tuple(mask.shape)}"
-                )
+            _check_mask(mask, weight.shape)
             active = mask.to(weight.device)
             outside = int(torch.count_nonzero(weight[~active]))
             if outside:
@@ -824,7 +834,7 @@ class CondensedLinear(nn.Module):
                 + ("" if mask is not None else " nonzeros (pass the mask if some are exactly 0)")
             )
         self.k = k
-        self.use_compile = bool(compile)  # not .compile: nn.Module.compile is a method
+        self.use_compile = compile  # not .compile: nn.Module.compile is a method
         index_dtype = torch.int32 if self.in_features < 2**31 else torch.int64
         # positions of the active weights, ascending within each row
         order = torch.sort(active.to(torch.uint8), dim=1, descending=True, stable=True).indices
@@ -942,8 +952,9 @@ class CondensedConv1x1(CondensedLinear):
         compile (bool): as for ``CondensedLinear``. Default: ``False``.
 
     Raises:
-        ValueError: if ``conv`` is not a 1x1, stride-1, unpadded, single-group convolution, or
-            its mask does not have constant fan-in.
+        TypeError: if ``conv`` is not an ``nn.Conv2d``, or as for ``CondensedLinear``.
+        ValueError: if ``conv`` is not a 1x1, stride-1, unpadded, single-group convolution, its
+            mask does not have the conv weight's shape, or as for ``CondensedLinear``.
 
     Examples:
         >>> import torch
@@ -959,11 +970,15 @@ class CondensedConv1x1(CondensedLinear):
     def __init__(
         self, conv: nn.Conv2d, mask: Tensor | None = None, *, compile: bool = False
     ) -> None:
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"Expected conv to be an nn.Conv2d, but got {type(conv).__name__}")
         reason = _conv_unsupported(conv)
         if reason:
             raise ValueError(
                 f"Expected a 1x1, stride-1, unpadded, ungrouped conv, but got {reason}"
             )
+        if mask is not None:
+            _check_mask(mask, conv.weight.shape)
         linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None)
         linear.weight = nn.Parameter(conv.weight.detach().reshape(conv.out_channels, -1))
         linear.bias = conv.bias
@@ -1015,11 +1030,16 @@ def semi_structured_unsupported(weight: Tensor) -> str:
     Returns:
         The reason, or ``""`` when the conversion can be tried.
 
+    Raises:
+        TypeError: if ``weight`` is not a tensor.
+
     Examples:
         >>> import torch
         >>> print(semi_structured_unsupported(torch.zeros(64, 64)))  # doctest: +ELLIPSIS
         semi-structured 2:4 kernels need a CUDA device ... but the weight is on cpu
     """
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"Expected weight to be a tensor, but got {_validate.type_of(weight)}")
     if weight.ndim != 2:
         return f"semi-structured 2:4 needs a 2-D weight, not shape {tuple(weight.shape)}"
     if weight.device.type != "cuda":
@@ -1081,6 +1101,7 @@ class SemiStructuredLinear(nn.Module):
             group of 4 consecutive inputs.
 
     Raises:
+        TypeError: if ``linear`` is not an ``nn.Linear``.
         ValueError: if the weight cannot be converted (see
             [`semi_structured_unsupported`][sparseopt.export.semi_structured_unsupported]) or
             is not 2:4.
@@ -1096,13 +1117,19 @@ class SemiStructuredLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"Expected linear to be an nn.Linear, but got {type(linear).__name__}")
         weight = linear.weight.detach()
         reason = semi_structured_unsupported(weight)
         if reason:
-            raise ValueError(reason)
+            raise ValueError(f"Expected linear to be convertible to 2:4, but {reason}")
         groups = (weight != 0).reshape(weight.shape[0], -1, 4).sum(-1)
-        if bool((groups > 2).any()):
-            raise ValueError("Expected at most 2 nonzeros in every group of 4 inputs (2:4)")
+        over = int((groups > 2).sum())
+        if over:
+            raise ValueError(
+                "Expected linear to hold at most 2 nonzeros in every group of 4 inputs (2:4), "
+                f"but {over} of {groups.numel()} groups hold more"
+            )
         from torch.sparse import to_sparse_semi_structured
 
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -1208,6 +1235,10 @@ def fan_in_min_sparsity_rule(numel: int, batch_size: int) -> float:
     Returns:
         The minimum sparsity in ``[0, 1]`` at which the layer is condensed (1.0: never).
 
+    Raises:
+        TypeError: if ``numel`` or ``batch_size`` is not an int.
+        ValueError: if ``numel`` is negative or ``batch_size`` is not positive.
+
     Examples:
         >>> fan_in_min_sparsity_rule(4096 * 4096, 1), fan_in_min_sparsity_rule(4096 * 4096, 64)
         (0.9, 0.8)
@@ -1216,6 +1247,8 @@ def fan_in_min_sparsity_rule(numel: int, batch_size: int) -> float:
         >>> fan_in_min_sparsity_rule(256 * 256, 64)
         1.0
     """
+    numel = _validate.integer("numel", numel, 0)
+    batch_size = _validate.integer("batch_size", batch_size, 1)
     if numel <= 1 << 16:
         return 1.0
     if numel <= 1 << 18:

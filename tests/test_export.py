@@ -455,7 +455,7 @@ def test_condensed_rows_are_ascending_and_active_zeros_need_the_mask():
         torch.testing.assert_close(kept(x), dense(x))
     with pytest.raises(ValueError, match="outside the mask"):
         ex.CondensedLinear(dense, torch.zeros_like(mask))
-    with pytest.raises(ValueError, match="bool tensor"):
+    with pytest.raises(TypeError, match=r"mask to be a bool tensor or None, but got torch\.float"):
         ex.CondensedLinear(dense, mask.float())
 
 
