@@ -151,6 +151,19 @@ BATCHES = Lazy(lambda e: [torch.randn(4, 8) for _ in range(2)], "[batches]")
 ITERATOR = Lazy(lambda e: iter([torch.randn(4, 8)]), "iter([batch])")
 MASK = Lazy(lambda e: S.random_structured((4, 8), "2:4", torch.Generator().manual_seed(0)), "2:4")
 SCORES = Lazy(lambda e: torch.rand(4, 8, generator=torch.Generator().manual_seed(1)), "scores")
+TRIL = torch.ones(4, 8, dtype=torch.bool).tril()  # rows hold 1 to 4 active: no constant fan-in
+
+
+def _masked(layer: nn.Module, mask: torch.Tensor) -> nn.Module:
+    """``layer`` with its weights outside ``mask`` set to 0."""
+    with torch.no_grad():
+        layer.weight.mul_(mask.reshape(layer.weight.shape))
+    return layer
+
+
+# An nn.Linear(8, 4) and a 1x1 nn.Conv2d(8, 4) whose weights hold the 2:4 MASK (fan-in 4).
+FAN_IN_LINEAR = Lazy(lambda e: _masked(nn.Linear(8, 4), MASK.make(e)), "Linear(2:4)")
+FAN_IN_CONV = Lazy(lambda e: _masked(nn.Conv2d(8, 4, 1), MASK.make(e)), "Conv2d(2:4)")
 
 
 def _use_structured_opt(e: Env) -> None:
@@ -322,6 +335,16 @@ TARGETS: dict[str, Target] = {
                                                  X.SparseLinear)),
     "SparseConv1x1": Target(X.SparseConv1x1, _with(lambda e: {"conv": nn.Conv2d(8, 4, 1)},
                                                    X.SparseConv1x1)),
+    "CondensedLinear": Target(X.CondensedLinear, _with(lambda e: {"linear": nn.Linear(8, 4)},
+                                                       X.CondensedLinear)),
+    "CondensedConv1x1": Target(X.CondensedConv1x1, _with(lambda e: {"conv": nn.Conv2d(8, 4, 1)},
+                                                         X.CondensedConv1x1)),
+    "SemiStructuredLinear": Target(X.SemiStructuredLinear,
+                                   lambda e, kw: X.SemiStructuredLinear(**kw)),
+    "fan_in_min_sparsity_rule": Target(X.fan_in_min_sparsity_rule, _with(
+        lambda e: {"numel": 1 << 20, "batch_size": 1}, X.fan_in_min_sparsity_rule)),
+    "semi_structured_unsupported": Target(X.semi_structured_unsupported,
+                                          lambda e, kw: X.semi_structured_unsupported(**kw)),
     "InferenceReport": Target(X.InferenceReport),
     # Hugging Face
     "param_groups": Target(hf.param_groups, _with(lambda e: {"model": e.model}, hf.param_groups)),
@@ -410,6 +433,10 @@ NO_VALUE_ROW: dict[tuple[str, str], str] = {
     ("save_sparse", "zero_signs"): _BOOL,
     ("to_sparse_inference", "model"): _NO_RANGE,
     ("SparseLinear", "linear"): _NO_RANGE + " (any nn.Linear converts)",
+    ("CondensedLinear", "compile"): _BOOL,
+    ("CondensedConv1x1", "compile"): _BOOL,
+    ("semi_structured_unsupported", "weight"): "a question: every tensor gets an answer (why "
+    '2:4 kernels cannot run it, or "")',
     ("param_groups", "model"): _NO_RANGE,
     ("layer_flops", "model"): _NO_RANGE,
     ("TrainingFlops", "model"): _NO_RANGE,
@@ -942,6 +969,72 @@ ERRORS: list[Case] = [
       r"conv to be an nn\.Conv2d.*Linear"),
     E("SparseConv1x1", "conv-3x3", {"conv": nn.Conv2d(8, 4, 3)}, Vx,
       r"a 1x1, stride-1, unpadded, ungrouped conv, but got kernel \(3, 3\)", names="conv"),
+    E("to_sparse_inference", "structure-type", {"structure": 4}, T,
+      r"structure to be None, 'auto', 'fan_in' or an 'N:M' string, but got int"),
+    E("to_sparse_inference", "structure-unknown", {"structure": "AUTO"}, Vx,
+      r"structure to be None, 'auto', 'fan_in' or 'N:M'.*'AUTO'"),
+    E("to_sparse_inference", "masks-list", {"masks": [1]}, T, r"masks to be a mapping.*list"),
+    E("to_sparse_inference", "masks-unknown-name",
+      {"masks": {"9.weight": torch.ones(2, dtype=torch.bool)}, "structure": "auto"}, Vx,
+      r"masks to hold tensors of the model.*9\.weight"),
+    E("to_sparse_inference", "masks-float-mask", {"masks": {"0.weight": torch.ones(16, 8)}}, T,
+      r"mask of '0\.weight' to be a bool tensor.*float32", names="mask"),
+    E("to_sparse_inference", "masks-nonzeros-outside",
+      {"masks": {"0.weight": torch.zeros(16, 8, dtype=torch.bool)}, "structure": "fan_in"}, Vx,
+      r"weights of '0\.weight' outside its mask to be 0", names="mask"),
+    E("CondensedLinear", "linear-conv", {"linear": nn.Conv2d(8, 4, 1)}, T,
+      r"linear to be an nn\.Linear, but got Conv2d"),
+    E("CondensedLinear", "linear-not-constant-fan-in",
+      {"linear": Lazy(lambda e: _masked(nn.Linear(8, 4), TRIL), "Linear(tril)")}, Vx,
+      r"same number of active weights \(constant fan-in\), but rows hold 1 to 4 nonzeros",
+      names="constant fan-in"),
+    E("CondensedConv1x1", "conv-linear", {"conv": nn.Linear(8, 4)}, T,
+      r"conv to be an nn\.Conv2d, but got Linear"),
+    E("CondensedConv1x1", "conv-3x3", {"conv": nn.Conv2d(8, 4, 3)}, Vx,
+      r"a 1x1, stride-1, unpadded, ungrouped conv, but got kernel \(3, 3\)", names="conv"),
+    *[E(name, "mask-list", {"mask": [[True] * 8] * 4}, T,
+        r"mask to be a bool tensor or None, but got list")
+      for name in ("CondensedLinear", "CondensedConv1x1")],
+    *[E(name, "mask-float", {"mask": torch.ones(4, 8, 1, 1)}, T,
+        r"mask to be a bool tensor or None, but got torch\.float32 tensor")
+      for name in ("CondensedLinear", "CondensedConv1x1")],
+    E("CondensedLinear", "mask-shape", {"mask": torch.ones(8, 4, dtype=torch.bool)}, Vx,
+      r"mask of the weight's shape \(4, 8\), but got \(8, 4\)"),
+    E("CondensedConv1x1", "mask-shape", {"mask": torch.ones(4, 8, dtype=torch.bool)}, Vx,
+      r"mask of the weight's shape \(4, 8, 1, 1\), but got \(4, 8\)"),
+    *[E(name, "mask-nonzeros-outside", {"mask": torch.zeros(4, 8, 1, 1, dtype=torch.bool)
+                                        .reshape(shape)}, Vx,
+        r"weights outside the mask to be 0, but got 32 nonzeros")
+      for name, shape in (("CondensedLinear", (4, 8)), ("CondensedConv1x1", (4, 8, 1, 1)))],
+    E("CondensedLinear", "mask-not-constant-fan-in", {"mask": TRIL, "linear": Lazy(
+        lambda e: _masked(nn.Linear(8, 4), TRIL), "Linear(tril)")}, Vx,
+      r"constant fan-in\), but rows hold 1 to 4$", names="constant fan-in"),
+    E("CondensedConv1x1", "mask-not-constant-fan-in", {"mask": TRIL.reshape(4, 8, 1, 1),
+                                                       "conv": Lazy(lambda e: _masked(
+        nn.Conv2d(8, 4, 1), TRIL), "Conv2d(tril)")}, Vx,
+      r"constant fan-in\), but rows hold 1 to 4$", names="constant fan-in"),
+    *[E(name, "compile-int", {"compile": 1}, T, r"compile to be a bool, but got 1 \(int\)")
+      for name in ("CondensedLinear", "CondensedConv1x1")],
+    E("CondensedLinear", "compile-str", {"compile": "yes"}, T, r"compile to be a bool.*'yes'"),
+    E("SemiStructuredLinear", "linear-conv", {"linear": nn.Conv2d(64, 64, 1)}, T,
+      r"linear to be an nn\.Linear, but got Conv2d"),
+    E("SemiStructuredLinear", "linear-none", {"linear": None}, T,
+      r"linear to be an nn\.Linear, but got NoneType"),
+    E("SemiStructuredLinear", "linear-on-cpu", {"linear": nn.Linear(64, 64)}, Vx,
+      r"linear to be convertible to 2:4, but .*CUDA device.*the weight is on cpu"),
+    E("fan_in_min_sparsity_rule", "numel-str", {"numel": "x"}, T, r"numel to be an int.*'x'"),
+    E("fan_in_min_sparsity_rule", "numel-float", {"numel": 65536.0}, T,
+      r"numel to be an int.*65536\.0"),
+    E("fan_in_min_sparsity_rule", "numel-negative", {"numel": -1}, Vx,
+      r"numel in \[0, inf\).*-1"),
+    E("fan_in_min_sparsity_rule", "batch_size-bool", {"batch_size": True}, T,
+      r"batch_size to be an int.*True"),
+    E("fan_in_min_sparsity_rule", "batch_size-0", {"batch_size": 0}, Vx,
+      r"batch_size to be a positive int.*0"),
+    E("semi_structured_unsupported", "weight-list", {"weight": [[1.0] * 4] * 4}, T,
+      r"weight to be a tensor.*\(list\)"),
+    E("semi_structured_unsupported", "weight-module", {"weight": nn.Linear(4, 4)}, T,
+      r"weight to be a tensor.*\(Linear\)"),
     # --- Hugging Face ------------------------------------------------------------------------
     E("param_groups", "model-list", {"model": [nn.Parameter(torch.ones(2, 2))]}, T,
       r"model to be an nn\.Module.*list"),
@@ -1159,6 +1252,27 @@ VALID: list[Case] = [
     *[V(name, "blocksize-numpy", {"blocksize": i64(2), "layout": "bsr"})
       for name in ("SparseLinear", "SparseConv1x1")],
     V("SparseLinear", "csr", {"layout": "csr", "blocksize": 1}),
+    V("to_sparse_inference", "structure-auto-masks", {"structure": "auto", "masks": Lazy(
+        lambda e: e.opt.masks, "opt.masks")}),
+    V("to_sparse_inference", "structure-fan_in-masks-by-name", {
+        "structure": "fan_in",
+        "masks": Lazy(lambda e: {"0.weight": e.opt.masks[e.model[0].weight]}, "{name: mask}")}),
+    V("to_sparse_inference", "structure-nm", {"structure": "2:4", "min_sparsity": 0.5}),
+    V("to_sparse_inference", "structure-none-masks", {"structure": None, "masks": None}),
+    V("CondensedLinear", "compile-numpy", {"compile": nb(True)}),
+    V("CondensedLinear", "mask", {"mask": MASK, "linear": FAN_IN_LINEAR}),
+    V("CondensedLinear", "mask-with-an-active-zero", {"mask": MASK, "linear": Lazy(
+        lambda e: _masked(nn.Linear(8, 4), MASK.make(e) & (torch.arange(8) != 0)),
+        "Linear(2:4, one active weight 0)")}),
+    V("CondensedLinear", "all-zero", {"linear": Lazy(lambda e: _masked(
+        nn.Linear(8, 4), torch.zeros(4, 8, dtype=torch.bool)), "Linear(0)")}),
+    V("CondensedConv1x1", "compile-numpy", {"compile": nb(False), "conv": FAN_IN_CONV}),
+    V("CondensedConv1x1", "mask", {"mask": Lazy(lambda e: MASK.make(e).reshape(4, 8, 1, 1),
+                                                "2:4 (4, 8, 1, 1)"), "conv": FAN_IN_CONV}),
+    V("fan_in_min_sparsity_rule", "numpy", {"numel": i64(1 << 17), "batch_size": i32(64)}),
+    V("fan_in_min_sparsity_rule", "edges", {"numel": 0, "batch_size": 1}),
+    V("semi_structured_unsupported", "weight-cpu", {"weight": torch.zeros(64, 64)}),
+    V("semi_structured_unsupported", "weight-1d", {"weight": torch.zeros(64)}),
     # Hugging Face
     V("param_groups", "numpy", {"weight_decay": np32(0.01), "sparse_embeddings": nb(True)}),
     V("param_groups", "weight_decay-0", {"weight_decay": 0}),
