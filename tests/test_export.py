@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sparseopt.export as ex
+import sparseopt.export.compact as compact
 from sparseopt import (
     SparseOptimizer,
     SupTicketsScheduler,
@@ -67,7 +68,7 @@ def backend(request, monkeypatch):
     if request.param:
         pytest.importorskip("safetensors")
     else:
-        monkeypatch.setattr(ex, "_have_safetensors", lambda: False)
+        monkeypatch.setattr(compact, "_have_safetensors", lambda: False)
     return request.param
 
 
@@ -168,13 +169,15 @@ def test_position_encodings_round_trip_and_the_smaller_is_chosen(density):
     g = torch.Generator().manual_seed(0)
     mask = torch.rand(3001, generator=g) < density
     mask[-1] = True
-    kind, code = ex._encode_positions(mask)
-    assert torch.equal(ex._decode_positions(kind, code, mask.numel()), mask)
+    kind, code = compact._encode_positions(mask)
+    assert torch.equal(compact._decode_positions(kind, code, mask.numel()), mask)
     other = "bitmask" if kind == "gaps" else "gaps"
     other_code = (
-        ex._pack_bits(mask) if other == "bitmask" else ex._gap_bytes(torch.nonzero(mask)[:, 0])
+        compact._pack_bits(mask)
+        if other == "bitmask"
+        else compact._gap_bytes(torch.nonzero(mask)[:, 0])
     )
-    assert torch.equal(ex._decode_positions(other, other_code, mask.numel()), mask)
+    assert torch.equal(compact._decode_positions(other, other_code, mask.numel()), mask)
     assert code.numel() <= other_code.numel()
 
 
@@ -394,7 +397,7 @@ def test_converted_model_copies_saves_and_scripts(tmp_path):
 
 
 def test_without_safetensors_the_torch_fallback_is_used(tmp_path, monkeypatch):
-    monkeypatch.setattr(ex, "_have_safetensors", lambda: False)
+    monkeypatch.setattr(compact, "_have_safetensors", lambda: False)
     model, opt = _trained("mlp", "set")
     info = save_sparse(model, tmp_path / "m", masks=opt.masks)
     assert info["format"] == "torch"
