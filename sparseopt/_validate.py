@@ -130,3 +130,21 @@ def shape(name: str, value: Any) -> tuple[int, ...]:
     if any(d < 0 for d in dims):
         raise ValueError(f"Expected {name} to have no negative dimension, but got {dims}")
     return dims
+
+
+def cpu_generator(name: str, value: Any) -> Any:
+    """``value`` if it is a ``torch.Generator`` on the CPU (what seeds masks the same everywhere).
+
+    Raises:
+        TypeError: for anything else, a CUDA generator included.
+    """
+    import torch
+
+    if isinstance(value, torch.Generator) and value.device.type == "cpu":
+        return value
+    got = (
+        f"a generator on {value.device}"
+        if isinstance(value, torch.Generator)
+        else type(value).__name__
+    )
+    raise TypeError(f"Expected {name} to be a CPU torch.Generator, but got {got}")

@@ -183,13 +183,7 @@ def random_mask(shape: Sequence[int], count: int, generator: torch.Generator) ->
     """
     shape = _validate.shape("shape", shape)
     count = _validate.integer("count", count)
-    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-        got = (
-            f"a generator on {generator.device}"
-            if isinstance(generator, torch.Generator)
-            else type(generator).__name__
-        )
-        raise TypeError(f"Expected generator to be a CPU torch.Generator, but got {got}")
+    _validate.cpu_generator("generator", generator)
     n = 1
     for s in shape:
         n *= s

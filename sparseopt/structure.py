@@ -426,13 +426,7 @@ def random_structured(
         >>> torch.equal(mask, again)
         True
     """
-    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-        got = (
-            f"a generator on {generator.device}"
-            if isinstance(generator, torch.Generator)
-            else type(generator).__name__
-        )
-        raise TypeError(f"Expected generator to be a CPU torch.Generator, but got {got}")
+    _validate.cpu_generator("generator", generator)
     s = _structure(structure)
     shape = _validate.shape("shape", shape)
     units, length = _rows_view(shape, s)

@@ -36,6 +36,15 @@ def _check_layout(layout: Any) -> None:
         raise ValueError(f"Expected layout to be one of {_LAYOUTS}, but got {layout!r}")
 
 
+def _as_linear(conv: nn.Conv2d) -> nn.Linear:
+    """The ``nn.Linear`` that a 1x1, stride-1, unpadded, ungrouped conv computes per pixel,
+    sharing the conv's bias and a ``(out, in)`` view of its weight's values."""
+    linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None)
+    linear.weight = nn.Parameter(conv.weight.detach().reshape(conv.out_channels, -1))
+    linear.bias = conv.bias
+    return linear
+
+
 class SparseLinear(nn.Module):
     """``nn.Linear`` computing with a ``torch.sparse`` CSR or BSR weight (inference).
 
@@ -184,10 +193,7 @@ class SparseConv1x1(SparseLinear):
             raise ValueError(
                 f"Expected a 1x1, stride-1, unpadded, ungrouped conv, but got {reason}"
             )
-        linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None)
-        linear.weight = nn.Parameter(conv.weight.detach().reshape(conv.out_channels, -1))
-        linear.bias = conv.bias
-        super().__init__(linear, layout, blocksize)
+        super().__init__(_as_linear(conv), layout, blocksize)
 
     def forward(self, x: Tensor) -> Tensor:
         """The convolution of ``x``, ``(N, C_in, H, W) -> (N, C_out, H, W)``.
@@ -482,9 +488,7 @@ class CondensedConv1x1(CondensedLinear):
             )
         if mask is not None:
             _check_mask(mask, conv.weight.shape)
-        linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None)
-        linear.weight = nn.Parameter(conv.weight.detach().reshape(conv.out_channels, -1))
-        linear.bias = conv.bias
+        linear = _as_linear(conv)
         flat_mask = None if mask is None else mask.reshape(conv.out_channels, -1)
         super().__init__(linear, flat_mask, compile=compile)
 
