@@ -161,8 +161,8 @@ class TrainingFlops:
     def _on_step(self, opt: SparseOptimizer, args: Any, kwargs: Any) -> None:
         f_s, f_d = self.sparse_forward(), float(self.dense_forward)
         cost = 3.0 * f_s
-        stats = opt.update_stats
-        if stats.last_update_step == opt.step_count and stats.last_read_gradient:
+        # the copy of the counters only on a step that updated the topology
+        if opt.last_update_step == opt.step_count and opt.update_stats.last_read_gradient:
             cost += f_d - f_s  # the dense gradient of this step: 2 f_S + f_D instead of 3 f_S
         self.steps += 1
         self.sparse_total += cost
