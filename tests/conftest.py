@@ -3,7 +3,8 @@
 ``make test-gpu`` runs ``pytest --device cuda``. Tests that take the ``device`` fixture build their
 models and batches on the CPU from a seed and move them there, so a seed means the same numbers
 on every device. A test marked ``cuda`` needs a CUDA device and is skipped, with that reason,
-unless ``--device`` names one.
+unless ``--device`` names one. The distributed tests take ``dist_device_type`` instead: NCCL on
+two GPUs under ``--device cuda`` where there are two, else gloo on the CPU.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 
 import pytest
 import torch
+from ranks import rank_device_type
 
 
 def pytest_addoption(parser):
@@ -59,6 +61,16 @@ def pytest_collection_modifyitems(config, items):
 def device(pytestconfig) -> torch.device:
     """The device of ``--device``: where device-generic tests put their models and data."""
     return torch.device(pytestconfig.getoption("--device"))
+
+
+@pytest.fixture(scope="session")
+def dist_device_type(device: torch.device) -> str:
+    """Where the two ranks of the distributed tests (DDP, FSDP2) run, as ``tests/ranks.py``
+    takes it: ``"cuda"`` with ``--device cuda`` and at least two GPUs, NCCL across ``cuda:0``
+    and ``cuda:1``; ``"cpu"`` otherwise, gloo on the CPU (with one GPU too: NCCL needs one GPU
+    per rank). Their single-process reference runs on ``cuda:0`` or the CPU to match.
+    """
+    return rank_device_type(device)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,10 @@ mean loss over the concatenated batch, so the topology update is the one a singl
 whole batch makes. Under DDP with ``no_sync()`` on all but the last micro-batch, the last
 backward all-reduces the accumulated gradient, which is again the gradient of the mean over
 every rank's micro-batches.
+
+The single-process tests run on ``--device``. The DDP ranks run on NCCL, one on ``cuda:0`` and
+one on ``cuda:1``, with ``--device cuda`` and two GPUs, and their single-process reference on
+``cuda:0``; otherwise (the CPU, or one GPU) all of it runs on gloo on the CPU.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cases import mlp
-from ranks import run_ranks, spawn
+from ranks import rank_device, run_ranks, spawn, to_cpu
 from torch import nn
 
 from sparseopt import SparseOptimizer
@@ -33,17 +37,17 @@ METHODS = {
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _model() -> nn.Module:
-    return mlp(10, 24, 24, 3, seed=0, dtype=torch.float64)
+def _model(device: torch.device) -> nn.Module:
+    return mlp(10, 24, 24, 3, seed=0, dtype=torch.float64, device=device)
 
 
-def _data(world: int = 1):
-    """``STEPS`` batches of ``world * MICRO * BATCH`` examples."""
+def _data(device: torch.device, world: int = 1):
+    """``STEPS`` batches of ``world * MICRO * BATCH`` examples, drawn on the CPU and moved."""
     gen = torch.Generator().manual_seed(3)
     n = world * MICRO * BATCH
     x = torch.randn(STEPS, n, 10, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (STEPS, n), generator=gen)
-    return x, y
+    return x.to(device), y.to(device)
 
 
 def _opt(model, method):
@@ -51,11 +55,11 @@ def _opt(model, method):
     return SparseOptimizer(inner, method, 0.8, model=model, seed=0, **METHODS[method])
 
 
-def _train(method, micro):
+def _train(method, micro, device):
     """Train ``STEPS`` steps, each on ``micro`` micro-batches accumulated into one step."""
-    model = _model()
+    model = _model(device)
     opt = _opt(model, method)
-    xs, ys = _data()
+    xs, ys = _data(device)
     history = []
     for t in range(STEPS):
         opt.zero_grad()
@@ -66,11 +70,11 @@ def _train(method, micro):
     return model, opt, history
 
 
-def _last_micro_batch_only(method):
+def _last_micro_batch_only(method, device):
     """The bug the design rules out: scores read from the last micro-batch's gradient alone."""
-    model = _model()
+    model = _model(device)
     opt = _opt(model, method)
-    xs, ys = _data()
+    xs, ys = _data(device)
     history = []
     for t in range(STEPS):
         x, y = xs[t].chunk(MICRO)[-1], ys[t].chunk(MICRO)[-1]
@@ -82,9 +86,9 @@ def _last_micro_batch_only(method):
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_accumulated_micro_batches_give_the_topology_of_one_concatenated_batch(method):
-    model_a, opt_a, hist_a = _train(method, MICRO)
-    model_b, opt_b, hist_b = _train(method, 1)
+def test_accumulated_micro_batches_give_the_topology_of_one_concatenated_batch(method, device):
+    model_a, opt_a, hist_a = _train(method, MICRO, device)
+    model_b, opt_b, hist_b = _train(method, 1, device)
     assert opt_a.report()["updates"]["updates"] == opt_b.report()["updates"]["updates"] >= 1
     for step, (ma, mb) in enumerate(zip(hist_a, hist_b, strict=True), 1):
         for a, b in zip(ma, mb, strict=True):
@@ -95,19 +99,19 @@ def test_accumulated_micro_batches_give_the_topology_of_one_concatenated_batch(m
         assert layer.count == int(layer.mask.sum())
         assert bool((layer.param[~layer.mask] == 0).all())
     # Negative control: the last micro-batch alone gives another topology.
-    wrong = _last_micro_batch_only(method)
+    wrong = _last_micro_batch_only(method, device)
     assert any(
         not torch.equal(a, b) for ma, mw in zip(hist_a, wrong, strict=True)
         for a, b in zip(ma, mw, strict=True)
     )  # fmt: skip
 
 
-def test_rigl_growth_is_the_top_of_the_accumulated_gradient():
+def test_rigl_growth_is_the_top_of_the_accumulated_gradient(device):
     """Independent reference for one update: drop the smallest |w|, grow the largest |g_acc|."""
-    model = _model()
+    model = _model(device)
     opt = _opt(model, "rigl")
     opt.apply_masks()
-    x, y = _data()[0][0], _data()[1][0]
+    x, y = _data(device)[0][0], _data(device)[1][0]
     opt.zero_grad()
     for xm, ym in zip(x.chunk(MICRO), y.chunk(MICRO), strict=True):
         (F.cross_entropy(model(xm), ym) / MICRO).backward()
@@ -128,23 +132,24 @@ def test_rigl_growth_is_the_top_of_the_accumulated_gradient():
 
 
 # --- DDP no_sync ----------------------------------------------------------------------------
-def _ranks(rank: int, world: int, out: str) -> None:
+def _ranks(rank: int, world: int, out: str, device: torch.device) -> None:
+    device_ids = [device.index] if device.type == "cuda" else None
     results = {}
     for method in ("rigl", "snip"):
-        model = _model()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        opt = _train_ddp(model, ddp, method, rank, world)
+        model = _model(device)
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        opt = _train_ddp(model, ddp, method, rank, world, device)
         opt.check_consistency()
         results[method] = {
             "masks": [layer.mask for layer in opt.layers],
             "params": [p.detach() for p in model.parameters()],
         }
-    torch.save(results, f"{out}/rank{rank}.pt")
+    torch.save(to_cpu(results), f"{out}/rank{rank}.pt")
 
 
-def _train_ddp(model, ddp, method, rank, world):
+def _train_ddp(model, ddp, method, rank, world, device):
     opt = _opt(model, method)
-    xs, ys = _data(world)
+    xs, ys = _data(device, world)
     for t in range(STEPS):
         x, y = xs[t].chunk(world)[rank], ys[t].chunk(world)[rank]
         opt.zero_grad()
@@ -156,26 +161,29 @@ def _train_ddp(model, ddp, method, rank, world):
     return opt
 
 
-def test_ddp_no_sync_accumulation_matches_one_process_on_the_whole_batch(tmp_path):
-    run_ranks(__file__, tmp_path)
+def test_ddp_no_sync_accumulation_matches_one_process_on_the_whole_batch(
+    tmp_path, dist_device_type
+):
+    run_ranks(__file__, tmp_path, dist_device_type)
+    device = rank_device(dist_device_type, 0)  # where rank 0 ran
     for method in ("rigl", "snip"):
         r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)[method]
         r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)[method]
         for a, b in zip(r0["masks"] + r0["params"], r1["masks"] + r1["params"], strict=True):
             assert torch.equal(a, b)
         # one process, the two ranks' micro-batches concatenated into one batch per step
-        model = _model()
+        model = _model(device)
         opt = _opt(model, method)
-        xs, ys = _data(2)
+        xs, ys = _data(device, 2)
         for t in range(STEPS):
             opt.zero_grad()
             F.cross_entropy(model(xs[t]), ys[t]).backward()
             opt.step()
         for mask, layer in zip(r0["masks"], opt.layers, strict=True):
-            assert torch.equal(mask, layer.mask), method
+            assert torch.equal(mask, layer.mask.cpu()), method
         for p_ddp, p in zip(r0["params"], model.parameters(), strict=True):
-            torch.testing.assert_close(p_ddp, p.detach(), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(p_ddp, p.detach().cpu(), rtol=1e-10, atol=1e-12)
 
 
 if __name__ == "__main__":
-    spawn(_ranks, sys.argv[1])
+    spawn(_ranks, sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "cpu")

@@ -1,10 +1,13 @@
 """FSDP2: sharded masks, selections across shards, and a run equal to a single-process run.
 
-Two gloo processes on CPU shard an MLP with ``fully_shard`` (DTensor parameters, ``Shard(0)``,
-uneven shards) and train it with the same ``seed=``; the result must equal a single-process run on
-the concatenated batches: the gathered masks bit for bit, the weights within float tolerance (the
+Two processes shard an MLP with ``fully_shard`` (DTensor parameters, ``Shard(0)``, uneven shards)
+and train it with the same ``seed=``; the result must equal a single-process run on the
+concatenated batches: the gathered masks bit for bit, the weights within float tolerance (the
 gradient of the whole batch is the mean of the two half-batch gradients). One process group runs
-every case, in a fresh interpreter, and the tests read what it saved.
+every case, in a fresh interpreter, and the tests read what it saved (moved to the CPU). With
+``--device cuda`` and two GPUs the ranks run on NCCL over a ``cuda`` mesh, one on ``cuda:0`` and
+one on ``cuda:1``, and the single-process run on ``cuda:0``; otherwise (the CPU, or one GPU) both
+are gloo on the CPU, and so is the reference.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from cases import assert_exactly_equal, first_difference, mlp
-from ranks import run_ranks, spawn
+from ranks import rank_device, run_ranks, spawn, to_cpu
 from torch import nn
 
 from sparseopt import SparseOptimizer, SupTicketsScheduler
@@ -35,16 +38,17 @@ CASES = {
 MESHES = {"hsdp-2x1": (2, 1), "hsdp-1x2": (1, 2)}  # (replicate, shard) meshes for RigL
 
 
-def _model() -> nn.Module:
+def _model(device: torch.device) -> nn.Module:
     torch.manual_seed(0)
-    return mlp(12, 33, 31, 4)
+    return mlp(12, 33, 31, 4, device=device)
 
 
-def _data():
+def _data(device: torch.device):
+    """Drawn on the CPU, then moved: the same batches on every device."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(STEPS, 2 * BATCH, 12, generator=gen)
     y = torch.randint(0, 4, (STEPS, 2 * BATCH), generator=gen)
-    return x, y
+    return x.to(device), y.to(device)
 
 
 def _build(model, case):
@@ -68,10 +72,10 @@ def _build(model, case):
     return opt, sched
 
 
-def _train(model, opt, sched, shard, start=0, stop=STEPS):
+def _train(model, opt, sched, shard, device, start=0, stop=STEPS):
     """Train steps ``start..stop-1``; from the first ticket on, evaluate the superposed and the
     live weights every other step (forward passes with no backward in between)."""
-    xs, ys = _data()
+    xs, ys = _data(device)
     evals = []
     for t in range(start, stop):
         loss = F.cross_entropy(model(shard(xs[t])), shard(ys[t]))
@@ -127,7 +131,7 @@ def _scores(shape, dtype, kind, gen):
     return x.to(dtype)
 
 
-def _selection_results(mesh):
+def _selection_results(mesh, device):
     from torch.distributed.tensor import Shard, distribute_tensor
 
     def shard(t):
@@ -138,12 +142,12 @@ def _selection_results(mesh):
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         for kind in ("ties", "distinct"):
             for shape in SHAPES:
-                x = _scores(shape, dtype, kind, gen)
+                x = _scores(shape, dtype, kind, gen).to(device)
                 n = x.numel()
                 for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
                     got = _full(select_smallest(shard(x), k))
                     out.append(("smallest", dtype, kind, shape, k, got, select_smallest(x, k)))
-            xs = [_scores(s, dtype, kind, gen) for s in SHAPES]
+            xs = [_scores(s, dtype, kind, gen).to(device) for s in SHAPES]
             xs[1] = xs[1].double()  # mixed dtypes promote as torch.cat does
             n = sum(x.numel() for x in xs)
             for k in (0, 1, n // 4, n // 2, n - 1, n):
@@ -154,6 +158,7 @@ def _selection_results(mesh):
     mask = torch.rand(33, 12, generator=gen) < 0.3
     w = torch.randint(-4, 5, (33, 12), generator=gen).float() * mask
     g = torch.randint(0, 3, (33, 12), generator=gen).float()
+    mask, w, g = mask.to(device), w.to(device), g.to(device)
     for k in (0, 5, 40, int(mask.sum())):
         got = [_full(t) for t in drop_and_grow(shard(mask), shard(w.abs()), shard(g), k)]
         ref = list(drop_and_grow(mask, w.abs(), g, k))
@@ -161,7 +166,7 @@ def _selection_results(mesh):
     return out
 
 
-def _collectives_per_step(model, shard):
+def _collectives_per_step(model, shard, device):
     """The collectives each ``opt.step()`` of SET (``update_every=2``) issues, by kind."""
     opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), "set", 0.8,
                           update_every=2, total_steps=20, seed=0)  # fmt: skip
@@ -176,7 +181,7 @@ def _collectives_per_step(model, shard):
 
         return call
 
-    xs, ys = _data()
+    xs, ys = _data(device)
     per_step = []
     for t in range(6):
         F.cross_entropy(model(shard(xs[t])), shard(ys[t])).backward()
@@ -193,7 +198,7 @@ def _collectives_per_step(model, shard):
     return per_step
 
 
-def _errors(mesh):
+def _errors(mesh, device):
     """Messages of the errors for unsupported layouts and mixed selections."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -205,7 +210,7 @@ def _errors(mesh):
         SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.8, model=model)
     except ValueError as e:
         out["placement"] = str(e)
-    x = torch.arange(12.0).view(4, 3)
+    x = torch.arange(12.0).view(4, 3).to(device)
     try:
         select_largest_across([distribute_tensor(x, mesh, [Shard(0)]), x], 3)
     except ValueError as e:
@@ -213,14 +218,14 @@ def _errors(mesh):
     return out
 
 
-def _ranks(rank: int, world: int, out: str) -> None:
+def _ranks(rank: int, world: int, out: str, device: torch.device) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(device.type, (world,))
 
     def sharded_model(device_mesh=mesh):
-        model = _model()
+        model = _model(device)
         for i, layer in enumerate(model):
             if isinstance(layer, nn.Linear):  # the last stays unsharded between forward passes
                 fully_shard(layer, mesh=device_mesh, reshard_after_forward=i < len(model) - 1)
@@ -230,17 +235,17 @@ def _ranks(rank: int, world: int, out: str) -> None:
     def batch_shard(t):
         return t.chunk(world)[rank]
 
-    results = {"selection": _selection_results(mesh)}
+    results = {"selection": _selection_results(mesh, device)}
     for case in CASES:
         model = sharded_model()
         opt, sched = _build(model, case)
-        first = _train(model, opt, sched, batch_shard, stop=RESUME_AT)
+        first = _train(model, opt, sched, batch_shard, device, stop=RESUME_AT)
         ckpt = f"{out}/{case}-rank{rank}.pt"
         torch.save(
             {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()},
             ckpt,
         )
-        evals = first + _train(model, opt, sched, batch_shard, start=RESUME_AT)
+        evals = first + _train(model, opt, sched, batch_shard, device, start=RESUME_AT)
         opt.check_consistency()
         results[case] = _snapshot(model, opt, evals)
 
@@ -248,36 +253,37 @@ def _ranks(rank: int, world: int, out: str) -> None:
         torch.manual_seed(99)
         model = sharded_model()
         opt, sched = _build(model, case)
-        saved = torch.load(ckpt, weights_only=True)
+        saved = torch.load(ckpt, map_location=device, weights_only=True)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         sched.load_state_dict(saved["sched"])
-        evals = first + _train(model, opt, sched, batch_shard, start=RESUME_AT)
+        evals = first + _train(model, opt, sched, batch_shard, device, start=RESUME_AT)
         results[f"{case}-resumed"] = _snapshot(model, opt, evals)
 
     for name, shape in MESHES.items():
-        hsdp = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+        hsdp = init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
         model = sharded_model(hsdp)
         opt, sched = _build(model, "rigl")
-        evals = _train(model, opt, sched, batch_shard)
+        evals = _train(model, opt, sched, batch_shard, device)
         opt.check_consistency()
         results[name] = _snapshot(model, opt, evals)
 
-    results["collectives"] = _collectives_per_step(sharded_model(), batch_shard)
-    results["errors"] = _errors(mesh)
+    results["collectives"] = _collectives_per_step(sharded_model(), batch_shard, device)
+    results["errors"] = _errors(mesh, device)
 
     # What a checkpoint holds; the other rank's (uneven shards) and a single-process one
     # do not load, and leave the optimizer as it was.
     model = sharded_model()
     opt, _ = _build(model, "set")
     before = [layer.mask.to_local().clone() for layer in opt.layers]
-    mine = torch.load(f"{out}/set-rank{rank}.pt", weights_only=True)["opt"]
+    mine = torch.load(f"{out}/set-rank{rank}.pt", map_location=device, weights_only=True)["opt"]
     results["saved_types"] = sorted(
         {type(m).__name__ for m in mine["sparseopt"]["masks"].values()}
         | {type(v).__name__ for st in mine["state"].values() for v in st.values()}
     )
-    other = torch.load(f"{out}/set-rank{1 - rank}.pt", weights_only=True)["opt"]
-    plain_model = _model()
+    other = torch.load(f"{out}/set-rank{1 - rank}.pt", map_location=device, weights_only=True)
+    other = other["opt"]
+    plain_model = _model(device)
     single = _build(plain_model, "set")[0].state_dict()
     for key, sd in (("wrong_rank_error", other), ("plain_error", single)):
         try:
@@ -309,14 +315,14 @@ def _ranks(rank: int, world: int, out: str) -> None:
         opt.check_consistency()
     except RuntimeError as e:
         results["count_error"] = str(e)
-    torch.save(results, f"{out}/rank{rank}.pt")
+    torch.save(to_cpu(results), f"{out}/rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
-def fsdp_results(tmp_path_factory):
+def fsdp_results(tmp_path_factory, dist_device_type):
     """Spawn the two ranks from a fresh interpreter, isolated from this pytest process."""
     out = tmp_path_factory.mktemp("fsdp2")
-    run_ranks(__file__, out)
+    run_ranks(__file__, out, dist_device_type)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
@@ -331,33 +337,37 @@ def test_selections_on_dtensors_equal_the_single_process_ones(fsdp_results):
         assert_exactly_equal(other[5], ref, where)
 
 
-def _single_process(case):
-    model = _model()
+def _single_process(case, device):
+    """The run on one process on ``device``; the weights, superposed copy and evaluations on the
+    CPU (as the ranks saved theirs)."""
+    model = _model(device)
     opt, sched = _build(model, case)
-    evals = _train(model, opt, sched, lambda t: t)
+    evals = _train(model, opt, sched, lambda t: t, device)
     with torch.no_grad(), opt.superposed():
-        superposed = [p.detach().clone() for p in model.parameters()]
-    return model, opt, superposed, evals
+        superposed = [p.detach().cpu().clone() for p in model.parameters()]
+    params = [p.detach().cpu() for p in model.parameters()]
+    return params, opt, superposed, to_cpu(evals)
 
 
 @pytest.mark.parametrize("case", [*CASES, *MESHES])
-def test_fsdp2_run_equals_a_single_process_run(fsdp_results, case):
+def test_fsdp2_run_equals_a_single_process_run(fsdp_results, dist_device_type, case):
     r0, r1 = (r[case] for r in fsdp_results)
     for a, b in zip(r0["masks"] + r0["params"], r1["masks"] + r1["params"], strict=True):
         assert torch.equal(a, b)
     assert r0["tickets"] == 2
 
-    model, opt, superposed, evals = _single_process("rigl" if case in MESHES else case)
+    device = rank_device(dist_device_type, 0)  # where rank 0 ran
+    params, opt, superposed, evals = _single_process("rigl" if case in MESHES else case, device)
     for mask, layer in zip(r0["masks"], opt.layers, strict=True):
-        assert torch.equal(mask, layer.mask)
+        assert torch.equal(mask, layer.mask.cpu())
     counts = [int(layer.mask.sum()) for layer in opt.layers]
     for r in (r0, r1):
         assert r["counts"] == r["recounted"] == counts
         assert r["report_nnz"] == sum(counts) == opt.report()["total"]["nnz"]
         assert r["density"] == opt.density
     assert sum(counts) == round(0.2 * sum(layer.numel for layer in opt.layers))
-    for p_fsdp, p in zip(r0["params"], model.parameters(), strict=True):
-        torch.testing.assert_close(p_fsdp, p.detach(), rtol=1e-6, atol=1e-7)
+    for p_fsdp, p in zip(r0["params"], params, strict=True):
+        torch.testing.assert_close(p_fsdp, p, rtol=1e-6, atol=1e-7)
     for s_fsdp, s in zip(r0["superposed"], superposed, strict=True):
         torch.testing.assert_close(s_fsdp, s, rtol=1e-6, atol=1e-7)
         if s.ndim >= 2:  # the superposed support is the same too
@@ -414,4 +424,4 @@ def test_check_consistency_under_fsdp2(fsdp_results):
 
 
 if __name__ == "__main__":
-    spawn(_ranks, sys.argv[1])
+    spawn(_ranks, sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "cpu")
