@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check: the CUDA test subset and the step-overhead, update-cost and
 # compiled-step benchmarks on one GPU, in under 8 minutes; every step has its own time limit.
+# The distributed tests are not in the subset: on one GPU their ranks run on gloo on the CPU.
 #
 #   benchmarks/gpu_check.sh [OUT]        # or: make gpu-check [GPU_CHECK_OUT=...]
 #
@@ -23,7 +24,7 @@ if [[ ${GPU_CHECK_CPU:-0} != 1 ]] &&
   DEV=cuda
   # name  limit(s)  command
   STEPS=(
-    "tests-sup 100 -m pytest -q -p no:cacheprovider --device cuda --junitxml $OUT/tests-sup.xml tests/test_devices.py tests/test_superposition.py tests/test_suptickets_resume.py tests/test_amp.py tests/test_scheduler.py"
+    "tests-sup 115 -m pytest -q -p no:cacheprovider --device cuda --junitxml $OUT/tests-sup.xml tests/test_devices.py tests/test_superposition.py tests/test_suptickets_resume.py tests/test_resume.py tests/test_amp.py tests/test_scheduler.py"
     "tests-contract 140 -m pytest -q -p no:cacheprovider --device cuda --junitxml $OUT/tests-contract.xml tests/test_contract.py tests/test_invariants.py"
     "step_overhead 60 benchmarks/step_overhead.py --device cuda --threads 1 --repeats 20 --big-repeats 10 --iter-repeats 30 --json $OUT/step_overhead.json"
     "update_cost 70 benchmarks/update_cost.py --device cuda --threads 1 --sizes 1,16,64 --repeats 3 --big-repeats 2 --via-step 16 --json $OUT/update_cost.json"
