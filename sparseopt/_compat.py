@@ -29,7 +29,7 @@ __all__ = [
     "tensor_version",
 ]
 
-TORCH_FLOOR = "2.13"
+TORCH_FLOOR = "2.6"
 """The oldest torch the test matrix runs; ``pyproject.toml`` declares the same floor."""
 
 

@@ -447,8 +447,9 @@ class MaskEngine:
         grown = []
         for layer, new in zip(self.layers, new_masks, strict=True):
             changed = layer.mask ^ new
+            # on the local shards: mask, weight and state share one layout (check_placements)
             for t in (layer.param.detach(), *self.state_tensors(layer)):
-                t.masked_fill_(changed, 0)
+                _dtensor.local(t).masked_fill_(_dtensor.local(changed), 0)
             grown.append(new & ~layer.mask)
             layer.mask.copy_(new)
         counts = count_active([layer.mask for layer in self.layers] + grown)

@@ -126,6 +126,8 @@ def test_lr_scheduler_composes_and_reaches_inner_groups(case, sched_name, device
     data = batches("mlp", N_SCHED_STEPS, device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+        if sched_name == "SequentialLR":  # torch <= 2.8's SequentialLR passes an epoch itself
+            warnings.filterwarnings("ignore", "The epoch parameter in `scheduler.step", UserWarning)
         opt = _sparse(case, model, update_every=2)
         ref = case.make(ref_model.parameters())
         sched, ref_sched = make_sched(opt, case), make_sched(ref, case)
@@ -230,9 +232,32 @@ def test_state_dict_hooks_fire_once(case, device):
 
 
 # --- param groups and zero_grad -----------------------------------------------------------------
+def _torch_adagrad_adds_groups() -> bool:
+    """Whether torch's own Adagrad can step a group added by ``add_param_group``.
+
+    Up to torch 2.8 it cannot: its state ("sum") is made in ``__init__`` only, so the first step
+    after ``add_param_group`` raises ``KeyError: 'sum'`` without sparseopt in the picture.
+    """
+    a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    bare = torch.optim.Adagrad([a])
+    bare.add_param_group({"params": [b]})
+    (a.sum() + b.sum()).backward()
+    try:
+        bare.step()
+    except KeyError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("case", ALL)
 @pytest.mark.parametrize("after_first_step", [False, True], ids=["before-step", "after-step"])
-def test_add_param_group(case, after_first_step, device):
+def test_add_param_group(case, after_first_step, device, request):
+    if case.id.startswith("adagrad") and not _torch_adagrad_adds_groups():
+        request.applymarker(
+            pytest.mark.xfail(
+                raises=KeyError, strict=True, reason=f"torch {torch.__version__}'s Adagrad"
+            )
+        )
     sparsity = 0.75
     model = make_mlp(device=device)
     opt = _sparse(case, model, sparsity=sparsity, update_every=2)

@@ -3,9 +3,10 @@
 There is no GPU in CI, so two CPU checks stand in for one:
 
 - a dynamic one: the whole training loop (every method, Sup-tickets, ``check_consistency``, a
-  ``state_dict`` round trip) runs with ``torch.set_default_device("meta")`` while the model stays
-  on the CPU. A tensor created without naming its device lands on ``meta`` and the first op that
-  mixes it with a CPU tensor, or reads its value, fails: the same mistake that fails on CUDA;
+  ``state_dict`` round trip) runs under ``with torch.device("meta")``, the default device for the
+  block, while the model stays on the CPU. A tensor created without naming its device lands on
+  ``meta`` and the first op that mixes it with a CPU tensor, or reads its value, fails: the same
+  mistake that fails on CUDA;
 - a static one: every tensor factory call in ``sparseopt/`` names its device (or is a
   ``*_like``), so paths the loop above does not reach are covered too.
 """
@@ -40,8 +41,7 @@ def _train_under_default_device(default: str, method: str) -> SparseOptimizer:
     torch.manual_seed(0)
     model = _model()
     x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
-    torch.set_default_device(default)
-    try:
+    with torch.device(default):  # the default device, restored on exit
         opt = SparseOptimizer(
             torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
             method=method,
@@ -66,8 +66,6 @@ def _train_under_default_device(default: str, method: str) -> SparseOptimizer:
         opt.load_state_dict(torch.load(buf, weights_only=True))
         opt.check_consistency()
         return opt
-    finally:
-        torch.set_default_device(None)
 
 
 @pytest.mark.filterwarnings("ignore:the learning rate at the end of phase 1")
@@ -85,12 +83,8 @@ def test_nothing_is_created_on_the_default_device(method):
 def test_a_tensor_on_the_default_device_is_caught():
     """Negative control: the meta default device does catch a digest that ignores the device."""
     v = torch.ones(4, dtype=torch.float64)
-    torch.set_default_device("meta")
-    try:
-        with pytest.raises((RuntimeError, NotImplementedError)):
-            float((v * torch.arange(1, v.numel() + 1)).sum())
-    finally:
-        torch.set_default_device(None)
+    with torch.device("meta"), pytest.raises((RuntimeError, NotImplementedError)):
+        float((v * torch.arange(1, v.numel() + 1)).sum())
 
 
 def _factories_without_device(source: str) -> list[str]:
