@@ -4,24 +4,34 @@
 #   scripts/test_matrix.sh [OUT]          # or: make test-matrix [MATRIX_OUT=...]
 #
 # OUT (default runs/test_matrix) receives one venv per cell (kept, so a rerun reuses it), a JUnit
-# XML and a log per cell, and summary.md. Each cell installs the CPU build of torch from
-# TORCH_INDEX first, then sparseopt[test,examples] under constraints.txt (torch stays), and runs
-# pytest. The exit status is 1 if a cell failed or could not be installed.
+# XML and a log per cell, and summary.md. Each cell makes a venv with uv, installs `torch==X` and
+# sparseopt[test,examples] under constraints.txt (with this cell's torch pin), and runs pytest as
+# `make test` does. The exit status is 1 if a cell failed or could not be installed.
+#
+# Where torch comes from: the package registry (PyPI), unless TORCH_INDEX names another index.
+# PyPI's Linux x86_64 wheels are CUDA builds: about 4.5 GB per venv, of which the CUDA libraries
+# are shared between the cells of one torch version (uv hard-links them from its cache), and they
+# run on a machine without a GPU like the CPU build does. The summary names each cell's build.
 #
 # Environment:
 #   PYTHONS      Pythons to run: versions (found with `uv python find`, pyenv or pythonX.Y) or
 #                paths. Default: the "Programming Language :: Python :: 3.X" classifiers.
 #   TORCHES      torch versions, or "floor" (pyproject's torch>=) and "pinned" (constraints.txt).
 #                Default: "floor pinned" (one cell when they are equal).
-#   TORCH_INDEX  where the CPU torch wheels come from. Default: https://download.pytorch.org/whl/cpu
-#                (pip's configured find-links and extra indexes are consulted too). PyPI is never
-#                asked for torch: its Linux wheels are CUDA builds with several GB of libraries.
+#   TORCH_INDEX  an index preferred for torch, e.g. https://download.pytorch.org/whl/cpu for the
+#                CPU builds (about 1 GB per venv). Default: none, the registry's builds.
+#   UV           the uv to use. Default: uv on PATH, else .venv/bin/uv (`make venv` installs it).
 #   PYTEST_ARGS  extra pytest arguments, e.g. "-x tests/test_contract.py". Default: none.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=$(mkdir -p "${1:-runs/test_matrix}" && cd "${1:-runs/test_matrix}" && pwd)
-TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
+TORCH_INDEX=${TORCH_INDEX:-}
+UV=${UV:-$(command -v uv || echo "$ROOT/.venv/bin/uv")}
+if [[ ! -x $UV ]]; then
+  echo "ERROR: scripts/test_matrix.sh needs uv: run \`make venv\` (it installs uv) or pip install uv" >&2
+  exit 2
+fi
 
 classifier_pythons() {
   sed -n 's/.*"Programming Language :: Python :: \(3\.[0-9]*\)".*/\1/p' pyproject.toml | tr '\n' ' '
@@ -35,7 +45,7 @@ TORCHES=${TORCHES:-floor pinned}
 find_python() {  # a version or a path -> an interpreter path, or nothing
   local want=$1 p
   if [[ $want == */* ]]; then [[ -x $want ]] && echo "$want"; return; fi
-  if command -v uv >/dev/null && p=$(uv python find --no-project "$want" 2>/dev/null); then
+  if p=$("$UV" python find --no-project --no-python-downloads "$want" 2>/dev/null); then
     echo "$p"; return
   fi
   for p in "$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"/versions/"$want"*/bin/python \
@@ -49,15 +59,6 @@ for t in $TORCHES; do
   case $t in floor) t=$FLOOR ;; pinned) t=$PINNED ;; esac
   [[ " ${torches[*]-} " == *" $t "* ]] || torches+=("$t")
 done
-
-IS_CPU_BUILD='
-import importlib.metadata as m, sys
-cuda = [r for r in m.requires("torch") or [] if r.startswith(("nvidia", "cuda"))]
-version = m.version("torch")
-if cuda:
-    sys.exit(f"ERROR: torch {version} is a CUDA build (needs {cuda[0]}); "
-             "set TORCH_INDEX to an index with CPU builds")
-'
 
 summary=$OUT/summary.md
 {
@@ -84,16 +85,11 @@ for want in $PYTHONS; do
       rm -rf "$venv"
       # constraints.txt with this cell's torch
       sed "s/^torch==.*/torch==$torch/" constraints.txt >"$OUT/$cell.constraints.txt"
-      # torch alone first, without its dependencies: a CUDA build would pull GBs of libraries
-      if ! { "$py" -m venv "$venv" &&
-             "$venv/bin/python" -m pip install -q --upgrade pip &&
-             "$venv/bin/python" -m pip install -q --retries 1 --timeout 30 --no-deps \
-               --index-url "$TORCH_INDEX" "torch==$torch" &&
-             "$venv/bin/python" -c "$IS_CPU_BUILD" &&
-             "$venv/bin/python" -m pip install -q --constraint "$OUT/$cell.constraints.txt" \
-               -e ".[test,examples]"; } >"$log" 2>&1; then
-        why=$(grep -o -m1 -E "Failed to resolve '[^']*'|No matching distribution.*|ERROR: torch.*CUDA build.*" "$log" ||
-              grep -m1 ERROR "$log")
+      if ! { "$UV" venv -q --python "$py" "$venv" &&
+             "$UV" pip install -q --python "$venv/bin/python" \
+               --constraint "$OUT/$cell.constraints.txt" ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} \
+               "torch==$torch" -e ".[test,examples]"; } >"$log" 2>&1; then
+        why=$(grep -m1 -i -E "error|because|no solution" "$log")
         why=${why:0:140}
         echo "| $ver | $torch | **install failed**: ${why:-see $cell.log} | | $((SECONDS - start)) |" >>"$summary"
         status=1
@@ -101,7 +97,8 @@ for want in $PYTHONS; do
       fi
       touch "$venv/.installed"
     fi
-    got=$("$venv/bin/python" -c 'import torch; print(torch.__version__)')
+    got=$("$venv/bin/python" -c 'import torch; v = torch.version
+print(torch.__version__, "(CUDA build)" if v.cuda else "(CPU build)")')
     # shellcheck disable=SC2086
     (cd "$ROOT" && "$venv/bin/python" -m pytest -q -p no:cacheprovider \
       --junitxml "$OUT/$cell.xml" ${PYTEST_ARGS:-}) >>"$log" 2>&1
