@@ -126,7 +126,7 @@ def test_lr_scheduler_composes_and_reaches_inner_groups(case, sched_name, device
     data = batches("mlp", N_SCHED_STEPS, device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
-        if sched_name == "SequentialLR":  # torch <= 2.8's SequentialLR passes an epoch itself
+        if sched_name == "SequentialLR":  # torch 2.6-2.8: SequentialLR passes an epoch
             warnings.filterwarnings("ignore", "The epoch parameter in `scheduler.step", UserWarning)
         opt = _sparse(case, model, update_every=2)
         ref = case.make(ref_model.parameters())
@@ -235,8 +235,8 @@ def test_state_dict_hooks_fire_once(case, device):
 def _torch_adagrad_adds_groups() -> bool:
     """Whether torch's own Adagrad can step a group added by ``add_param_group``.
 
-    Up to torch 2.8 it cannot: its state ("sum") is made in ``__init__`` only, so the first step
-    after ``add_param_group`` raises ``KeyError: 'sum'`` without sparseopt in the picture.
+    In torch 2.6 to 2.8 (not 2.13) it cannot: its state ("sum") is made in ``__init__`` only, so
+    the first step after ``add_param_group`` raises ``KeyError: 'sum'`` without sparseopt.
     """
     a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
     bare = torch.optim.Adagrad([a])
