@@ -60,9 +60,10 @@ test-gpu: $(STAMP)
 	$(PY) -m pytest -q --device cuda
 
 # The suite on every supported Python x {floor, pinned} torch, one venv per cell (README:
-# "Supported versions"); PYTHONS, TORCHES, TORCH_INDEX and PYTEST_ARGS select the cells.
+# "Supported versions"); PYTHONS, TORCHES, TORCH_INDEX and PYTEST_ARGS select the cells. It uses
+# the uv that `make venv` installs.
 MATRIX_OUT ?= runs/test_matrix
-test-matrix:
+test-matrix: $(STAMP)
 	scripts/test_matrix.sh $(MATRIX_OUT)
 
 # The prepared GPU check (CUDA tests + benchmarks, < 8 min); without a GPU a < 1 min CPU smoke run.
