@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
@@ -15,7 +16,7 @@ from . import _compat, _validate
 from .optimizer import SparseOptimizer
 from .superposition import BNUpdate, check_bn_update, check_superposition_args
 
-__all__ = ["SupTicketsScheduler", "cyclic_lr"]
+__all__ = ["BaseFactory", "SupTicketsPlan", "SupTicketsScheduler", "cyclic_lr"]
 
 
 def cyclic_lr(i: int, cycle_steps: int, lr_low: float, lr_high: float) -> float:
@@ -71,6 +72,87 @@ def _positive_per_group(name: str, value: Any, groups: int) -> list[float]:
     ]
 
 
+class SupTicketsPlan(NamedTuple):
+    """How Sup-tickets splits a training run: what [`SupTicketsScheduler.plan`][] returns.
+
+    Attributes:
+        phase1_steps (int): optimizer steps of phase 1 (the base method and ``base`` schedule).
+        tickets (int): the number of cycles ``M``, one cheap ticket each.
+        cycle_steps (int): steps per cycle ``C``.
+    """
+
+    phase1_steps: int
+    tickets: int
+    cycle_steps: int
+
+    @property
+    def total_steps(self) -> int:
+        """``phase1_steps + tickets * cycle_steps``: the whole run."""
+        return self.phase1_steps + self.tickets * self.cycle_steps
+
+    @property
+    def ticket_steps(self) -> list[int]:
+        """The optimizer steps after which a ticket is consolidated (the cycle ends)."""
+        return [self.phase1_steps + k * self.cycle_steps for k in range(1, self.tickets + 1)]
+
+
+#: What ``base=`` takes besides a scheduler: ``factory(optimizer, phase1_steps) -> LRScheduler``,
+#: called once by ``SupTicketsScheduler`` with the phase-1 length it computed.
+BaseFactory = Callable[[Any, int], LRScheduler]
+
+
+def _plan(total_steps: Any, cycle_steps: Any, superpose_fraction: Any) -> SupTicketsPlan:
+    total_steps = _validate.integer("total_steps", total_steps, 1)
+    cycle_steps = _validate.integer("cycle_steps", cycle_steps, 1)
+    superpose_fraction = _validate.real(
+        "superpose_fraction", superpose_fraction, 0, 1, low_open=True, high_open=True
+    )
+    budget = superpose_fraction * total_steps
+    tickets = math.floor(budget / cycle_steps + 1e-9)
+    if tickets == 0:
+        hint = (
+            f"use cycle_steps <= {math.floor(budget + 1e-9)} for at least one ticket"
+            if budget >= 1
+            else "increase total_steps or superpose_fraction"
+        )
+        raise ValueError(
+            f"cycle_steps={cycle_steps} is longer than superpose_fraction * total_steps = "
+            f"{budget:g}, so there would be no ticket; {hint}"
+        )
+    return SupTicketsPlan(total_steps - tickets * cycle_steps, tickets, cycle_steps)
+
+
+def _build_base(base: Any, optimizer: Any, phase1_steps: int) -> LRScheduler | None:
+    """``base`` itself, or what a factory ``base(optimizer, phase1_steps)`` builds; checked."""
+    if base is None:
+        return None
+    if callable(base) and not isinstance(base, LRScheduler):
+        try:
+            inspect.signature(base).bind(optimizer, phase1_steps)
+        except (TypeError, ValueError):
+            raise TypeError(
+                "Expected base to be an LRScheduler stepped once per iteration, or a factory "
+                "(optimizer, phase1_steps) -> LRScheduler, but got a callable that does not take "
+                "those two arguments"
+            ) from None
+        built = base(optimizer, phase1_steps)
+        if isinstance(built, ReduceLROnPlateau) or not isinstance(built, LRScheduler):
+            raise TypeError(
+                "Expected the base factory to return an LRScheduler stepped once per iteration "
+                f"without arguments, but it returned {type(built).__name__}"
+            )
+        base = built
+    if isinstance(base, ReduceLROnPlateau) or not isinstance(base, LRScheduler):
+        raise TypeError(
+            "Expected base to be an LRScheduler stepped once per iteration without "
+            f"arguments, or a factory (optimizer, phase1_steps) -> LRScheduler, but got "
+            f"{type(base).__name__}"
+        )
+    if base.optimizer is not optimizer and base.optimizer is not optimizer.optimizer:
+        raise ValueError("base must be built on the same optimizer as this scheduler")
+    return base
+
+
 class SupTicketsScheduler(LRScheduler):
     r"""Sup-tickets: cheap tickets in the last cycles of training, superposed into one.
 
@@ -101,8 +183,11 @@ class SupTicketsScheduler(LRScheduler):
         total_steps (int): the length of training in optimizer steps. Fills in the optimizer's
             ``total_steps`` if it has none, and must equal it otherwise.
         cycle_steps (int): steps per cycle (the paper: 8 epochs on CIFAR, 2 on ImageNet).
-        base (LRScheduler | None): the phase-1 scheduler, built on the same optimizer (or its
-            inner one) before this one. Default: None.
+        base (LRScheduler | Callable | None): the phase-1 scheduler, built on the same optimizer
+            (or its inner one) before this one; or a factory ``base(optimizer, phase1_steps)``
+            that builds it, called once here with the phase-1 length of
+            [`plan`][sparseopt.SupTicketsScheduler.plan], e.g.
+            ``lambda opt, n: MultiStepLR(opt, [n // 2, 3 * n // 4], 0.1)``. Default: None.
         superpose_fraction (float): the share of training given to the cycles, in (0, 1).
             Default: 0.1.
         lr_low (float | list[float]): the rate at the cycle ends. Default: 0.001.
@@ -179,7 +264,7 @@ class SupTicketsScheduler(LRScheduler):
         total_steps: int,
         cycle_steps: int,
         *,
-        base: LRScheduler | None = None,
+        base: LRScheduler | BaseFactory | None = None,
         superpose_fraction: float = 0.1,
         lr_low: float | Sequence[float] = 0.001,
         lr_high: float | Sequence[float] = 0.005,
@@ -196,12 +281,9 @@ class SupTicketsScheduler(LRScheduler):
                 "Expected optimizer to be a SparseOptimizer, but got "
                 f"{type(optimizer).__name__}; wrap it: SparseOptimizer(optimizer, ...)"
             )
-        total_steps = _validate.integer("total_steps", total_steps, 1)
-        cycle_steps = _validate.integer("cycle_steps", cycle_steps, 1)
+        plan = _plan(total_steps, cycle_steps, superpose_fraction)
+        total_steps, cycle_steps, num_tickets = plan.total_steps, plan.cycle_steps, plan.tickets
         last_epoch = _validate.integer("last_epoch", last_epoch, -1)
-        superpose_fraction = _validate.real(
-            "superpose_fraction", superpose_fraction, 0, 1, low_open=True, high_open=True
-        )
         groups = len(optimizer.param_groups)
         lows = _positive_per_group("lr_low", lr_low, groups)
         highs = _positive_per_group("lr_high", lr_high, groups)
@@ -214,26 +296,8 @@ class SupTicketsScheduler(LRScheduler):
                 "bn_update recomputes the BatchNorm statistics of the superposed copy, which "
                 "needs the model: pass model= to SparseOptimizer"
             )
-        if base is not None:
-            if isinstance(base, ReduceLROnPlateau) or not isinstance(base, LRScheduler):
-                raise TypeError(
-                    "Expected base to be an LRScheduler stepped once per iteration without "
-                    f"arguments, but got {type(base).__name__}"
-                )
-            if base.optimizer is not optimizer and base.optimizer is not optimizer.optimizer:
-                raise ValueError("base must be built on the same optimizer as this scheduler")
-        budget = superpose_fraction * total_steps
-        num_tickets = math.floor(budget / cycle_steps + 1e-9)
-        if num_tickets == 0:
-            hint = (
-                f"use cycle_steps <= {math.floor(budget + 1e-9)} for at least one ticket"
-                if budget >= 1
-                else "increase total_steps or superpose_fraction"
-            )
-            raise ValueError(
-                f"cycle_steps={cycle_steps} is longer than superpose_fraction * total_steps = "
-                f"{budget:g}, so there would be no ticket; {hint}"
-            )
+        if isinstance(base, LRScheduler) or not callable(base):  # a factory is built below
+            _build_base(base, optimizer, 0)
         if optimizer.total_steps is None:
             optimizer.total_steps = total_steps
         elif optimizer.total_steps != total_steps:
@@ -242,7 +306,7 @@ class SupTicketsScheduler(LRScheduler):
                 f"total_steps={optimizer.total_steps}"
             )
 
-        phase1 = total_steps - num_tickets * cycle_steps
+        phase1 = plan.phase1_steps
         if include_phase1 and last_epoch >= phase1:
             raise ValueError(
                 f"include_phase1=True counts the model at the end of phase 1 (step {phase1}) as "
@@ -257,10 +321,12 @@ class SupTicketsScheduler(LRScheduler):
             )
 
         # LRScheduler.__init__ ends with a first step(), so every attribute is set before it.
-        self.base = base
+        self.base = _build_base(base, optimizer, phase1)
         self.total_steps = total_steps
         self.cycle_steps = cycle_steps
-        self.superpose_fraction = float(superpose_fraction)
+        self.superpose_fraction = _validate.real(
+            "superpose_fraction", superpose_fraction, 0, 1, low_open=True, high_open=True
+        )
         self.num_tickets = num_tickets
         self.phase1_steps = phase1
         self.lr_low = lows
@@ -285,6 +351,39 @@ class SupTicketsScheduler(LRScheduler):
             "lr_high": 0.005,
         }
     )
+
+    @staticmethod
+    def plan(total_steps: int, cycle_steps: int, superpose_fraction: float = 0.1) -> SupTicketsPlan:
+        """The split of a run into phase 1 and ``M`` cycles: the one place it is computed.
+
+        ``M = floor(superpose_fraction * total_steps / cycle_steps)`` tickets, and phase 1 is the
+        first ``total_steps - M * cycle_steps`` steps. The scheduler uses it; so can a script
+        that needs the phase-1 length before the scheduler exists (or pass ``base=`` a factory).
+
+        Args:
+            total_steps (int): the length of training in optimizer steps.
+            cycle_steps (int): steps per cycle.
+            superpose_fraction (float): the share of training given to the cycles, in (0, 1).
+                Default: 0.1.
+
+        Returns:
+            A [`SupTicketsPlan`][sparseopt.scheduler.SupTicketsPlan]
+            ``(phase1_steps, tickets, cycle_steps)``.
+
+        Raises:
+            TypeError: for a step count that is not an int, or a fraction that is not real.
+            ValueError: for a non-positive step count, a fraction outside (0, 1), or a cycle
+                longer than ``superpose_fraction * total_steps`` (no ticket).
+
+        Examples:
+            >>> from sparseopt import SupTicketsScheduler
+            >>> plan = SupTicketsScheduler.plan(1000, 30)
+            >>> plan
+            SupTicketsPlan(phase1_steps=910, tickets=3, cycle_steps=30)
+            >>> plan.ticket_steps
+            [940, 970, 1000]
+        """
+        return _plan(total_steps, cycle_steps, superpose_fraction)
 
     @classmethod
     def official(

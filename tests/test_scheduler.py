@@ -176,6 +176,45 @@ def test_rates_follow_base_then_eq3(total, cycle, fraction, base_kind, device):
     assert opt.param_groups[0]["lr"] == pytest.approx(0.001, rel=1e-12)
 
 
+@pytest.mark.parametrize(("total", "cycle", "fraction"), SPLITS)
+def test_plan_is_the_split(total, cycle, fraction):
+    m, phase1 = expected_split(total, cycle, fraction)
+    plan = SupTicketsScheduler.plan(total, cycle, fraction)
+    assert tuple(plan) == (phase1, m, cycle)
+    assert plan.total_steps == total
+    assert plan.ticket_steps == [phase1 + k * cycle for k in range(1, m + 1)]
+    sched = SupTicketsScheduler(make_opt(make_model()), total, cycle, superpose_fraction=fraction)
+    assert (sched.phase1_steps, sched.num_tickets, sched.ticket_steps) == (
+        plan.phase1_steps,
+        plan.tickets,
+        plan.ticket_steps,
+    )
+
+
+def test_base_factory_gets_phase1_and_equals_a_prebuilt_base(device):
+    total, cycle, fraction = 40, 4, 0.3
+    _, phase1 = expected_split(total, cycle, fraction)
+    seen = []
+
+    def factory(optimizer, phase1_steps):
+        seen.append((optimizer, phase1_steps))
+        return make_base("multistep", optimizer, phase1_steps)
+
+    runs = []
+    for base in ("factory", "prebuilt"):
+        torch.manual_seed(0)
+        model = make_model(device=device)
+        opt = make_opt(model)
+        b = factory if base == "factory" else make_base("multistep", opt, phase1)
+        sched = SupTicketsScheduler(opt, total, cycle, base=b, superpose_fraction=fraction,
+                                    lr_low=0.001, lr_high=0.005)  # fmt: skip
+        if base == "factory":
+            assert seen == [(opt, phase1)]
+            assert sched.base is not None
+        runs.append(run(model, opt, sched, total))
+    assert runs[0] == runs[1]
+
+
 def test_rates_without_base_are_constant_in_phase1(device):
     model = make_model(device=device)
     opt = make_opt(model, lrs=(0.001,))
