@@ -1,4 +1,4 @@
-"""The Sup-tickets study (examples/study.py) at a tiny size: exact branching, an honest report.
+"""The Sup-tickets study (examples/research/study.py), tiny: exact branching, an honest report.
 
 The study trains phase 1 once per cell and branches every phase-2 variant from a checkpoint taken
 right after the last phase-1 optimizer step. That is only a fair comparison if a branch equals the
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "research"))
 
 pytest.importorskip("mnist1d")
 pytest.importorskip("scipy")

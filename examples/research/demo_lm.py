@@ -10,9 +10,9 @@ its base schedule alone (linear warm-up, cosine decay) and with the Sup-tickets 
 the validation loss in bits per character (byte) as mean ± std and as the paired per-seed
 difference Sup-tickets minus base.
 
-    python examples/lm.py                      # the default grid (make demo-lm)
-    python examples/lm.py --tiny --out runs/t  # a seconds-long smoke run (the test)
-    python examples/lm.py --methods rigl --sparsities 0.9 --seeds 0 1 2 3 4
+    python examples/research/demo_lm.py                      # the default grid (make demo-lm)
+    python examples/research/demo_lm.py --tiny --out runs/t  # a seconds-long smoke run (the test)
+    python examples/research/demo_lm.py --methods rigl --sparsities 0.9 --seeds 0 1 2 3 4
 
 Corpus (fixed, documented): ``TRAIN_FILES`` for training and ``VAL_FILES`` for validation, whole
 files, so validation is code the model never saw. Characters are UTF-8 bytes (a vocabulary of
@@ -36,7 +36,6 @@ import multiprocessing as mp
 import os
 import platform
 import statistics
-import sys
 import sysconfig
 import time
 from dataclasses import asdict, dataclass
@@ -46,8 +45,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparseopt import SparseOptimizer, SupTicketsScheduler
 from sparseopt.integrations.hf import param_groups
@@ -187,10 +184,13 @@ def train_one(
         opt = SparseOptimizer(opt, method, sparsity, update_every=cfg.update_every,
                               total_steps=cfg.steps, model=model, seed=seed)  # fmt: skip
         if sup:
-            tickets = math.floor(cfg.superpose_fraction * cfg.steps / cfg.cycle_steps + 1e-9)
-            phase1 = cfg.steps - tickets * cfg.cycle_steps
             floor = cfg.lr_low / cfg.lr  # phase 1 ends where the cycles start
-            base = torch.optim.lr_scheduler.LambdaLR(opt, base_lambda(phase1, cfg.warmup, floor))
+
+            def base(opt: Any, phase1: int) -> torch.optim.lr_scheduler.LambdaLR:
+                return torch.optim.lr_scheduler.LambdaLR(
+                    opt, base_lambda(phase1, cfg.warmup, floor)
+                )
+
             sched = SupTicketsScheduler(
                 opt, cfg.steps, cfg.cycle_steps, base=base,
                 superpose_fraction=cfg.superpose_fraction, lr_low=cfg.lr_low,

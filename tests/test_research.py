@@ -1,7 +1,7 @@
-"""The examples: the demo grid end to end, train.py's smoke runs, resume, presets, messages.
+"""The research harness: the demo grid end to end, train.py's smoke runs, resume, presets, messages.
 
-Everything runs in this process (importing ``examples/demo.py`` and ``examples/train.py`` and
-calling their ``main(argv)``), so torch is imported once.
+Everything runs in this process (importing ``examples/research/demo.py`` and
+``examples/research/train.py`` and calling their ``main(argv)``), so torch is imported once.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ pytest.importorskip("torchmetrics")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
+# A script's own folder is on sys.path when it runs; importing it here needs the same.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "research"))
 
-import demo  # noqa: E402
-import train  # noqa: E402
+import demo
+import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

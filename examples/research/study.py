@@ -3,8 +3,8 @@
 For every cell (dataset, regime, method, sparsity, seed) it trains:
 
 1. the **base** run: the sparse method alone for ``T`` steps, SGD with x0.1 at 1/2 and 3/4 of ``T``;
-2. **phase 1** of Sup-tickets once (``T - M*C`` steps, x0.1 at 1/2 and 3/4 of phase 1), then
-   checkpoints it right after the last phase-1 optimizer step;
+2. **phase 1** of Sup-tickets once (its length from ``SupTicketsScheduler.plan``, x0.1 at 1/2
+   and 3/4 of phase 1), then checkpoints it right after the last phase-1 optimizer step;
 3. every **phase-2 variant** of the grid from that checkpoint (exploration rate, rates, ticket 0,
    BatchNorm averaged or recomputed, re-prune, averaging rule), each loaded into freshly built
    objects, so that all variants of a cell share one phase 1 bit for bit (the resume is
@@ -18,9 +18,9 @@ the cycles are separate), the prediction disagreement and mask overlap between c
 tickets, and the accuracy along the line between the last two tickets (BatchNorm recomputed at
 each point).
 
-    python examples/study.py --data mnist1d --regime short --out runs/study     # the main grid
-    python examples/study.py --report runs/study/results.jsonl                 # the tables
-    python examples/study.py --data mnist1d --regime short --tiny --out /tmp/s  # seconds (tests)
+    python examples/research/study.py --regime short --out runs/study       # the main grid
+    python examples/research/study.py --report runs/study/results.jsonl     # the tables
+    python examples/research/study.py --regime short --tiny --out /tmp/s    # seconds (tests)
 
 Results are appended to ``OUT/results.jsonl`` one line per run as they finish; a cell already
 in the file is skipped, so an interrupted study resumes where it stopped.
@@ -34,7 +34,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -43,20 +42,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.optim.swa_utils import update_bn
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 from common import predict
 from data import Split, fashion_mnist_split, mnist1d_split
 from models import DigitsCNN, SignalCNN
+from torch import Tensor, nn
+from torch.optim.swa_utils import update_bn
 
 from sparseopt import SparseOptimizer, SupTicketsScheduler
 from sparseopt.metrics import mask_churn, prediction_disagreement
 
 # --- the grid -------------------------------------------------------------------------------------
-# regime -> training length and batch. C is the cycle in steps; M = floor(fraction * T / C).
+# regime -> training length and batch. C is the cycle in steps; the scheduler splits the run into
+# phase 1 and M tickets (SupTicketsScheduler.plan).
 # Phase 1 "compressed" (the paper's protocol, the default): its x0.1 milestones at 1/2 and 3/4 of
 # phase 1. "shared": at 1/2 and 3/4 of T, the base run's own; phase 1 is then the base run's first
 # P steps bit for bit, the base run is continued from the same checkpoint, and the paired
@@ -198,9 +195,11 @@ class Cell:
                 opt, [self.total // 2, 3 * self.total // 4], 0.1
             )
             return model, opt, base
-        phase1 = self.total - math.floor(fraction * self.total / self.cycle + 1e-9) * self.cycle
-        length = self.total if self.shared else phase1
-        base = torch.optim.lr_scheduler.MultiStepLR(opt, [length // 2, 3 * length // 4], 0.1)
+
+        def base(opt: SparseOptimizer, phase1: int) -> torch.optim.lr_scheduler.MultiStepLR:
+            length = self.total if self.shared else phase1
+            return torch.optim.lr_scheduler.MultiStepLR(opt, [length // 2, 3 * length // 4], 0.1)
+
         o = dict(options or {})
         bn = o.pop("bn", "average")
         sched = SupTicketsScheduler(
