@@ -38,6 +38,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from copy import deepcopy
 from typing import Any
 
 import torch
@@ -239,12 +240,30 @@ class Cell:
 
         The scheduler keeps its own options; only the counters come from the checkpoint. The
         caller steps the scheduler once (the end of phase 1), then trains phase 2.
+
+        Every branch loads a deep copy: ``Optimizer.load_state_dict`` keeps the checkpoint's
+        tensors (the momentum buffers) as its state, so without the copy a branch's steps would
+        update the checkpoint in place and the next branch would start from this one's end.
         """
+        ckpt = deepcopy(ckpt)
         model, opt, sched = self.build(fraction, options)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         counters = {k: v for k, v in ckpt["sched"].items() if k in COUNTERS}
         sched.load_state_dict({**sched.state_dict(), **counters})
+        return model, opt, sched
+
+    def run_branch(
+        self, ckpt: dict[str, Any], fraction: float, options: dict[str, Any], on_step=None
+    ):
+        """Phase 2 of one variant from a phase-1 checkpoint, to the end: model, opt, scheduler.
+
+        ``on_step(step, model, opt, sched)`` runs right after each ``opt.step()``.
+        """
+        model, opt, sched = self.branch(ckpt, fraction, options)
+        hook = None if on_step is None else (lambda step: on_step(step, model, opt, sched))
+        sched.step()  # the end of phase 1: ticket 0 if asked, the first exploration
+        self.train(model, opt, sched, ckpt["sched"]["phase1_steps"] + 1, self.total, hook)
         return model, opt, sched
 
     def train(self, model, opt, sched, start: int, stop: int, on_step=None) -> None:
@@ -288,7 +307,11 @@ def line_accuracy(
 
 
 def continue_base(cell: Cell, ckpt: dict[str, Any]):
-    """The base run from a shared phase-1 checkpoint: its MultiStepLR is the scheduler's base."""
+    """The base run from a shared phase-1 checkpoint: its MultiStepLR is the scheduler's base.
+
+    It loads a deep copy of the checkpoint, as every branch does (``Cell.branch``).
+    """
+    ckpt = deepcopy(ckpt)
     model, opt, base = cell.build(None)
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["opt"])
@@ -326,7 +349,6 @@ def run_cell(job: dict[str, Any]) -> list[dict[str, Any]]:
     for fraction, variants in groups.items():
         t0 = time.perf_counter()
         model, ckpt = cell.phase1_checkpoint(fraction)
-        phase1 = ckpt["sched"]["phase1_steps"]
         phase1_acc = cell.evaluate(model)
         if base_acc is None:  # shared: the base run continues from the same checkpoint
             t1 = time.perf_counter()
@@ -338,10 +360,9 @@ def run_cell(job: dict[str, Any]) -> list[dict[str, Any]]:
         phase1_seconds = time.perf_counter() - t0
         for name, options in variants.items():
             t1 = time.perf_counter()
-            model, opt, sched = cell.branch(ckpt, fraction, options)
             tickets: list[dict[str, Any]] = []
 
-            def grab(step: int, sched=sched, opt=opt, model=model, tickets=tickets) -> None:
+            def grab(step: int, model, opt, sched, tickets=tickets) -> None:
                 if step in sched.ticket_steps:
                     tickets.append(
                         {
@@ -351,8 +372,7 @@ def run_cell(job: dict[str, Any]) -> list[dict[str, Any]]:
                         }
                     )
 
-            sched.step()  # the end of phase 1: ticket 0 if asked, the first exploration
-            cell.train(model, opt, sched, phase1 + 1, cell.total, on_step=grab)
+            model, opt, _ = cell.run_branch(ckpt, fraction, options, on_step=grab)
             final = cell.evaluate(model)
             live_model = make_model(job["data"], job["seed"], REGIMES[job["regime"]].get("width"))
             live_model.load_state_dict(tickets[-1]["state"])
