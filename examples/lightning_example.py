@@ -5,12 +5,10 @@
     python examples/lightning_example.py --quick                  # 40 steps, a few seconds
 
 ``configure_optimizers`` returns the ``SparseOptimizer`` and the ``SupTicketsScheduler`` with
-``"interval": "step"``. Lightning calls ``SparseOptimizer.step(closure)`` (the closure runs
-forward and backward; the step masks the gradients, runs the inner step and moves the topology)
-and steps the scheduler once after every optimizer step, not per micro-batch under
-``accumulate_grad_batches``. So ``max_steps == total_steps`` ends the run on the scheduler's
-``finalize()``: the model then holds the ultimate ticket. Needs ``pip install lightning
-scikit-learn``.
+``"interval": "step"``. Lightning calls ``SparseOptimizer.step(closure)`` and steps the scheduler
+once after every optimizer step, not per micro-batch under ``accumulate_grad_batches``. So
+``max_steps == total_steps`` ends the run on the scheduler's ``finalize()``: the model then holds
+the ultimate ticket. Needs ``pip install lightning scikit-learn``.
 """
 
 from __future__ import annotations
