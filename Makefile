@@ -22,7 +22,7 @@ $(DOCS_STAMP): $(STAMP) pyproject.toml constraints.txt
 	touch $(DOCS_STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) examples/research/demo.py
 
 # Fashion-MNIST: Debian's dataset-fashion-mnist (IDX files under /usr/share/datasets/fashion-mnist),
 # installed here when it is missing and apt is there to install it; elsewhere the loader says how
@@ -37,19 +37,19 @@ fashion-data:
 
 # RigL at 95% with and without Sup-tickets on the real Fashion-MNIST, 3 seeds (docs/reproducing.md).
 demo-fashion: $(STAMP) fashion-data
-	$(PY) examples/demo.py --data fashion --methods dense rigl --sparsities 0.95 --out runs/demo-fashion
+	$(PY) examples/research/demo.py --data fashion --methods dense rigl --sparsities 0.95 --out runs/demo-fashion
 
 # Structured sparsity on MNIST-1D: unstructured, 2:4, 1:4 and constant fan-in RigL at equal
 # density (50% and 75% sparsity, uniform per layer), with and without Sup-tickets, 5 seeds
 # (60 runs; docs/reproducing.md).
 demo-structured: $(STAMP)
-	$(PY) examples/demo.py --methods rigl --structures none 2:4 1:4 fan_in --sparsities 0.5 0.75 \
+	$(PY) examples/research/demo.py --methods rigl --structures none 2:4 1:4 fan_in --sparsities 0.5 0.75 \
 		--distribution uniform --seeds 0 1 2 3 4 --out runs/demo-structured
 
 # A character-level GPT on the standard library's own source: dense, RigL and SET at 80% and 90%,
 # with and without Sup-tickets, 3 seeds (27 runs, 2 workers; docs/reproducing.md).
 demo-lm: $(STAMP)
-	$(PY) examples/lm.py --out runs/demo-lm
+	$(PY) examples/research/demo_lm.py --out runs/demo-lm
 
 test: $(STAMP) fashion-data
 	$(VENV)/bin/ruff check .

@@ -1,8 +1,8 @@
 """File size of ``sparseopt.save_sparse`` against a dense ``torch.save(model.state_dict())``.
 
-For each model (the digits CNN and the CIFAR ResNet-50 of ``examples/models.py``, and a GPT-like
-stack of pre-norm transformer blocks of ``nn.Linear`` layers, width 512) and each sparsity, the
-masks are those of a ``SparseOptimizer`` built on the model (method ``"static"``, ERK layer
+For each model (the digits CNN and the CIFAR ResNet-50 of ``examples/research/models.py``, and a
+GPT-like stack of pre-norm transformer blocks of ``nn.Linear`` layers, width 512) and each sparsity,
+the masks are those of a ``SparseOptimizer`` built on the model (method ``"static"``, ERK layer
 densities, as training starts), applied to the weights by the optimizer's own masking, which
 leaves ``-0.0`` where a negative weight was masked, as training does. The file is written with
 ``masks=opt.masks`` twice: by default, and with ``zero_signs=True``, which also stores where those
@@ -33,7 +33,10 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+    0,
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "research"
+    ),
 )
 import _common as C
 from inference import gpt_like

@@ -10,8 +10,8 @@ convolutions dense; this table is why.
 
 Table 3 (models): an MLP (784 -> 2048 -> 2048 -> 10), a GPT-like stack (4 pre-norm transformer
 blocks of ``nn.Linear``, width 512, one token per sequence: the rows of every GEMM are the batch)
-and the digits CNN of ``examples/models.py``, each with random unstructured masks at the given
-sparsity in every ``Linear``/``Conv2d`` weight. Three variants of the same weights run
+and the digits CNN of ``examples/research/models.py``, each with random unstructured masks at the
+given sparsity in every ``Linear``/``Conv2d`` weight. Three variants of the same weights run
 interleaved: ``dense``, ``all`` (every convertible layer as CSR, ``min_sparsity=0``) and ``rule``
 (``to_sparse_inference``'s default rule for that batch size), under ``torch.inference_mode()``.
 Ratios are dense time / variant time: above 1 the sparse copy is faster.
@@ -34,7 +34,10 @@ from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+    0,
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "research"
+    ),
 )
 import _common as C
 from models import DigitsCNN

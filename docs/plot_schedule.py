@@ -17,9 +17,10 @@ def trace(total: int = 1000, cycle: int = 24, lr: float = 0.1):
     opt = SparseOptimizer(
         torch.optim.SGD(model.parameters(), lr=lr), "rigl", 0.5, seed=0, model=model
     )
-    tickets = int(0.1 * total / cycle)
-    phase1 = total - tickets * cycle
-    base = torch.optim.lr_scheduler.MultiStepLR(opt, [phase1 // 2, 3 * phase1 // 4], 0.1)
+
+    def base(opt, phase1):  # the paper's phase 1: x0.1 at 1/2 and 3/4 of it
+        return torch.optim.lr_scheduler.MultiStepLR(opt, [phase1 // 2, 3 * phase1 // 4], 0.1)
+
     sched = SupTicketsScheduler(opt, total, cycle, base=base, lr_low=lr / 100, lr_high=lr / 20)
     lrs = []
     for _ in range(total):

@@ -2,37 +2,27 @@
 
     python examples/accelerate_example.py                         # RigL 90%, 600 steps, fp32
     python examples/accelerate_example.py --mixed-precision bf16 --accumulate 2
+    python examples/accelerate_example.py --quick                 # 40 steps, a few seconds
     torchrun --standalone --nproc_per_node 2 examples/accelerate_example.py --cpu  # 2 processes
 
-``accelerator.prepare(model, opt, sched, loader)`` wraps the ``SparseOptimizer`` in an
-``AcceleratedOptimizer`` and the ``SupTicketsScheduler`` in an ``AcceleratedScheduler``. What
-that wrapper does (accelerate 1.15, ``accelerate/scheduler.py``) and how this script keeps the
-schedule right:
-
-- under ``accumulate()`` it steps the scheduler only when the optimizer stepped (the last
-  micro-batch), and not at all after a step that a ``GradScaler`` skipped (fp16 on a GPU). The
-  loop therefore runs until the optimizer has taken ``total_steps`` steps, not for a fixed number
-  of batches: then the scheduler has been stepped ``total_steps`` times as well and its last step
-  called ``finalize()``.
-- with more than one process and ``split_batches=False`` it steps the scheduler once per process
-  on every optimizer step (it assumes a schedule written for one process). Sup-tickets counts
-  optimizer steps: ``SupTicketsScheduler`` ignores a call that repeats the last one within the
-  same iteration (no backward, ``zero_grad`` or optimizer step in between), so the repeats are
-  harmless and ``total_steps`` stays the number of optimizer steps of each process.
-
-Needs ``pip install accelerate scikit-learn`` (the ``test`` extra has both).
+``accelerator.prepare`` wraps the ``SparseOptimizer`` in an ``AcceleratedOptimizer`` and the
+``SupTicketsScheduler`` in an ``AcceleratedScheduler``, which steps the scheduler only when the
+optimizer stepped (the last micro-batch under ``accumulate()``; not after a step a ``GradScaler``
+skipped). The loop therefore runs until the optimizer has taken ``total_steps`` steps: then the
+scheduler's last step has called ``finalize()``. With several processes the wrapper steps the
+scheduler once per process per optimizer step; ``SupTicketsScheduler`` ignores a call that
+repeats the last one within an iteration, so ``total_steps`` stays the optimizer steps of each
+process. Needs ``pip install accelerate scikit-learn``.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from data import digits_split
-from models import DigitsCNN
+from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -42,6 +32,30 @@ try:
     from accelerate import Accelerator
 except ImportError as e:  # pragma: no cover - the message is the point
     raise SystemExit(f"this example needs Accelerate ({e}): pip install accelerate") from e
+
+
+def digits(seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """scikit-learn's bundled 8x8 digits in [0, 1]: train and test images and labels (75/25)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+    images = [torch.tensor(a, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16 for a in (x_tr, x_te)]
+    return images[0], torch.tensor(y_tr), images[1], torch.tensor(y_te)
+
+
+def digits_cnn(width: int = 16) -> nn.Sequential:
+    """Three 3x3 convolutions with BatchNorm (8x8, 4x4, 2x2 maps), global pooling, a classifier."""
+
+    def conv(c_in: int, c_out: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+    return nn.Sequential(
+        *conv(1, width), nn.MaxPool2d(2), *conv(width, 2 * width), nn.MaxPool2d(2),
+        *conv(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4 * width, 10),
+    )  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,7 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mixed-precision", default="no", help="no, bf16 (CPU or GPU), fp16 (GPU)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is there")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--quick", action="store_true", help="40 steps, 4-step cycles")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.cycle_steps, args.update_every = 40, 4, 10
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -70,26 +88,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.accumulate,
     )
-    data = digits_split(seed=0)
+    x_train, y_train, x_test, y_test = digits()
     loader = DataLoader(
-        TensorDataset(data.x_train, data.y_train),
+        TensorDataset(x_train, y_train),
         batch_size=args.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(args.seed),
     )
     torch.manual_seed(args.seed)
-    model = DigitsCNN()
+    model = digits_cnn()
     inner = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     # the same seed on every process: the same masks everywhere, no broadcast
-    opt = SparseOptimizer(
-        inner, args.method, args.sparsity, update_every=args.update_every, model=model,
-        seed=args.seed,
-    )  # fmt: skip
-    tickets = math.floor(args.superpose_fraction * args.steps / args.cycle_steps + 1e-9)
-    base = CosineAnnealingLR(opt, T_max=args.steps - tickets * args.cycle_steps,
-                             eta_min=args.lr_low)  # fmt: skip
+    opt = SparseOptimizer(inner, args.method, args.sparsity, update_every=args.update_every,
+                          model=model, seed=args.seed)  # fmt: skip
     sched = SupTicketsScheduler(
-        opt, args.steps, args.cycle_steps, base=base, superpose_fraction=args.superpose_fraction,
+        opt, args.steps, args.cycle_steps, superpose_fraction=args.superpose_fraction,
+        # phase 1 anneals to lr_low, where the cycles start; the scheduler knows its length
+        base=lambda opt, phase1: CosineAnnealingLR(opt, T_max=phase1, eta_min=args.lr_low),
         lr_low=args.lr_low, lr_high=args.lr_high, explore_rate=0.1,
     )  # fmt: skip
     model, acc_opt, acc_sched, loader = accelerator.prepare(model, opt, sched, loader)
@@ -108,10 +123,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model.eval()
     net = accelerator.unwrap_model(model)
-    device = next(net.parameters()).device
     with torch.no_grad():
-        pred = net(data.x_test.to(device)).argmax(1).cpu()
-    accuracy = (pred == data.y_test).float().mean().item()
+        pred = net(x_test.to(next(net.parameters()).device)).argmax(1).cpu()
+    accuracy = (pred == y_test).float().mean().item()
     if accelerator.is_main_process:
         print(opt.report())
         print(

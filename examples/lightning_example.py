@@ -2,26 +2,23 @@
 
     python examples/lightning_example.py                          # RigL 90%, 600 steps, fp32
     python examples/lightning_example.py --precision bf16-mixed --accumulate 2
+    python examples/lightning_example.py --quick                  # 40 steps, a few seconds
 
 ``configure_optimizers`` returns the ``SparseOptimizer`` and the ``SupTicketsScheduler`` with
-``"interval": "step"``. Lightning wraps the optimizer in a ``LightningOptimizer`` and calls
-``SparseOptimizer.step(closure)``: the closure runs forward and backward, then the step masks the
-gradients, runs the inner step and moves the topology. Lightning steps the scheduler once after
-every optimizer step (not per micro-batch under ``accumulate_grad_batches``), so ``max_steps``
-equal to ``total_steps`` ends the run on the last cycle's ``finalize()``: the model then holds the
-ultimate ticket. Needs ``pip install lightning scikit-learn`` (the ``test`` extra has both).
+``"interval": "step"``. Lightning calls ``SparseOptimizer.step(closure)`` and steps the scheduler
+once after every optimizer step, not per micro-batch under ``accumulate_grad_batches``. So
+``max_steps == total_steps`` ends the run on the scheduler's ``finalize()``: the model then holds
+the ultimate ticket. Needs ``pip install lightning scikit-learn``.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from data import digits_split
-from models import DigitsCNN
+from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -33,14 +30,38 @@ except ImportError as e:  # pragma: no cover - the message is the point
     raise SystemExit(f"this example needs Lightning ({e}): pip install lightning") from e
 
 
+def digits(seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """scikit-learn's bundled 8x8 digits in [0, 1]: train and test images and labels (75/25)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+    images = [torch.tensor(a, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16 for a in (x_tr, x_te)]
+    return images[0], torch.tensor(y_tr), images[1], torch.tensor(y_te)
+
+
+def digits_cnn(width: int = 16) -> nn.Sequential:
+    """Three 3x3 convolutions with BatchNorm (8x8, 4x4, 2x2 maps), global pooling, a classifier."""
+
+    def conv(c_in: int, c_out: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+    return nn.Sequential(
+        *conv(1, width), nn.MaxPool2d(2), *conv(width, 2 * width), nn.MaxPool2d(2),
+        *conv(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4 * width, 10),
+    )  # fmt: skip
+
+
 class SparseDigits(L.LightningModule):
-    """A digits CNN trained sparse: RigL at ``sparsity`` with the Sup-tickets booster."""
+    """A digits CNN trained sparse: ``--method`` at ``--sparsity`` with the Sup-tickets booster."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__()
         self.args = args
         torch.manual_seed(args.seed)
-        self.net = DigitsCNN()
+        self.net = digits_cnn()
         self.sparse: SparseOptimizer | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,19 +77,16 @@ class SparseDigits(L.LightningModule):
         self.sparse = SparseOptimizer(
             inner, a.method, a.sparsity, update_every=a.update_every, model=self, seed=a.seed
         )
-        # phase 1 anneals to lr_low, where the cycles start (the base steps once per step)
-        tickets = math.floor(a.superpose_fraction * a.steps / a.cycle_steps + 1e-9)
-        phase1 = a.steps - tickets * a.cycle_steps
-        base = CosineAnnealingLR(self.sparse, T_max=phase1, eta_min=a.lr_low)
         sched = SupTicketsScheduler(
             self.sparse,
             total_steps=a.steps,  # optimizer steps, as Lightning's max_steps
             cycle_steps=a.cycle_steps,
             superpose_fraction=a.superpose_fraction,
+            # phase 1 anneals to lr_low, where the cycles start; the scheduler knows its length
+            base=lambda opt, phase1: CosineAnnealingLR(opt, T_max=phase1, eta_min=a.lr_low),
             lr_low=a.lr_low,
             lr_high=a.lr_high,
             explore_rate=0.1,
-            base=base,
         )
         return {"optimizer": self.sparse, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -88,14 +106,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches")
     p.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, ...")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--quick", action="store_true", help="40 steps, 4-step cycles")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.cycle_steps, args.update_every = 40, 4, 10
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    data = digits_split(seed=0)
+    x_train, y_train, x_test, y_test = digits()
     loader = DataLoader(
-        TensorDataset(data.x_train, data.y_train),
+        TensorDataset(x_train, y_train),
         batch_size=args.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(args.seed),
@@ -113,10 +135,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     trainer.fit(module, loader)
     opt = module.sparse
-    assert opt is not None
     module.eval()
     with torch.no_grad():
-        accuracy = (module(data.x_test).argmax(1) == data.y_test).float().mean().item()
+        accuracy = (module(x_test).argmax(1) == y_test).float().mean().item()
     print(opt.report())
     print(
         f"optimizer steps {opt.step_count}, tickets {opt.tickets}, density {opt.density:.4f}, "

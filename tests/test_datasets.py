@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "research"))
 
 from data import FASHION_MNIST_DIR, fashion_mnist_split, mnist1d_split
 

@@ -1,4 +1,5 @@
-"""The code the documentation shows is run here: docs/examples/*.py, included into the pages."""
+"""The code the documentation shows is run here: examples/quickstart.py and
+examples/custom_method.py, included into the pages."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import torch
 
 from sparseopt import SparseOptimizer, available_methods, get_method
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 @pytest.fixture
 def load_example(method_registry):
-    """Import ``docs/examples/<name>.py``; the methods it registers are unregistered afterwards."""
+    """Import ``examples/<name>.py``; the methods it registers are unregistered afterwards."""
 
     def load(name: str):
         spec = importlib.util.spec_from_file_location(

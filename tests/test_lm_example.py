@@ -1,5 +1,5 @@
-"""examples/lm.py: the corpus is fixed and offline, the model's sparse set is the projections,
-the tiny grid runs end to end and is deterministic, and the table pairs the seeds."""
+"""examples/research/demo_lm.py: the corpus is fixed and offline, the model's sparse set is the
+projections, the tiny grid runs end to end and is deterministic, and the table pairs the seeds."""
 
 from __future__ import annotations
 
@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "research"))
 
-import lm  # noqa: E402
+import demo_lm as lm
 
-from sparseopt import SparseOptimizer  # noqa: E402
-from sparseopt.integrations.hf import param_groups  # noqa: E402
+from sparseopt import SparseOptimizer
+from sparseopt.integrations.hf import param_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

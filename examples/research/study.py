@@ -3,8 +3,8 @@
 For every cell (dataset, regime, method, sparsity, seed) it trains:
 
 1. the **base** run: the sparse method alone for ``T`` steps, SGD with x0.1 at 1/2 and 3/4 of ``T``;
-2. **phase 1** of Sup-tickets once (``T - M*C`` steps, x0.1 at 1/2 and 3/4 of phase 1), then
-   checkpoints it right after the last phase-1 optimizer step;
+2. **phase 1** of Sup-tickets once (its length from ``SupTicketsScheduler.plan``, x0.1 at 1/2
+   and 3/4 of phase 1), then checkpoints it right after the last phase-1 optimizer step;
 3. every **phase-2 variant** of the grid from that checkpoint (exploration rate, rates, ticket 0,
    BatchNorm averaged or recomputed, re-prune, averaging rule), each loaded into freshly built
    objects, so that all variants of a cell share one phase 1 bit for bit (the resume is
@@ -18,9 +18,9 @@ the cycles are separate), the prediction disagreement and mask overlap between c
 tickets, and the accuracy along the line between the last two tickets (BatchNorm recomputed at
 each point).
 
-    python examples/study.py --data mnist1d --regime short --out runs/study     # the main grid
-    python examples/study.py --report runs/study/results.jsonl                 # the tables
-    python examples/study.py --data mnist1d --regime short --tiny --out /tmp/s  # seconds (tests)
+    python examples/research/study.py --regime short --out runs/study       # the main grid
+    python examples/research/study.py --report runs/study/results.jsonl     # the tables
+    python examples/research/study.py --regime short --tiny --out /tmp/s    # seconds (tests)
 
 Results are appended to ``OUT/results.jsonl`` one line per run as they finish; a cell already
 in the file is skipped, so an interrupted study resumes where it stopped.
@@ -34,29 +34,27 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from copy import deepcopy
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.optim.swa_utils import update_bn
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 from common import predict
 from data import Split, fashion_mnist_split, mnist1d_split
 from models import DigitsCNN, SignalCNN
+from torch import Tensor, nn
+from torch.optim.swa_utils import update_bn
 
 from sparseopt import SparseOptimizer, SupTicketsScheduler
 from sparseopt.metrics import mask_churn, prediction_disagreement
 
 # --- the grid -------------------------------------------------------------------------------------
-# regime -> training length and batch. C is the cycle in steps; M = floor(fraction * T / C).
+# regime -> training length and batch. C is the cycle in steps; the scheduler splits the run into
+# phase 1 and M tickets (SupTicketsScheduler.plan).
 # Phase 1 "compressed" (the paper's protocol, the default): its x0.1 milestones at 1/2 and 3/4 of
 # phase 1. "shared": at 1/2 and 3/4 of T, the base run's own; phase 1 is then the base run's first
 # P steps bit for bit, the base run is continued from the same checkpoint, and the paired
@@ -198,9 +196,11 @@ class Cell:
                 opt, [self.total // 2, 3 * self.total // 4], 0.1
             )
             return model, opt, base
-        phase1 = self.total - math.floor(fraction * self.total / self.cycle + 1e-9) * self.cycle
-        length = self.total if self.shared else phase1
-        base = torch.optim.lr_scheduler.MultiStepLR(opt, [length // 2, 3 * length // 4], 0.1)
+
+        def base(opt: SparseOptimizer, phase1: int) -> torch.optim.lr_scheduler.MultiStepLR:
+            length = self.total if self.shared else phase1
+            return torch.optim.lr_scheduler.MultiStepLR(opt, [length // 2, 3 * length // 4], 0.1)
+
         o = dict(options or {})
         bn = o.pop("bn", "average")
         sched = SupTicketsScheduler(
@@ -240,12 +240,30 @@ class Cell:
 
         The scheduler keeps its own options; only the counters come from the checkpoint. The
         caller steps the scheduler once (the end of phase 1), then trains phase 2.
+
+        Every branch loads a deep copy: ``Optimizer.load_state_dict`` keeps the checkpoint's
+        tensors (the momentum buffers) as its state, so without the copy a branch's steps would
+        update the checkpoint in place and the next branch would start from this one's end.
         """
+        ckpt = deepcopy(ckpt)
         model, opt, sched = self.build(fraction, options)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         counters = {k: v for k, v in ckpt["sched"].items() if k in COUNTERS}
         sched.load_state_dict({**sched.state_dict(), **counters})
+        return model, opt, sched
+
+    def run_branch(
+        self, ckpt: dict[str, Any], fraction: float, options: dict[str, Any], on_step=None
+    ):
+        """Phase 2 of one variant from a phase-1 checkpoint, to the end: model, opt, scheduler.
+
+        ``on_step(step, model, opt, sched)`` runs right after each ``opt.step()``.
+        """
+        model, opt, sched = self.branch(ckpt, fraction, options)
+        hook = None if on_step is None else (lambda step: on_step(step, model, opt, sched))
+        sched.step()  # the end of phase 1: ticket 0 if asked, the first exploration
+        self.train(model, opt, sched, ckpt["sched"]["phase1_steps"] + 1, self.total, hook)
         return model, opt, sched
 
     def train(self, model, opt, sched, start: int, stop: int, on_step=None) -> None:
@@ -289,7 +307,11 @@ def line_accuracy(
 
 
 def continue_base(cell: Cell, ckpt: dict[str, Any]):
-    """The base run from a shared phase-1 checkpoint: its MultiStepLR is the scheduler's base."""
+    """The base run from a shared phase-1 checkpoint: its MultiStepLR is the scheduler's base.
+
+    It loads a deep copy of the checkpoint, as every branch does (``Cell.branch``).
+    """
+    ckpt = deepcopy(ckpt)
     model, opt, base = cell.build(None)
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["opt"])
@@ -327,7 +349,6 @@ def run_cell(job: dict[str, Any]) -> list[dict[str, Any]]:
     for fraction, variants in groups.items():
         t0 = time.perf_counter()
         model, ckpt = cell.phase1_checkpoint(fraction)
-        phase1 = ckpt["sched"]["phase1_steps"]
         phase1_acc = cell.evaluate(model)
         if base_acc is None:  # shared: the base run continues from the same checkpoint
             t1 = time.perf_counter()
@@ -339,10 +360,9 @@ def run_cell(job: dict[str, Any]) -> list[dict[str, Any]]:
         phase1_seconds = time.perf_counter() - t0
         for name, options in variants.items():
             t1 = time.perf_counter()
-            model, opt, sched = cell.branch(ckpt, fraction, options)
             tickets: list[dict[str, Any]] = []
 
-            def grab(step: int, sched=sched, opt=opt, model=model, tickets=tickets) -> None:
+            def grab(step: int, model, opt, sched, tickets=tickets) -> None:
                 if step in sched.ticket_steps:
                     tickets.append(
                         {
@@ -352,8 +372,7 @@ def run_cell(job: dict[str, Any]) -> list[dict[str, Any]]:
                         }
                     )
 
-            sched.step()  # the end of phase 1: ticket 0 if asked, the first exploration
-            cell.train(model, opt, sched, phase1 + 1, cell.total, on_step=grab)
+            model, opt, _ = cell.run_branch(ckpt, fraction, options, on_step=grab)
             final = cell.evaluate(model)
             live_model = make_model(job["data"], job["seed"], REGIMES[job["regime"]].get("width"))
             live_model.load_state_dict(tickets[-1]["state"])

@@ -11,7 +11,7 @@
 - :func:`wrn28_10`: Wide ResNet 28-10 (Zagoruyko & Komodakis 2016), pre-activation basic blocks.
 - :func:`imagenet_resnet50`: torchvision's ResNet-50, imported lazily; torchvision is optional.
 
-:func:`build_model` maps the names used by ``examples/train.py`` to these constructors.
+:func:`build_model` maps the names used by ``train.py`` to these constructors.
 """
 
 from __future__ import annotations

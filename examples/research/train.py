@@ -1,12 +1,12 @@
 """Train one model with sparseopt: every knob a flag, the paper's settings as presets.
 
-    python examples/train.py                                         # digits CNN, RigL 90%
-    python examples/train.py --method granet --sparsity 0.95 --sup-tickets
-    python examples/train.py --preset cifar-paper --dataset cifar100 --model resnet50 \\
+    python examples/research/train.py                                # digits CNN, RigL 90%
+    python examples/research/train.py --method granet --sparsity 0.95 --sup-tickets
+    python examples/research/train.py --preset cifar-paper --dataset cifar100 --model resnet50 \\
         --method rigl --sparsity 0.95 --data-dir ~/data --checkpoint runs/r50.pt
-    python examples/train.py --preset cifar-paper ... --resume runs/r50.pt   # continue
-    torchrun --nproc_per_node 2 examples/train.py --dataset digits          # DDP (gloo on CPU)
-    python examples/train.py --smoke --dataset imagenet --model resnet50    # 2 steps, random data
+    python examples/research/train.py --preset cifar-paper ... --resume runs/r50.pt  # continue
+    torchrun --nproc_per_node 2 examples/research/train.py --dataset digits  # DDP (gloo on CPU)
+    python examples/research/train.py --smoke --dataset imagenet --model resnet50  # 2 steps
 
 Presets (``--preset``) fill in the paper's hyper-parameters; flags given explicitly win:
 
@@ -30,7 +30,7 @@ they load with ``torch.load(weights_only=True)``. ``--resume PATH`` rebuilds eve
 schedulers first) and loads them: the continued run is bit-identical to an uninterrupted one.
 ``--export PATH`` writes the trained model's compact sparse file (``sparseopt.save_sparse``, the
 exact masks included) and prints its size against ``torch.save`` and the batch-1 latency of the
-dense model and of its ``sparseopt.to_sparse_inference`` copy (``examples/deploy.py``).
+dense model and of its ``sparseopt.to_sparse_inference`` copy (``common.deploy``).
 ``--stop-after N`` ends the run after epoch N with the schedule of ``--epochs`` intact (a job
 time limit), for a later ``--resume``.
 
@@ -47,20 +47,16 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import StepDecay, evaluate
+from common import StepDecay, deploy, evaluate, format_deploy
 from data import DATASETS, cifar, digits_split, imagenet, synthetic
 from models import ResNet, build_model
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from sparseopt import SparseOptimizer, SupTicketsScheduler
 from sparseopt.flops import TrainingFlops
@@ -186,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--export",
         metavar="PATH",
         help="after training, write the compact sparse file (sparseopt.save_sparse) here and "
-        "print dense vs compact size and batch-1 latency (examples/deploy.py)",
+        "print dense vs compact size and batch-1 latency (common.deploy)",
     )
     g.add_argument(
         "--smoke",
@@ -326,9 +322,9 @@ def lr_schedule(
     plan: dict[str, Any] = {"total_steps": total, "steps_per_epoch": steps_per_epoch}
     phase1 = total
     cycle = None
-    if args.sup_tickets:
+    if args.sup_tickets:  # the phase-1 milestones need the split before the scheduler exists
         cycle = max(1, round(args.cycle_epochs * steps_per_epoch))
-        phase1 = total - math.floor(args.superpose_fraction * total / cycle + 1e-9) * cycle
+        phase1 = SupTicketsScheduler.plan(total, cycle, args.superpose_fraction).phase1_steps
     if args.milestones is not None:
         milestones = [round(m * steps_per_epoch) for m in args.milestones]
     else:
@@ -394,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ).to(device)
     if args.dataset == "imagenet" and isinstance(model, ResNet):
         log(
-            "torchvision is missing: the smoke run uses examples/models.py's ResNet-50 with the "
+            "torchvision is missing: the smoke run uses models.py's ResNet-50 with the "
             "ImageNet stem (the same layers as torchvision's)"
         )
     sampler = DistributedSampler(
@@ -553,8 +549,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             log(opt.report())
         if args.export:
-            from deploy import deploy, format_deploy
-
             masks = opt.masks if args.method != "dense" else None
             example = torch.zeros(1, *shape, device=device)
             deployed = deploy(model, args.export, example, masks=masks)

@@ -1,7 +1,7 @@
 """The quickstart loop: sparse training with an LR scheduler, mixed precision, a checkpoint,
 and the ultimate ticket of Sup-tickets. Runs on a GPU, or on the CPU in a few seconds:
 
-    python docs/examples/quickstart.py
+    python examples/quickstart.py
 
 `tests/test_docs_examples.py` runs it and checks that the resumed run is bit-identical to an
 uninterrupted one and that the final model holds exactly the target count.
@@ -52,9 +52,13 @@ def build():
     ).to(DEVICE)  # fmt: skip
     inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     opt = SparseOptimizer(inner, "rigl", sparsity=0.9, model=model, update_every=10, seed=0)
-    # Phase 1 of Sup-tickets: 0.1 -> 0.01 -> 0.001, per step; it ends at lr_low=0.001.
-    base = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[48, 72], gamma=0.1)
-    # Sup-tickets (optional): the last 20% of training becomes 4 cycles of 6 steps, 4 tickets.
+
+    def base(opt, phase1_steps):  # phase 1: 0.1 -> 0.01 -> 0.001, per step; ends at lr_low
+        milestones = [phase1_steps // 2, 3 * phase1_steps // 4]
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
+
+    # Sup-tickets (optional): the last 20% of training becomes 4 cycles of 6 steps, 4 tickets;
+    # the scheduler computes phase 1 (96 steps) and builds its base schedule with `base`.
     sched = SupTicketsScheduler(opt, TOTAL_STEPS, CYCLE_STEPS, superpose_fraction=0.2, base=base)
     scaler = torch.amp.GradScaler(DEVICE)
     return model, opt, sched, scaler

@@ -1,6 +1,6 @@
 """The sparseopt demo: sparse training with and without Sup-tickets on MNIST-1D, on CPU.
 
-A small 1-D CNN with BatchNorm (``examples/models.py: SignalCNN``) trains on MNIST-1D (Greydanus
+A small 1-D CNN with BatchNorm (``models.py: SignalCNN``) trains on MNIST-1D (Greydanus
 2020; 5,000 signals generated offline by the ``mnist1d`` package, split 3,200 train / 800 val /
 1,000 test) as a grid: dense, and each of SET, RigL and GraNet with and without Sup-tickets, at
 90% and 95% sparsity, over 3 seeds. Every run takes the same number of optimizer steps. The test
@@ -19,17 +19,17 @@ four plots into ``--out``:
 - ``paired.png``: Sup-tickets minus base, per seed and mean ± std, per configuration;
 - ``density.png``: the per-layer density of the final models.
 
-    python examples/demo.py                                  # the full grid (make demo)
-    python examples/demo.py --methods dense rigl --sparsities 0.9 --seeds 0 --out runs/small
-    python examples/demo.py --quick                          # a reduced digits grid, for tests
-    python examples/demo.py --eval-on val                    # tune on the validation split
+    python examples/research/demo.py                  # the full grid (make demo)
+    python examples/research/demo.py --methods dense rigl --sparsities 0.9 --seeds 0 --out runs/one
+    python examples/research/demo.py --quick          # a reduced digits grid, for tests
+    python examples/research/demo.py --eval-on val    # tune on the validation split
 
 Hyper-parameters (defaults, MNIST-1D): 3,000 SGD steps of batch 128 (120 epochs) at lr 0.1
 (momentum 0.9, weight decay 5e-4), x0.1 at 1/2 and 3/4 of training (of phase 1 with
 Sup-tickets, as in the paper); ERK; topology updates every 50 steps, drop fraction 0.5 decayed by
 cosine to 0 at 75% of training, the same for both arms; GraNet starts at density 0.5 and reaches
 the target at 50% of training. Sup-tickets: 3 cycles of 100 steps in the last 10%, CIA averaging,
-layer-wise re-pruning, and the setting that ``examples/study.py`` chose on the validation split
+layer-wise re-pruning, and the setting that ``study.py`` chose on the validation split
 (never on test): no exploration at the cycle starts, a peak rate of 0.05 (half the phase-1 peak)
 instead of the paper's 0.005, and the BatchNorm statistics of the superposed ticket recomputed over
 the training data. The paper's setting (``--explore-rate 0.5 --lr-high 0.005 --bn average``) cost
@@ -45,7 +45,6 @@ import math
 import multiprocessing as mp
 import os
 import queue as queue_module
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -53,12 +52,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import mean_std, metrics_from_logits, predict
+from common import deploy, format_deploy, mean_std, metrics_from_logits, predict
 from data import DATASETS, digits_split, fashion_mnist_split, mnist1d_split
-from deploy import deploy, format_deploy
 from models import DigitsCNN, SignalCNN
 
 from sparseopt import SparseOptimizer, SupTicketsScheduler
@@ -83,7 +78,7 @@ NAMES = {
 NUM_CLASSES = 10
 # Per dataset: the defaults of the flags left out. MNIST-1D: 120 epochs of 25 steps (3,200
 # training signals at batch 128), 4-epoch cycles. Fashion-MNIST: 10 epochs of 390 steps, 1-epoch
-# cycles in the last 20% (two tickets of 390 steps), as in examples/study.py's fashion regime.
+# cycles in the last 20% (two tickets of 390 steps), as in study.py's fashion regime.
 DATA_DEFAULTS: dict[str, dict[str, Any]] = {
     "mnist1d": {
         "steps": 3000, "batch_size": 128, "update_every": 50, "cycle_steps": 100,
@@ -138,6 +133,13 @@ def load_data(job: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {"x": data.x_train, "y": data.y_train, "x_eval": data.x_test, "y_eval": data.y_test}
 
 
+def paper_phase1(opt: Any, phase1_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The paper's phase 1 (Sup-tickets' ``base=``): x0.1 at 1/2 and 3/4 of it, 0.1 -> 0.001."""
+    return torch.optim.lr_scheduler.MultiStepLR(
+        opt, milestones=[phase1_steps // 2, 3 * phase1_steps // 4], gamma=0.1
+    )
+
+
 def run_one(
     job: dict[str, Any],
     data: dict[str, torch.Tensor],
@@ -187,17 +189,11 @@ def run_one(
     ticket_steps: list[int] = []
     phase1 = total
     if sup:
-        cycle = job["cycle_steps"]
-        phase1 = total - math.floor(job["superpose_fraction"] * total / cycle + 1e-9) * cycle
-        # The paper: x0.1 at 1/2 and 3/4 of phase 1, which ends at lr_low = 0.001.
-        base = torch.optim.lr_scheduler.MultiStepLR(
-            opt, milestones=[phase1 // 2, 3 * phase1 // 4], gamma=0.1
-        )
         sched = SupTicketsScheduler(
             opt,
             total_steps=total,
-            cycle_steps=cycle,
-            base=base,
+            cycle_steps=job["cycle_steps"],
+            base=paper_phase1,
             superpose_fraction=job["superpose_fraction"],
             lr_low=job["lr_low"],
             lr_high=job["lr_high"],
@@ -209,7 +205,7 @@ def run_one(
             if job["bn"] == "recompute"
             else None,
         )
-        ticket_steps = sched.ticket_steps
+        phase1, ticket_steps = sched.phase1_steps, sched.ticket_steps
     else:
         sched = torch.optim.lr_scheduler.MultiStepLR(
             opt, milestones=[total // 2, 3 * total // 4], gamma=0.1
@@ -999,7 +995,7 @@ def deploy_best(
     """Write the compact file of the best sparse configuration's first seed to ``ticket.sparse``.
 
     Best: the highest mean accuracy over seeds among the sparse rows. Also measures the dense and
-    the sparse-inference latency at batch 1 (``examples/deploy.py``).
+    the sparse-inference latency at batch 1 (``common.deploy``).
     """
     sparse_rows = [r for r in rows if r["method"] != "dense"]
     if not sparse_rows:
