@@ -319,7 +319,7 @@ def _params():
         yield pytest.param(block, id=block.id, marks=marks)
 
 
-@pytest.mark.parametrize("block", _params())
+@pytest.mark.parametrize("block", list(_params()))
 def test_block_runs(block, tmp_path, monkeypatch, request, one_thread, method_registry):
     if block.fragment is not None:
         pytest.skip(f"fragment: {block.fragment}")
