@@ -51,6 +51,7 @@ demo-structured: $(STAMP)
 demo-lm: $(STAMP)
 	$(PY) examples/research/demo_lm.py --out runs/demo-lm
 
+# The whole suite, offline: pyproject's addopts deselect the `network` tests (make test-matrix).
 test: $(STAMP) fashion-data
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
@@ -59,9 +60,10 @@ test: $(STAMP) fashion-data
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q --device cuda
 
-# The suite on every supported Python x {floor, pinned} torch, one venv per cell (README:
-# "Supported versions"); PYTHONS, TORCHES, TORCH_INDEX and PYTEST_ARGS select the cells. It uses
-# the uv that `make venv` installs.
+# The tests that need the network (pytest -m network: uv resolves constraints.txt for every
+# declared Python, with the system's certificates), then the suite on every supported Python x
+# {floor, pinned} torch, one venv per cell (README: "Supported versions"); PYTHONS, TORCHES,
+# TORCH_INDEX and PYTEST_ARGS select the cells. It uses the uv that `make venv` installs.
 MATRIX_OUT ?= runs/test_matrix
 test-matrix: $(STAMP)
 	scripts/test_matrix.sh $(MATRIX_OUT)

@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
-# The test matrix (DESIGN.md §8): the suite on every supported Python x {floor, pinned} torch.
+# The test matrix: the suite on every supported Python x {floor, pinned} torch (README,
+# "Supported versions"), after the tests that need the network (pytest -m network).
 #
 #   scripts/test_matrix.sh [OUT]          # or: make test-matrix [MATRIX_OUT=...]
 #
 # OUT (default runs/test_matrix) receives one venv per cell (kept, so a rerun reuses it), a JUnit
-# XML and a log per cell, and summary.md. Each cell makes a venv with uv, installs `torch==X` and
-# sparseopt[test,examples] under constraints.txt (with this cell's torch pin), and runs pytest as
-# `make test` does. The exit status is 1 if a cell failed or could not be installed.
+# XML and a log per cell, and summary.md. First it runs the tests marked `network`, which the
+# default suite deselects (tests/test_constraints.py: uv resolves constraints.txt for every
+# declared Python), once, with NETWORK_PYTHON; they skip with uv's reason where the registry
+# cannot be fetched, and the summary says so. Then each cell makes a venv with uv, installs
+# `torch==X` and sparseopt[test,examples] under constraints.txt (with this cell's torch pin), and
+# runs pytest as `make test` does. The exit status is 1 if the network tests or a cell failed, or
+# a cell could not be installed.
+#
+# uv reads the system's TLS certificates here (UV_SYSTEM_CERTS=1, and UV_NATIVE_TLS=1 for an
+# older uv), as pip does, so a proxy whose certificate authority the system trusts works; set
+# either variable yourself to choose otherwise.
 #
 # Where torch comes from: the package registry (PyPI), unless TORCH_INDEX names another index.
 # PyPI's Linux x86_64 wheels are CUDA builds: about 4.5 GB per venv, of which the CUDA libraries
@@ -22,6 +31,8 @@
 #                CPU builds (about 1 GB per venv). Default: none, the registry's builds.
 #   UV           the uv to use. Default: uv on PATH, else .venv/bin/uv (`make venv` installs it).
 #   PYTEST_ARGS  extra pytest arguments, e.g. "-x tests/test_contract.py". Default: none.
+#   NETWORK_PYTHON  the interpreter of the network tests (it needs pytest and uv: the test extra).
+#                Default: .venv/bin/python (`make venv`); "" skips them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -41,6 +52,10 @@ FLOOR=$(sed -n 's/.*"torch>=\([0-9.]*\)".*/\1/p' pyproject.toml | head -1)
 PINNED=$(sed -n 's/^torch==\([^ ;]*\).*/\1/p' constraints.txt | head -1)
 [[ $FLOOR =~ ^[0-9]+\.[0-9]+$ ]] && FLOOR=$FLOOR.0
 TORCHES=${TORCHES:-floor pinned}
+if [[ -z ${UV_SYSTEM_CERTS+x} && -z ${UV_NATIVE_TLS+x} ]]; then
+  export UV_SYSTEM_CERTS=1 UV_NATIVE_TLS=1
+fi
+NETWORK_PYTHON=${NETWORK_PYTHON-$ROOT/.venv/bin/python}
 
 find_python() {  # a version or a path -> an interpreter path, or nothing
   local want=$1 p
@@ -60,14 +75,48 @@ for t in $TORCHES; do
   [[ " ${torches[*]-} " == *" $t "* ]] || torches+=("$t")
 done
 
+junit_counts() {  # PYTHON XML -> "N passed, F failed, E errors, S skipped" (+ why, if all skipped)
+  "$1" - "$2" <<'EOF'
+import sys
+import xml.etree.ElementTree as ET
+
+try:
+    root = ET.parse(sys.argv[1]).getroot()
+except (OSError, ET.ParseError):
+    print("no report")
+    raise SystemExit
+s = root if root.tag == "testsuite" else root.find("testsuite")
+n, f, e, k = (int(s.get(a, 0)) for a in ("tests", "failures", "errors", "skipped"))
+reasons = [x.get("message", "") for x in s.iter("skipped")]
+why = f" ({reasons[0][:160]})" if reasons and k == n else ""
+print(f"{n - f - e - k} passed, {f} failed, {e} errors, {k} skipped{why}".replace("|", "/"))
+EOF
+}
+
 summary=$OUT/summary.md
+echo "# Test matrix ($(date -u +%Y-%m-%dT%H:%MZ), $(uname -m))" >"$summary"
+echo >>"$summary"
+status=0
+
+# The network tests, once: they resolve for every declared Python, whatever runs them.
+if [[ -z $NETWORK_PYTHON ]]; then
+  echo "Network tests: not run (NETWORK_PYTHON is empty)." >>"$summary"
+elif [[ ! -x $NETWORK_PYTHON ]]; then
+  echo "Network tests: not run: no $NETWORK_PYTHON (\`make venv\` makes it)." >>"$summary"
+else
+  echo "== network tests ($NETWORK_PYTHON)"
+  (cd "$ROOT" && "$NETWORK_PYTHON" -m pytest -q -p no:cacheprovider -m network \
+    --junitxml "$OUT/network.xml") >"$OUT/network.log" 2>&1
+  rc=$?
+  if [[ $rc == 0 ]]; then result=pass; else result="**FAIL** (rc $rc, see network.log)"; status=1; fi
+  counts=$(junit_counts "$NETWORK_PYTHON" "$OUT/network.xml")
+  echo "Network tests (\`pytest -m network\`): $result, $counts." >>"$summary"
+fi
 {
-  echo "# Test matrix ($(date -u +%Y-%m-%dT%H:%MZ), $(uname -m))"
   echo
   echo "| Python | torch | result | tests | seconds |"
   echo "| --- | --- | --- | --- | ---: |"
-} >"$summary"
-status=0
+} >>"$summary"
 for want in $PYTHONS; do
   py=$(find_python "$want")
   for torch in "${torches[@]}"; do
@@ -103,20 +152,7 @@ print(torch.__version__, "(CUDA build)" if v.cuda else "(CPU build)")')
     (cd "$ROOT" && "$venv/bin/python" -m pytest -q -p no:cacheprovider \
       --junitxml "$OUT/$cell.xml" ${PYTEST_ARGS:-}) >>"$log" 2>&1
     rc=$?
-    counts=$("$venv/bin/python" - "$OUT/$cell.xml" <<'EOF'
-import sys
-import xml.etree.ElementTree as ET
-
-try:
-    root = ET.parse(sys.argv[1]).getroot()
-except (OSError, ET.ParseError):
-    print("no report")
-    raise SystemExit
-s = root if root.tag == "testsuite" else root.find("testsuite")
-n, f, e, k = (int(s.get(a, 0)) for a in ("tests", "failures", "errors", "skipped"))
-print(f"{n - f - e - k} passed, {f} failed, {e} errors, {k} skipped")
-EOF
-)
+    counts=$(junit_counts "$venv/bin/python" "$OUT/$cell.xml")
     result=$([[ $rc == 0 ]] && echo pass || echo "**FAIL** (rc $rc)")
     [[ $rc == 0 ]] || status=1
     echo "| $ver | $got | $result | $counts | $((SECONDS - start)) |" >>"$summary"

@@ -1,5 +1,9 @@
-"""The code the documentation shows is run here: examples/quickstart.py and
-examples/custom_method.py, included into the pages."""
+"""The example files the documentation shows are run here, and the copies shown are checked.
+
+docs/quickstart.md shows parts of the quickstart example inline (so GitHub shows the code); a
+test checks that each part is the file's text, verbatim. docs/custom-methods.md includes
+sections of the custom-method example.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +12,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_docs_blocks import parse_blocks
 
 from sparseopt import SparseOptimizer, available_methods, get_method
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def example_path(name: str) -> Path:
+    """``examples/<name>.py``."""
+    return ROOT / "examples" / f"{name}.py"
 
 
 @pytest.fixture
 def load_example(method_registry):
-    """Import ``examples/<name>.py``; the methods it registers are unregistered afterwards."""
+    """Import an example by name; the methods it registers are unregistered afterwards."""
 
     def load(name: str):
-        spec = importlib.util.spec_from_file_location(
-            f"docs_example_{name}", EXAMPLES / f"{name}.py"
-        )
+        spec = importlib.util.spec_from_file_location(f"docs_example_{name}", example_path(name))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
@@ -32,7 +40,7 @@ def load_example(method_registry):
 
 
 def test_custom_method_fits_the_promise_of_under_30_lines():
-    lines = (EXAMPLES / "custom_method.py").read_text().splitlines()
+    lines = example_path("custom_method").read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if "[start:method]" in line)
     end = next(i for i, line in enumerate(lines) if "[end:method]" in line)
     assert 0 < end - start - 1 < 30
@@ -140,3 +148,23 @@ def test_quickstart_resume_is_bit_identical_and_ends_with_the_ultimate_ticket(
     out = capsys.readouterr().out
     assert out.count("superposed") == 6
     assert "ultimate ticket" in out
+
+
+def test_the_quickstart_page_shows_the_example_verbatim():
+    """Each block of docs/quickstart.md that says it is part of the example is the file's text."""
+    text = example_path("quickstart").read_text()
+    shown = [
+        b
+        for b in parse_blocks(ROOT / "docs" / "quickstart.md")
+        if "quickstart.py" in (b.fragment or "")
+    ]
+    assert [b.code.split("(")[0] for b in shown] == [
+        "def build",
+        "def train",
+        "def save",
+        "def main",
+    ]
+    for block in shown:
+        assert block.code.strip() in text, f"{block.id} differs from {example_path('quickstart')}"
+    # Negative control: a one-character change is caught.
+    assert shown[0].code.replace("0.1", "0.2", 1).strip() not in text
