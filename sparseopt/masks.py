@@ -84,11 +84,8 @@ def select_largest(scores: Tensor, k: int) -> Tensor:
         k (int): as for ``select_smallest``.
 
     Returns:
-        A bool tensor of ``scores``' shape with exactly ``k`` ones.
-
-    Raises:
-        TypeError: if ``k`` is not an int.
-        ValueError: if ``k`` is outside ``[0, scores.numel()]``.
+        A bool tensor of ``scores``' shape with exactly ``k`` ones (errors as for
+        ``select_smallest``).
 
     Examples:
         >>> import torch

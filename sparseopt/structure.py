@@ -872,36 +872,28 @@ def structured_drop_and_grow(
     structure: str | Structure,
     k_drop: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One prune-and-regrow exchange that keeps every group's (or row's) count
-    ([`Structure.exchange`][sparseopt.structure.Structure.exchange]).
+    """One prune-and-regrow exchange of ``k_drop`` weights that keeps every group's (or row's)
+    count: [`Structure.exchange`][sparseopt.structure.Structure.exchange] by structure name.
 
-    1. Drop: among the active positions of the whole layer, the ``k_drop`` with the smallest
-       ``drop_scores`` (ties to the lowest flat index; NaN counts as ``+inf``).
-    2. Grow: inside each ``N:M`` group (``"fan_in"``: each row) that lost ``d`` weights, the
-       ``d`` positions with the largest ``grow_scores`` among the group's inactive positions,
-       the just-dropped ones included (ties to the lowest index; ``-inf`` and NaN taken last).
-       A weight dropped and grown again is in neither ``dropped`` nor ``grown``.
-
-    So each group or row holds exactly as many active weights as before, whatever that count
-    was (the input mask is not checked against the structure; use
-    [`check_structured`][sparseopt.structure.check_structured]).
+    The ``k_drop`` active weights with the smallest ``drop_scores`` of the layer go (NaN counts
+    as ``+inf``); each ``N:M`` group (``"fan_in"``: each row) regrows as many as it lost, by the
+    largest ``grow_scores`` among its inactive positions, the just-dropped ones included.
 
     Args:
-        mask (Tensor): the current bool mask, a weight's shape.
-        drop_scores (Tensor): scores of that shape (e.g. ``|w|``); only active positions count.
-        grow_scores (Tensor): scores of that shape (e.g. ``|grad|``, or random).
+        mask (Tensor): the current bool mask.
+        drop_scores (Tensor): e.g. ``|w|``, the mask's shape.
+        grow_scores (Tensor): e.g. ``|grad|``, the mask's shape.
         structure (str | Structure): ``"N:M"`` or ``"fan_in"``.
-        k_drop (int): how many to drop over the whole layer, in ``[0, active count]``.
+        k_drop (int): how many to drop, in ``[0, active count]``.
 
     Returns:
-        ``(new, dropped, grown)``, bool masks of ``mask``'s shape and device:
-        ``dropped = mask & ~new`` and ``grown = new & ~mask`` (equal counts).
+        ``(new, dropped, grown)``, as ``Structure.exchange`` returns them.
 
     Raises:
-        TypeError: if ``mask`` is not a bool tensor, the scores not tensors or ``k_drop`` not an
-            int.
-        ValueError: if the shapes differ or do not fit the structure, or ``k_drop`` is outside
-            ``[0, active count]``.
+        TypeError: for a mask that is not a bool tensor, scores that are not tensors, or a
+            ``k_drop`` that is not an int.
+        ValueError: for scores of another shape, a shape the structure does not fit, or a
+            ``k_drop`` outside ``[0, active count]``.
 
     Examples:
         One 2:4 row with two groups; the smallest active weight (0.1, in group 0) is dropped
