@@ -26,6 +26,7 @@ __all__ = [
     "hooks",
     "init_optimizer_hooks",
     "override",
+    "semi_structured_tile",
     "tensor_version",
 ]
 
@@ -116,3 +117,27 @@ def foreach_mul_(tensors: list[torch.Tensor], others: list[torch.Tensor]) -> Non
 def tensor_version(t: torch.Tensor) -> int:
     """The version counter of ``t`` (``t._version``): it moves on every in-place write."""
     return t._version
+
+
+def semi_structured_tile(dtype: torch.dtype) -> tuple[int, int]:
+    """The minimum sparse tile ``(rows, cols)`` of the backend that
+    ``torch.sparse.to_sparse_semi_structured`` will use for ``dtype``: cuSPARSELt when available
+    and not overridden by ``SparseSemiStructuredTensor._FORCE_CUTLASS``, else CUTLASS; read from
+    the class's ``_DTYPE_SHAPE_CONSTRAINTS``. A torch that moved those private names gets the
+    strictest tile known, ``(32, 64)``."""
+    from torch.sparse import semi_structured as ss
+
+    cusparselt = getattr(torch.backends, "cusparselt", None)
+    use_cutlass = getattr(ss.SparseSemiStructuredTensor, "_FORCE_CUTLASS", True) or not (
+        cusparselt is not None and cusparselt.is_available()
+    )
+    name = (
+        "SparseSemiStructuredTensorCUTLASS"
+        if use_cutlass
+        else "SparseSemiStructuredTensorCUSPARSELT"
+    )
+    try:
+        c = getattr(ss, name)._DTYPE_SHAPE_CONSTRAINTS[dtype]
+        return int(c.sparse_min_rows), int(c.sparse_min_cols)
+    except (AttributeError, KeyError):
+        return 32, 64

@@ -7,12 +7,13 @@ exactly what the single-process code gives on the full tensor:
 - Initial masks and SET's random scores are drawn full-size from the optimizer's generator on
   every rank (the same numbers everywhere), and each rank keeps its chunk (:func:`shard_like`);
   this costs one full-size temporary per layer on the CPU, freed at once.
-- Top-k selections (:func:`select_smallest`, :func:`select_largest_across`) find the k-th score
-  across the shards by a radix select on order-preserving integer keys: per 8-bit digit, one
-  all-reduce of a 256-bin histogram (4 rounds for float32 scores, 8 for float64, fewer when the
-  k-th value is isolated early). Exact ties at the k-th value go to the lowest global flat index,
-  i.e. to the lower shard coordinate first (one small all-gather, only when ties straddle the
-  threshold), as :func:`sparseopt.masks.select_smallest` breaks them. No full tensor is gathered.
+- Top-k selections (:func:`sharded_smallest`, :func:`sharded_largest_across`) give the mask
+  that ``sparseopt._select`` gives on the full tensor, by its one rule (ties to the lowest global
+  flat index, ``-0.0`` equal to ``0.0``, NaN the worst score). They find the k-th score across the
+  shards by a radix select on order-preserving integer keys: per 8-bit digit, one all-reduce of a
+  256-bin histogram (4 rounds for float32 scores, 8 for float64, fewer when the k-th value is
+  isolated early). Exact ties at the k-th value go to the lower shard coordinate first (one small
+  all-gather, only when ties straddle the threshold). No full tensor is gathered.
 - Counts and finiteness checks reduce across the shards (:func:`count_true`, :func:`all_finite`).
 
 Supported layouts: placements that shard dim 0 over one mesh dimension and replicate over the
@@ -24,6 +25,7 @@ reads a count from a DTensor directly.
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -285,9 +287,9 @@ def _smallest_of(
         raise ValueError(f"Expected 0 <= k <= {n}, but got k={k}")
     flats = []
     for s in scores:
-        x = local(s).detach().reshape(-1).to(dtype)
+        x = _select.comparable(local(s).detach().reshape(-1).to(dtype))
         x = -x if negate else x
-        flats.append(x if x.dtype in (torch.float32, torch.float64) else x.float())
+        flats.append(torch.where(torch.isnan(x), math.inf, x))  # NaN: the worst, as _select
     if k in (0, n):
         picked = [torch.full_like(x, k == n, dtype=torch.bool) for x in flats]
     elif layout.mesh_dim is None:  # replicated: every rank has everything, no communication
@@ -299,13 +301,21 @@ def _smallest_of(
     return [_wrap(m.view(local(s).shape), s) for m, s in zip(picked, scores, strict=True)]
 
 
-def select_smallest(scores: Tensor, k: int) -> Tensor:
-    """:func:`sparseopt.masks.select_smallest` for a DTensor: the same mask, sharded like it."""
+def sharded_smallest(scores: Tensor, k: int) -> Tensor:
+    """The mask :func:`sparseopt._select.smallest` gives on the full tensor, for a DTensor of
+    scores, sharded like it."""
     return _smallest_of([scores], k, scores.dtype, negate=False)[0]
 
 
-def select_largest_across(scores: Sequence[Tensor], k: int) -> list[Tensor]:
-    """:func:`sparseopt.masks.select_largest_across` for DTensors of one layout."""
+def sharded_largest(scores: Tensor, k: int) -> Tensor:
+    """The mask :func:`sparseopt._select.largest` gives on the full tensor, for a DTensor of
+    scores, sharded like it."""
+    return _smallest_of([scores], k, scores.dtype, negate=True)[0]
+
+
+def sharded_largest_across(scores: Sequence[Tensor], k: int) -> list[Tensor]:
+    """The masks :func:`sparseopt._select.largest` gives on the concatenation of the full
+    tensors (the earlier tensor first on ties), for DTensors of one layout."""
     if not all(is_dtensor(s) for s in scores):
         raise ValueError(
             "Expected the score tensors of a global selection to be all DTensors or all plain "

@@ -25,15 +25,7 @@ from .masks import apply_masks_, count_active, random_mask
 from .methods import MethodContext, SparseLayer, SparsityMethod
 from .report import SparsityReport, UpdateStats
 from .schedules import PRUNE_SCHEDULES, TopologySchedule
-from .structure import (
-    Structure,
-    check_structured,
-    fits,
-    gemm_shape,
-    parse_structure,
-    random_structured,
-    row_count,
-)
+from .structure import Structure, parse_structure
 
 __all__ = ["MaskEngine", "PendingUpdate", "keeps_zeros"]
 
@@ -158,20 +150,21 @@ class MaskEngine:
     def _resolve_sparsity(self, sparsity: float | None) -> float:
         """``sparsity`` checked; left out, 0.9, or under ``N:M`` the structure's ``1 - N/M``."""
         s = self.structure
-        if s is None or s.kind != "nm":
+        if s is None or s.fixed_density is None:
             return (
                 0.9
                 if sparsity is None
                 else _validate.real("sparsity", sparsity, 0, 1, high_open=True)
             )
-        implied = 1.0 - s.n / s.m
+        implied = 1.0 - s.fixed_density
         if sparsity is None:
             return implied
         value = _validate.real("sparsity", sparsity, 0, 1, high_open=True)
         if abs(value - implied) > 1e-9:
             raise ValueError(
                 f"Expected sparsity to be left out or {implied:g} with structure='{s}', but got "
-                f"{sparsity!r}: every sparse layer of a {s} structure has density {s.n}/{s.m}"
+                f"{sparsity!r}: every sparse layer of a {s} structure has density "
+                f"{s.fixed_density:g}"
             )
         return implied
 
@@ -183,7 +176,7 @@ class MaskEngine:
     def check_method(self) -> None:
         """Refuse a method that cannot keep the structure, then let it check the settings."""
         s = self.structure
-        if s is not None and s.kind not in self.method.structures:
+        if s is not None and not s.kept_by(self.method):
             raise ValueError(
                 f"Expected a method that keeps structure='{s}', but got method "
                 f"{self.method.name!r}, which changes the density as it prunes; use 'static', "
@@ -247,14 +240,15 @@ class MaskEngine:
         target = 1.0 - self.sparsity
 
         def counts_at(density: float) -> list[int]:
-            if self.structure is not None and self.structure.kind == "nm" and density == target:
-                return [n // self.structure.m * self.structure.n for n in numels]
-            densities = layer_densities(self.distribution, shapes, density, layer_names)
-            if self.structure is not None and density == target:  # fan-in: k per row
-                return [
-                    gemm_shape(shape)[0] * row_count(shape, d)
-                    for shape, d in zip(shapes, densities, strict=True)
-                ]
+            s = self.structure
+            fixed = None if s is None or density != target else s.fixed_density
+            densities = (
+                [fixed] * len(shapes)
+                if fixed is not None
+                else layer_densities(self.distribution, shapes, density, layer_names)
+            )
+            if s is not None and density == target:  # whole units, by the structure's rule
+                return [s.layer_count(sh, d) for sh, d in zip(shapes, densities, strict=True)]
             return exact_counts(densities, numels, density)
 
         targets = counts_at(target)
@@ -263,9 +257,7 @@ class MaskEngine:
         for (p, name, index), count, goal in zip(new, counts, targets, strict=True):
             _dtensor.check_placements(p, name)
             if self.structure is not None and count == goal:
-                rows = gemm_shape(p.shape)[0]
-                k = None if self.structure.kind == "nm" else count // rows
-                mask = random_structured(p.shape, self.structure, self.generator, k)
+                mask = self.structure.random(p.shape, count, self.generator)
             else:  # no structure, or a dense start (SNIP) that the first update structures
                 mask = random_mask(p.shape, count, self.generator)
             mask = _dtensor.shard_like(mask, p)
@@ -293,11 +285,10 @@ class MaskEngine:
                     f"Expected plain tensors with structure='{s}', but {name} is a DTensor: "
                     "structured masks under FSDP2 are not supported; leave structure out"
                 )
-            if fits(p.shape, s):
+            reason = s.why_not(p.shape)
+            if reason is None:
                 kept.append((p, name, index))
             else:
-                fan_in = gemm_shape(p.shape)[1]
-                reason = f"input dimension {fan_in} is not a multiple of {s.m}"
                 self.excluded.append({"name": name, "shape": tuple(p.shape), "reason": reason})
         return kept
 
@@ -471,9 +462,8 @@ class MaskEngine:
     def _check_structure(self, masks: list[Tensor]) -> None:
         """A method that returns masks outside the structure is a bug: fail loudly, change none."""
         for layer, mask in zip(self.layers, masks, strict=True):
-            k = None if self.structure.kind == "nm" else layer.target // gemm_shape(mask.shape)[0]
             try:
-                check_structured(mask, self.structure, k)
+                self.structure.check(mask, layer.target)
             except ValueError as e:
                 raise RuntimeError(
                     f"method {self.method.name!r} returned a mask for {layer.name} that breaks "

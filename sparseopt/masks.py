@@ -1,9 +1,12 @@
 """Mask primitives: exact top-k selection, random masks, drop-and-grow, foreach masking.
 
-All selections are exact (a requested count is met to the unit) and deterministic: ties are broken
-by flat index, lowest first, so the same inputs give the same mask on every rank and every run,
-independent of how a top-k kernel orders equal values. Selection is O(N) (one ``kthvalue`` and a
-few elementwise passes); nothing is sorted.
+Every selection follows the one rule of ``sparseopt._select`` (exact counts; ties to the lowest
+index, the earlier tensor first across tensors; ``-0.0`` equal to ``0.0``; NaN the worst score,
+taken last), so the same inputs give the same mask on every rank and every run, independent of
+how a top-k kernel orders equal values. Selection is O(N) (one ``kthvalue`` and a few elementwise
+passes); nothing is sorted. Under a structure (``sparseopt.structure``) the selections keep it:
+[`select_largest_within`][sparseopt.masks.select_largest_within] and
+[`exchange`][sparseopt.masks.exchange] call the structure's ``select`` and ``exchange``.
 
 Every function also takes DTensors (FSDP2's sharded parameters, see ``docs/distributed.md``): a
 selection over DTensor scores returns the same mask as over the full tensor, sharded like the
@@ -20,13 +23,7 @@ from torch import Tensor
 
 from . import _compat, _dtensor, _select, _validate
 from ._dtensor import DTENSOR_TYPES
-from .structure import (
-    Structure,
-    gemm_shape,
-    parse_structure,
-    select_structured,
-    structured_drop_and_grow,
-)
+from .structure import Structure, parse_structure
 
 __all__ = [
     "apply_masks_",
@@ -42,13 +39,23 @@ __all__ = [
 ]
 
 
+def _select_k(scores: Tensor, k: int, largest: bool) -> Tensor:
+    k = _validate.integer("k", k)
+    if _dtensor.is_dtensor(scores):
+        pick = _dtensor.sharded_largest if largest else _dtensor.sharded_smallest
+    else:
+        pick = _select.largest if largest else _select.smallest
+    return pick(scores, k)
+
+
 def select_smallest(scores: Tensor, k: int) -> Tensor:
     """Bool mask (shape of ``scores``) of the ``k`` smallest scores, ties to the lowest index.
 
-    ``+inf`` scores are never selected unless ``k`` exceeds the number of finite ones.
+    ``+inf`` (and NaN, which ranks with it) is selected only when ``k`` exceeds the number of
+    finite scores; low-precision dtypes are compared in float32.
 
     Args:
-        scores (Tensor): any shape; low-precision dtypes are compared in float32.
+        scores (Tensor): any shape and real dtype; a DTensor gives a DTensor sharded like it.
         k (int): how many to select, in ``[0, scores.numel()]``.
 
     Returns:
@@ -65,35 +72,27 @@ def select_smallest(scores: Tensor, k: int) -> Tensor:
         >>> select_smallest(torch.tensor([3.0, 1.0, 2.0, 1.0, 5.0]), 2)
         tensor([False,  True, False,  True, False])
     """
-    k = _validate.integer("k", k)
-    if _dtensor.is_dtensor(scores):
-        return _dtensor.select_smallest(scores, k)
-    return _select.smallest(scores, k)
+    return _select_k(scores, k, largest=False)
 
 
 def select_largest(scores: Tensor, k: int) -> Tensor:
-    """Bool mask of the ``k`` largest scores, ties to the lowest index (``-inf`` taken last).
+    """[`select_smallest`][sparseopt.masks.select_smallest] in the other direction: the ``k``
+    largest scores, ties to the lowest index, ``-inf`` and NaN taken last.
 
     Args:
-        scores (Tensor): any shape.
-        k (int): how many to select, in ``[0, scores.numel()]``.
+        scores (Tensor): as for ``select_smallest``.
+        k (int): as for ``select_smallest``.
 
     Returns:
-        A bool tensor of ``scores``' shape with exactly ``k`` ones.
-
-    Raises:
-        TypeError: if ``k`` is not an int.
-        ValueError: if ``k`` is outside ``[0, scores.numel()]``.
+        A bool tensor of ``scores``' shape with exactly ``k`` ones (errors as for
+        ``select_smallest``).
 
     Examples:
         >>> import torch
-        >>> select_largest(torch.tensor([3.0, 1.0, 2.0, 1.0, 5.0]), 2)
+        >>> select_largest(torch.tensor([3.0, float("nan"), 2.0, 1.0, 5.0]), 2)
         tensor([ True, False, False, False,  True])
     """
-    k = _validate.integer("k", k)
-    if _dtensor.is_dtensor(scores):
-        return _dtensor.select_smallest(-scores, k)
-    return _select.largest(scores, k)
+    return _select_k(scores, k, largest=True)
 
 
 def select_largest_across(scores: Sequence[Tensor], k: int) -> list[Tensor]:
@@ -129,7 +128,7 @@ def select_largest_across(scores: Sequence[Tensor], k: int) -> list[Tensor]:
             raise ValueError(f"Expected 0 <= k <= 0 (no scores), but got k={k}")
         return []
     if any(_dtensor.is_dtensor(s) for s in scores):
-        return _dtensor.select_largest_across(scores, k)
+        return _dtensor.sharded_largest_across(scores, k)
     device = scores[0].device
     keep = select_largest(torch.cat([s.detach().reshape(-1).to(device) for s in scores]), k)
     out, start = [], 0
@@ -310,17 +309,13 @@ def apply_masks_(
         _compat.foreach_mul_(ts, [m.view(torch.uint8) for m in ms])
 
 
-def _per_row(structure: Structure, shape: Sequence[int], count: int) -> int | None:
-    """The per-row count of a constant fan-in layer with ``count`` active; ``None`` for N:M."""
-    return None if structure.kind == "nm" else count // gemm_shape(shape)[0]
-
-
 def select_largest_within(scores: Tensor, count: int, structure: Structure | None) -> Tensor:
     """The ``count`` largest ``scores`` of one layer, kept in ``structure`` if there is one.
 
-    Without a structure this is [`select_largest`][sparseopt.masks.select_largest]; under
-    ``N:M`` the top ``N`` of every group (``count`` is then ``numel * N / M``); under
-    ``"fan_in"`` the top ``count / rows`` of every row. Ties go to the lowest index.
+    Without a structure this is [`select_largest`][sparseopt.masks.select_largest]; with one,
+    [`Structure.select`][sparseopt.structure.Structure.select]: under ``N:M`` the top ``N`` of
+    every group (``count`` is then ``numel * N / M``); under ``"fan_in"`` the top
+    ``count / rows`` of every row. Ties go to the lowest index.
 
     Args:
         scores (Tensor): one layer's scores.
@@ -348,7 +343,7 @@ def select_largest_within(scores: Tensor, count: int, structure: Structure | Non
     structure = parse_structure(structure)
     if structure is None:
         return select_largest(scores, count)
-    return select_structured(scores, structure, _per_row(structure, scores.shape, count))
+    return structure.select(scores, count)
 
 
 def exchange(
@@ -361,9 +356,9 @@ def exchange(
     """Drop ``k`` and grow ``k`` in one layer, inside the structure if there is one.
 
     Without a structure this is [`drop_and_grow`][sparseopt.masks.drop_and_grow]; with one,
-    [`structured_drop_and_grow`][sparseopt.structure.structured_drop_and_grow]: the ``k``
-    smallest active ``drop_scores`` of the layer go, and each group (row) regrows as many as it
-    lost from its own inactive positions, so every group (row) keeps its count.
+    [`Structure.exchange`][sparseopt.structure.Structure.exchange]: the ``k`` smallest active
+    ``drop_scores`` of the layer go, and each unit (an ``N:M`` group, a fan-in row) regrows as
+    many as it lost from its own inactive positions, so every unit keeps its count.
 
     Args:
         mask (Tensor): the current bool mask.
@@ -393,4 +388,4 @@ def exchange(
     structure = parse_structure(structure)
     if structure is None:
         return drop_and_grow(mask, drop_scores, grow_scores, k)
-    return structured_drop_and_grow(mask, drop_scores, grow_scores, structure, k)
+    return structure.exchange(mask, drop_scores, grow_scores, k)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import warnings
 
 import pytest
@@ -14,7 +15,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sparseopt.export as ex
-import sparseopt.export.compact as compact
 from sparseopt import (
     SparseOptimizer,
     SupTicketsScheduler,
@@ -63,12 +63,18 @@ def _scrambled(model):
     return fresh
 
 
+def _without_safetensors(monkeypatch):
+    """As if safetensors were not installed: its import fails."""
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+
+
 @pytest.fixture(params=[True, False], ids=["safetensors", "torch-fallback"])
 def backend(request, monkeypatch):
     if request.param:
         pytest.importorskip("safetensors")
     else:
-        monkeypatch.setattr(compact, "_have_safetensors", lambda: False)
+        _without_safetensors(monkeypatch)
     return request.param
 
 
@@ -165,20 +171,24 @@ def test_dtypes_and_buffers_round_trip(dtype, tmp_path, backend):
 
 
 @pytest.mark.parametrize("density", [0.002, 0.05, 0.3, 0.95])
-def test_position_encodings_round_trip_and_the_smaller_is_chosen(density):
+def test_position_encodings_round_trip_and_the_smaller_is_chosen(density, tmp_path, backend):
     g = torch.Generator().manual_seed(0)
     mask = torch.rand(3001, generator=g) < density
     mask[-1] = True
-    kind, code = compact._encode_positions(mask)
-    assert torch.equal(compact._decode_positions(kind, code, mask.numel()), mask)
-    other = "bitmask" if kind == "gaps" else "gaps"
-    other_code = (
-        compact._pack_bits(mask)
-        if other == "bitmask"
-        else compact._gap_bytes(torch.nonzero(mask)[:, 0])
-    )
-    assert torch.equal(compact._decode_positions(other, other_code, mask.numel()), mask)
-    assert code.numel() <= other_code.numel()
+    model = nn.Module()
+    model.w = nn.Parameter(torch.randn(3001, generator=g) * mask)
+    info = save_sparse(model, tmp_path / "m", masks={"w": mask})
+    # by hand: one bit per weight, or one byte per active weight plus one per 255 skipped
+    bitmask = (mask.numel() + 7) // 8
+    previous, gaps = -1, 0
+    for i in torch.nonzero(mask)[:, 0].tolist():
+        gaps += 1 + (i - previous - 1) // 255
+        previous = i
+    assert info["tensors"]["w"]["encoding"] == ("gaps" if gaps < bitmask else "bitmask")
+    fresh = nn.Module()
+    fresh.w = nn.Parameter(torch.zeros(3001))
+    assert torch.equal(load_sparse(fresh, tmp_path / "m")["w"], mask)
+    assert torch.equal(fresh.w, model.w)
 
 
 def test_file_is_much_smaller_than_torch_save(tmp_path):
@@ -271,16 +281,51 @@ def test_bad_arguments(tmp_path):
         load_sparse("model", tmp_path / "m")
     with pytest.raises(TypeError, match="Expected model"):
         to_sparse_inference(None)
-    with pytest.raises(ValueError, match=r"Expected min_sparsity to be in \[0, 1\], but got 2"):
+    with pytest.raises(ValueError, match=r"Expected min_sparsity in \[0, 1\], but got 2"):
         to_sparse_inference(model, min_sparsity=2)
-    with pytest.raises(TypeError, match="Expected min_sparsity to be a float or None"):
+    with pytest.raises(TypeError, match="Expected min_sparsity to be a real number"):
         to_sparse_inference(model, min_sparsity="0.9")
-    with pytest.raises(ValueError, match="Expected layout to be one of"):
+    with pytest.raises(ValueError, match=r"Expected layout in \('csr', 'bsr'\), but got 'coo'"):
         to_sparse_inference(model, layout="coo")
-    with pytest.raises(ValueError, match="Expected batch_size to be positive, but got 0"):
+    with pytest.raises(ValueError, match="Expected batch_size to be a positive int, but got 0"):
         to_sparse_inference(model, batch_size=0)
-    with pytest.raises(TypeError, match="Expected batch_size to be an int, but got float"):
+    with pytest.raises(TypeError, match=r"Expected batch_size to be an int, but got 1\.0 \(float"):
         to_sparse_inference(model, batch_size=1.0)
+
+
+def test_save_into_a_missing_folder_names_the_path_and_leaves_nothing(tmp_path, backend):
+    model, opt = _trained("mlp", "set")
+    path = tmp_path / "missing" / "deeper" / "model.sparse"
+    with pytest.raises(FileNotFoundError) as e:
+        save_sparse(model, path, masks=opt.masks)
+    message = str(e.value)
+    assert repr(str(path)) in message  # the user's path
+    assert f"{str(tmp_path / 'missing')!r} does not exist" in message  # the folder missing
+    assert ".tmp" not in message
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError, match=r"'.*file' is a file, not a folder"):
+        save_sparse(model, tmp_path / "file" / "m.sparse", masks=opt.masks)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"path to be a file to write, but '.*folder'"):
+        save_sparse(model, tmp_path / "folder", masks=opt.masks)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]  # nothing left
+    assert list((tmp_path / "folder").iterdir()) == []
+
+
+def test_a_failed_save_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    model, opt = _trained("mlp", "set")
+    path = tmp_path / "model.sparse"
+    save_sparse(model, path, masks=opt.masks)
+    before = path.read_bytes()
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied", src)
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(PermissionError, match=rf"cannot write {str(path)!r}: Permission denied"):
+        save_sparse(model, path, masks=opt.masks)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.sparse"]
+    assert path.read_bytes() == before
 
 
 # --- sparse inference ----------------------------------------------------------------------------
@@ -352,7 +397,7 @@ def test_report_lists_converted_dense_and_unsupported_layers():
     report = {r["name"]: r for r in fast.sparse_inference_report}
     assert fast.sparse_inference_report.converted == ["1", "6"]
     assert "only 1x1" in report["0"]["reason"]
-    assert "dense is faster" in report["2"]["reason"]
+    assert "< 0.900 (min_sparsity): kept dense" in report["2"]["reason"]
     assert "float16" in report["5"]["reason"]
     assert "not supported" in report["emb"]["reason"]
     assert "1 " in str(fast.sparse_inference_report)
@@ -397,7 +442,7 @@ def test_converted_model_copies_saves_and_scripts(tmp_path):
 
 
 def test_without_safetensors_the_torch_fallback_is_used(tmp_path, monkeypatch):
-    monkeypatch.setattr(compact, "_have_safetensors", lambda: False)
+    _without_safetensors(monkeypatch)
     model, opt = _trained("mlp", "set")
     info = save_sparse(model, tmp_path / "m", masks=opt.masks)
     assert info["format"] == "torch"
@@ -539,6 +584,27 @@ def test_condensed_conv1x1_equals_dense(bias):
         ex.CondensedConv1x1(nn.Conv2d(12, 8, 3))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings(_DYNAMO)
+def test_both_1x1_layers_share_one_adapter_that_scripts():
+    """SparseConv1x1 and CondensedConv1x1 are their GEMM layer run over the pixels by one
+    adapter; both script (CondensedConv1x1 did not before the adapter), and the condensed one
+    exports."""
+    conv = nn.Conv2d(12, 8, 1)
+    mask = random_structured(conv.weight.shape, "fan_in", torch.Generator().manual_seed(0), 3)
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    x = torch.randn(2, 12, 5, 4)
+    with torch.no_grad():
+        expected = conv(x)
+    for layer in (ex.SparseConv1x1(conv), ex.CondensedConv1x1(conv, mask)):
+        assert repr(layer).startswith(f"{type(layer).__name__}(kernel_size=(1, 1), in_features=12")
+        with torch.no_grad():
+            torch.testing.assert_close(torch.jit.script(layer)(x), expected)
+    exported = torch.export.export(ex.CondensedConv1x1(conv, mask), (x,)).module()
+    torch.testing.assert_close(exported(x), expected)
+
+
 class _Lin2Conv(nn.Module):
     def __init__(self):
         super().__init__()
@@ -582,7 +648,8 @@ def test_masks_make_the_structure_exact_when_an_active_weight_is_zero():
         guessed = to_sparse_inference(model, structure="fan_in", min_sparsity=0.99)
     row = guessed.sparse_inference_report[0]
     assert row["structure"] is None
-    assert "not constant fan-in (rows hold 2 to 3 active)" in row["reason"]
+    assert "not fan_in: " in row["reason"]
+    assert "rows hold another count (rows hold 2 to 3 active)" in row["reason"]
     exact = to_sparse_inference(
         model, structure="fan_in", min_sparsity=0.9, masks={model[0].weight: mask}
     )
@@ -596,6 +663,33 @@ def test_masks_make_the_structure_exact_when_an_active_weight_is_zero():
         model, structure="auto", min_sparsity=0.9, masks={"0.weight": mask}
     )
     assert isinstance(by_name[0], ex.CondensedLinear)
+
+
+def test_a_size_that_never_pays_says_never():
+    """The rule's 1.0 means "never at this size": the report says that, not "< 1.000"."""
+    model = nn.Sequential(nn.Linear(256, 256))  # 2**16 weights: CSR never won at any batch
+    _sparsify(model[0], 0.9, 0)
+    with pytest.warns(UserWarning, match="converted no layer"):
+        fast = to_sparse_inference(model, batch_size=64)
+    row = fast.sparse_inference_report[0]
+    assert row["reason"] == (
+        f"sparsity {row['sparsity']:.3f}: never at this size (65536 weights), dense is faster at "
+        "any sparsity"
+    )
+    # 512x512 condensed pays from batch 64 only: at batch 1 the report says from where
+    layer = nn.Linear(512, 512)
+    mask = random_structured(layer.weight.shape, "fan_in", torch.Generator().manual_seed(0), 48)
+    with torch.no_grad():
+        layer.weight.mul_(mask)
+    model = nn.Sequential(layer)
+    with pytest.warns(UserWarning, match="converted no layer"):
+        fast = to_sparse_inference(model, structure="fan_in", masks={"0.weight": mask})
+    assert fast.sparse_inference_report[0]["reason"] == (
+        "constant fan-in 48: sparsity 0.906: never at batch size 1 for this size (262144 "
+        "weights), dense is faster at any sparsity (from batch size 64: 0.900)"
+    )
+    fast = to_sparse_inference(model, structure="fan_in", masks={"0.weight": mask}, batch_size=64)
+    assert fast.sparse_inference_report.converted == ["0"]
 
 
 def test_the_fan_in_rule_keeps_dense_what_condensed_would_slow_down():
@@ -629,9 +723,15 @@ def test_two_four_on_cpu_falls_back_and_says_why(structure):
     row = fast.sparse_inference_report[0]
     assert row["structure"] == "2:4"
     assert row["converted"] is None
-    assert "2:4 mask, but semi-structured 2:4 kernels need a CUDA device" in row["reason"]
-    assert "on cpu" in row["reason"]
-    assert "constant fan-in 64: sparsity 0.500 < " in row["reason"]
+    assert row["reason"].startswith(
+        "2:4 mask (the semi-structured 2:4 kernels run on CUDA devices of compute capability "
+        ">= 8.0, and this weight is on cpu); constant fan-in 64: "
+    )
+    assert row["reason"].endswith(
+        "constant fan-in 64: sparsity 0.500: never at this size (8192 weights), dense is faster "
+        "at any sparsity"
+    )
+    assert "but" not in row["reason"]  # it read "... but ... need a CUDA device, but the weight"
     # with min_sparsity the fallback is the condensed layer (k = in / 2)
     forced = to_sparse_inference(model, structure=structure, min_sparsity=0.5)
     assert isinstance(forced[0], ex.CondensedLinear)
@@ -659,7 +759,9 @@ def test_other_n_m_structures_are_condensed_and_wrong_ones_reported():
     )
     with pytest.warns(UserWarning, match="converted no layer"):
         odd = to_sparse_inference(nn.Sequential(nn.Linear(6, 4)), structure="2:4")
-    assert "fan-in 6 is not a multiple of 4" in odd.sparse_inference_report[0]["reason"]
+    assert odd.sparse_inference_report[0]["reason"].startswith(
+        "input dimension 6 is not a multiple of 4: not 2:4; "
+    )
 
 
 def test_structure_argument_errors():

@@ -146,6 +146,7 @@ def _scores(shape, dtype, kind, gen):
         flat[torch.randperm(flat.numel(), generator=gen)[:3]] = float("inf")
         flat[torch.randperm(flat.numel(), generator=gen)[:2]] = float("-inf")
         flat[torch.randperm(flat.numel(), generator=gen)[:2]] = -0.0
+        flat[torch.randperm(flat.numel(), generator=gen)[:2]] = float("nan")  # the worst score
     else:
         x = torch.randn(shape, generator=gen, dtype=torch.float64)
     return x.to(dtype)

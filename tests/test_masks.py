@@ -16,11 +16,12 @@ from cases import mlp
 from torch import nn
 
 from sparseopt import SparseOptimizer
-from sparseopt._select import _sample_stride
+from sparseopt._select import sample_stride
 from sparseopt.masks import (
     drop_and_grow,
     random_mask,
     select_largest,
+    select_largest_across,
     select_smallest,
 )
 from sparseopt.schedules import TopologySchedule
@@ -125,7 +126,7 @@ def test_select_on_large_tensors_matches_a_sort(kind, k):
         s = torch.full((n,), 0.25)
     else:  # the strided sample sees only the best scores: the bracket fails, the full search runs
         s = torch.ones(n)
-        s[:: _sample_stride(n)] = 0.0
+        s[:: sample_stride(n)] = 0.0
     for largest in (False, True):
         t = -s if largest and kind == "adversarial" else s
         got = (select_largest if largest else select_smallest)(t, k)
@@ -141,6 +142,66 @@ def test_select_matches_a_sort_at_the_ends_of_the_sample_sizes(n):
         for largest in (False, True):
             got = (select_largest if largest else select_smallest)(s, k)
             assert torch.equal(got, _reference_select(s, k, largest)), (k, largest)
+
+
+def _rule_reference(scores, k, largest):
+    """The selection rule by hand: NaN ranks with the worst infinity, -0.0 equals 0.0, and a
+    stable sort keeps equal scores in index order."""
+    worst = -INF if largest else INF
+    flat = [worst if math.isnan(v) else v for v in scores.double().reshape(-1).tolist()]
+    order = sorted(range(len(flat)), key=lambda i: (-flat[i] if largest else flat[i], i))
+    out = torch.zeros(len(flat), dtype=torch.bool)
+    out[order[:k]] = True
+    return out.view(scores.shape)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_nan_is_the_worst_score_in_every_selection(seed):
+    """NaN ranks with -inf for the largest and with +inf for the smallest, ties by index; the
+    count is exact for every k (before the rule, a NaN at the k-th largest left masks short)."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randint(-2, 3, (23,), generator=g).double()
+    pick = torch.rand(23, generator=g)
+    s[pick < 0.2] = math.nan
+    s[(pick >= 0.2) & (pick < 0.3)] = INF
+    s[(pick >= 0.3) & (pick < 0.4)] = -INF
+    s[(pick >= 0.4) & (pick < 0.5) & (s == 0)] = -0.0
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        t = s.to(dtype)
+        for k in range(24):
+            for largest in (False, True):
+                got = (select_largest if largest else select_smallest)(t, k)
+                assert torch.equal(got, _rule_reference(t, k, largest)), (dtype, k, largest)
+        across = select_largest_across([t[:9], t[9:].view(2, 7)], 12)
+        assert torch.equal(torch.cat([m.reshape(-1) for m in across]), _rule_reference(t, 12, True))
+
+
+def test_nan_by_hand():
+    nan = math.nan
+    s = torch.tensor([nan, 1.0, -INF, nan, 2.0])
+    assert select_largest(s, 1).tolist() == [False, False, False, False, True]
+    assert select_largest(s, 3).tolist() == [True, True, False, False, True]  # NaN ties -inf
+    assert select_smallest(s, 4).tolist() == [True, True, True, False, True]
+    assert select_smallest(torch.tensor([INF, nan, INF]), 2).tolist() == [True, True, False]
+
+
+@pytest.mark.parametrize("k", [1, 9_000, 150_000, 299_000])
+def test_nan_on_large_tensors_takes_the_sampled_path_to_the_same_mask(k):
+    g = torch.Generator().manual_seed(k)
+    n = 300_007
+    s = torch.where(torch.rand(n, generator=g) < 0.3, 0.0, torch.rand(n, generator=g))
+    s[torch.rand(n, generator=g) < 0.05] = math.nan
+    for largest in (False, True):
+        got = (select_largest if largest else select_smallest)(s, k)
+        assert int(got.sum()) == k
+        ref = _reference_select(torch.where(s.isnan(), -INF if largest else INF, s), k, largest)
+        assert torch.equal(got, ref), (k, largest)
+
+
+def test_integer_scores_are_compared_exactly():
+    s = torch.tensor([2**40, 2**40 + 1, 2**40], dtype=torch.int64)  # float32 would tie them
+    assert select_largest(s, 1).tolist() == [False, True, False]
+    assert select_smallest(s, 2).tolist() == [True, False, True]
 
 
 def test_random_mask_exact_count():

@@ -8,6 +8,7 @@ rows, on scores drawn from a few values (so that ties are the rule, not the exce
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparseopt.structure import (
+    NM,
+    FanIn,
     Structure,
     check_structured,
     density,
@@ -432,3 +435,196 @@ def test_same_masks_on_the_device(structure, device):
     for a, b in zip(out, ref, strict=True):
         assert torch.equal(a.cpu(), b)
     check_structured(out[0], structure, k)
+
+
+# --- the protocol ------------------------------------------------------------------------------
+def test_the_built_in_structures_are_values():
+    """``NM`` and ``FanIn`` compare, hash, print and pickle as values; ``Structure(kind, ...)``,
+    ``parse_structure`` and the classes build the same objects."""
+    import copy
+    import pickle
+
+    assert Structure("nm", 2, 4) == NM(2, 4) == parse_structure("2:4")
+    assert Structure("fan_in") == FanIn() == parse_structure("fan_in")
+    assert NM(2, 4) != NM(1, 4) and NM(2, 4) != FanIn()  # noqa: PT018
+    assert len({NM(2, 4), Structure("nm", 2, 4), FanIn(), Structure("fan_in")}) == 2
+    assert repr(NM(1, 8)) == "NM(n=1, m=8)" and repr(FanIn()) == "FanIn()"  # noqa: PT018
+    for s in (NM(2, 4), FanIn()):
+        assert isinstance(s, Structure)
+        assert pickle.loads(pickle.dumps(s)) == s
+        assert copy.deepcopy(s) == s
+    assert (NM(2, 4).n, NM(2, 4).m, FanIn().n, FanIn().m) == (2, 4, None, None)
+    with pytest.raises(AttributeError, match="immutable"):
+        NM(2, 4).n = 3
+
+
+@pytest.mark.parametrize(
+    ("s", "shape", "units", "per", "count", "why"),
+    [
+        (NM(2, 4), (3, 8), (6, 4), 2, 12, None),
+        (NM(1, 4), (2, 2, 2, 2), (4, 4), 1, 4, None),
+        (NM(2, 4), (3, 6), None, None, None, "input dimension 6 is not a multiple of 4"),
+        (FanIn(), (3, 5), (3, 5), 2, 6, None),
+        (FanIn(), (4,), None, None, None, "ndim >= 2"),
+        (FanIn(), (0, 4), None, None, None, "no empty dimension"),
+    ],
+)
+def test_units_counts_and_reasons(s, shape, units, per, count, why):
+    if why is not None:
+        assert why in s.why_not(shape)
+        assert not s.fits(shape)
+        return
+    assert s.why_not(shape) is None and s.fits(shape)  # noqa: PT018
+    assert s.units(shape) == units
+    assert s.per_unit(shape, count) == per
+    assert s.layer_count(shape, 0.4) == count  # FanIn: round(0.4 * 5) = 2 per row
+
+
+def test_the_fan_in_per_row_rule_and_counts_it_refuses():
+    assert FanIn().layer_count((10, 4, 3, 3), 0.05) == 10 * row_count((10, 4, 3, 3), 0.05) == 20
+    assert FanIn().per_unit((3, 5)) is None  # no fixed count: checks compare with the majority
+    assert NM(2, 4).per_unit((3, 8)) == 2
+    with pytest.raises(ValueError, match="multiple of the 3 rows"):
+        FanIn().per_unit((3, 5), 7)
+    with pytest.raises(ValueError, match=r"count to be 12 \(2 in each of 6 groups of 4\)"):
+        NM(2, 4).select(torch.rand(3, 8), 10)
+    with pytest.raises(TypeError, match="count to be an int"):
+        FanIn().select(torch.rand(3, 8), 6.0)
+
+
+@dataclass(frozen=True)
+class ColumnGroups(Structure):
+    """``n`` active in every group of ``rows`` consecutive rows of one input column: N:M along
+    the output dimension. sparseopt does not ship it; this class is all it takes."""
+
+    n: int = 1
+    rows: int = 8
+    kind = "column_groups"
+    unit_noun = "column group"
+
+    def __str__(self):
+        return f"{self.n} in {self.rows} rows"
+
+    @property
+    def fixed_density(self):
+        return self.n / self.rows
+
+    def why_not(self, shape):
+        why = super().why_not(shape)
+        if why is None and shape[0] % self.rows:
+            why = f"{shape[0]} rows are not a multiple of {self.rows}"
+        return why
+
+    def units(self, shape):
+        out, fan_in = gemm_shape(shape)
+        return out // self.rows * fan_in, self.rows
+
+    def per_unit(self, shape, count=None):
+        if count is not None and count != self.units(shape)[0] * self.n:
+            raise ValueError(f"Expected {self.units(shape)[0] * self.n}, but got {count}")
+        return self.n
+
+    def layer_count(self, shape, density):
+        return self.units(shape)[0] * self.n
+
+    def to_units(self, t):
+        out, fan_in = gemm_shape(t.shape)
+        return t.reshape(out // self.rows, self.rows, fan_in).transpose(1, 2).reshape(-1, self.rows)
+
+    def from_units(self, u, shape):
+        out, fan_in = gemm_shape(shape)
+        blocks = u.reshape(out // self.rows, fan_in, self.rows).transpose(1, 2)
+        return blocks.reshape(tuple(shape))
+
+
+def column_group_counts(mask, rows=8):
+    """Active weights per (row block, column), by a Python loop over the GEMM view."""
+    flat = mask.reshape(mask.shape[0], -1).tolist()
+    return [
+        sum(flat[r][c] for r in range(start, start + rows))
+        for start in range(0, len(flat), rows)
+        for c in range(len(flat[0]))
+    ]
+
+
+def test_a_new_structure_gets_every_kernel_from_the_protocol():
+    s = ColumnGroups(2, 4)
+    g = torch.Generator().manual_seed(0)
+    mask = s.random((8, 3, 2), 2 * 6 * 2, g)
+    assert column_group_counts(mask, 4) == [2] * 12
+    s.check(mask)
+    scores = tied_scores((8, 6), 1)
+    sel = s.select(scores, 24)
+    # reference: per column block, the 2 best (NaN as -inf), ties to the lower row
+    flat = scores.double().tolist()
+    for start in (0, 4):
+        for c in range(6):
+            ranked = sorted(range(start, start + 4), key=lambda r: (-_key_largest(flat[r][c]), r))
+            assert [bool(sel[r, c]) for r in range(start, start + 4)] == [
+                r in ranked[:2] for r in range(start, start + 4)
+            ]
+    new, dropped, grown = s.exchange(sel, scores.abs(), tied_scores((8, 6), 2), 7)
+    assert column_group_counts(new, 4) == [2] * 12
+    assert int(dropped.sum()) == int(grown.sum()) <= 7
+    broken = new.clone()
+    broken[0, 0] = ~broken[0, 0]
+    assert s.violations(broken) == 1
+    with pytest.raises(ValueError, match=r"every column group to hold 2 active under 2 in 4 rows"):
+        s.check(broken)
+
+
+@pytest.mark.filterwarnings("ignore:the learning rate at the end of phase 1")
+def test_a_new_structure_trains_end_to_end_without_touching_the_library():
+    """RigL + Sup-tickets under a structure defined in this file: every step, the re-prune of
+    each consolidate and the ultimate ticket hold it; methods that move the density refuse it."""
+    from sparseopt import SparseOptimizer, SupTicketsScheduler
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16), torch.nn.ReLU(),
+        torch.nn.Linear(16, 4),
+    )  # fmt: skip
+    s = ColumnGroups(1, 8)
+    opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), "rigl",
+                          structure=s, model=model, update_every=2, seed=0)  # fmt: skip
+    assert opt.sparsity == 0.875
+    assert [layer.name for layer in opt.layers] == ["0.weight", "2.weight"]
+    assert opt.report()["dense"] == [
+        {"name": "4.weight", "shape": (4, 16), "reason": "4 rows are not a multiple of 8"}
+    ]
+    sched = SupTicketsScheduler(opt, 32, 4, superpose_fraction=0.4, lr_low=0.01, lr_high=0.02)
+    g = torch.Generator().manual_seed(0)
+    tickets = [torch.zeros_like(layer.mask) for layer in opt.layers]  # union of the tickets
+    checked = False
+    for _ in range(32):
+        x, y = torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+        for layer, union in zip(opt.layers, tickets, strict=True):
+            assert column_group_counts(layer.mask) == [1] * (layer.mask.numel() // 8)
+            assert (layer.param.detach()[~layer.mask] == 0).all()
+            if opt.tickets:
+                union |= layer.mask
+        if opt.tickets == 2 and not checked:  # two tickets averaged, then re-pruned
+            checked = True
+            # the tickets' supports differ, so their average breaks the structure ...
+            assert any(max(column_group_counts(union)) > 1 for union in tickets)
+            live = [layer.param.detach().clone() for layer in opt.layers]
+            with opt.superposed():  # ... and the re-prune restores it
+                for layer, weight in zip(opt.layers, live, strict=True):
+                    superposed = layer.param.detach()
+                    assert not torch.equal(superposed, weight)
+                    counts = column_group_counts(superposed != 0)  # active weights may be 0
+                    assert max(counts) == 1
+                    assert sum(counts) > len(counts) // 2
+    assert checked
+    assert opt.tickets == 3
+    opt.finalize()
+    for layer in opt.layers:
+        assert column_group_counts(layer.mask) == [1] * (layer.mask.numel() // 8)
+        assert (layer.param.detach()[~layer.mask] == 0).all()
+    with pytest.raises(ValueError, match=r"keeps structure='1 in 8 rows'.*'granet'"):
+        SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "granet", structure=s,
+                        total_steps=100)  # fmt: skip

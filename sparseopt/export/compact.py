@@ -12,10 +12,12 @@ byte-sized gaps, whichever is smaller for that tensor.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
+import uuid
 import warnings
 import zlib
 from collections.abc import Mapping
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _validate
+from ._common import dtype_name, resolve_masks
 
 __all__ = ["load_sparse", "save_sparse"]
 
@@ -114,10 +117,6 @@ def _crc(t: Tensor) -> int:
     return zlib.crc32(flat.numpy().tobytes()) if flat.numel() else 0
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _path(path: Any) -> str:
     """``path`` as a string, or a ``TypeError`` that names the argument."""
     if not isinstance(path, (str, os.PathLike)):
@@ -127,61 +126,47 @@ def _path(path: Any) -> str:
     return os.fspath(path)
 
 
-def _resolve_masks(
-    model: nn.Module, masks: Mapping[Any, Tensor] | None, names: dict[str, Tensor]
-) -> dict[str, Tensor]:
-    """``{state_dict name: bool mask}`` from a mapping keyed by parameter tensors or by names."""
-    if masks is None:
-        return {}
-    if not isinstance(masks, Mapping):
-        raise TypeError(
-            f"Expected masks to be a mapping (parameter or name -> bool mask) or None, but got "
-            f"{type(masks).__name__}"
-        )
-    by_id: dict[int, list[str]] = {}
-    for name, t in names.items():
-        by_id.setdefault(id(t), []).append(name)
-    out: dict[str, Tensor] = {}
-    unknown = []
-    for key, mask in masks.items():
-        if isinstance(key, str):
-            targets = [key] if key in names else []
-        elif isinstance(key, Tensor):
-            targets = by_id.get(id(key), [])
-        else:
-            raise TypeError(
-                f"Expected the keys of masks to be parameters or names, but got "
-                f"{type(key).__name__}"
-            )
-        if not targets:
-            unknown.append(key if isinstance(key, str) else f"a tensor of shape {tuple(key.shape)}")
-        for name in targets:
-            out[name] = mask
-    if unknown:
-        raise ValueError(
-            f"Expected masks to hold tensors of the model, but got {len(unknown)} others: "
-            + ", ".join(map(str, unknown[:5]))
-        )
-    for name, mask in out.items():
-        t = names[name]
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != t.shape:
-            got = (
-                f"{mask.dtype} {tuple(mask.shape)}"
-                if isinstance(mask, Tensor)
-                else type(mask).__name__
-            )
-            wrong_type = not isinstance(mask, Tensor) or mask.dtype != torch.bool
-            raise (TypeError if wrong_type else ValueError)(
-                f"Expected the mask of {name!r} to be a bool tensor of shape {tuple(t.shape)}, "
-                f"but got {got}"
-            )
-        outside = int(torch.count_nonzero(t.detach()[~mask.to(t.device)]))
-        if outside:
-            raise ValueError(
-                f"Expected the weights of {name!r} outside its mask to be 0, but got {outside} "
-                "nonzeros (call opt.apply_masks() first, or pass no masks)"
-            )
-    return out
+def _check_writable(path: str) -> None:
+    """An ``OSError`` naming ``path`` (and the folder that is missing) unless a file can be
+    written there: its folder exists and ``path`` is not a folder itself."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"Expected path to be a file to write, but {path!r} is a folder")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(folder):
+        return
+    first, parent = folder, os.path.dirname(folder)
+    while parent != first and not os.path.isdir(parent):  # the first part that is no folder
+        first, parent = parent, os.path.dirname(parent)
+    kind = NotADirectoryError if os.path.exists(first) else FileNotFoundError
+    what = "is a file, not a folder" if os.path.exists(first) else "does not exist"
+    raise kind(
+        f"Expected the folder of path {path!r} to exist, but {first!r} {what} (create the "
+        f"folder first, e.g. os.makedirs({folder!r}))"
+    )
+
+
+def _write(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` all or nothing: into a temporary file beside it, then renamed
+    over it. On an error the temporary file is removed and the error names ``path``."""
+    folder, base = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{base}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        why = e.strerror or str(e)
+        raise (
+            type(e)(e.errno, f"cannot write {path!r}: {why}")
+            if e.errno
+            else type(e)(f"cannot write {path!r}: {why}")
+        ) from e
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def save_sparse(
@@ -205,7 +190,9 @@ def save_sparse(
 
     Args:
         model (nn.Module): the model; its ``state_dict()`` is saved.
-        path (str | os.PathLike): the file to write (replaced if it exists).
+        path (str | os.PathLike): the file to write, in a folder that exists (replaced if it
+            exists, all at once: a save that fails leaves no file behind and the old one as it
+            was).
         masks (Mapping | None): the active positions, a mapping from parameter tensors (such as
             ``SparseOptimizer.masks``) or ``state_dict`` names to bool masks of their shape. An
             active weight that is exactly 0 stays active in the file. Default: ``None``, the
@@ -227,6 +214,10 @@ def save_sparse(
             mapping of parameters or names to bool tensors, or ``zero_signs`` not a bool.
         ValueError: if a mask belongs to no tensor of the model, does not have its tensor's
             shape, or leaves nonzero weights outside it.
+        FileNotFoundError: if the folder of ``path`` does not exist (the message names
+            ``path`` and the first missing folder); ``NotADirectoryError`` if a part of it is a
+            file, ``IsADirectoryError`` if ``path`` is a folder; another ``OSError`` naming
+            ``path`` if writing fails.
 
     Examples:
         >>> import os, tempfile, torch
@@ -249,9 +240,10 @@ def save_sparse(
         raise TypeError(f"Expected model to be an nn.Module, but got {type(model).__name__}")
     zero_signs = _validate.boolean("zero_signs", zero_signs)
     path = _path(path)
+    _check_writable(path)
     state = model.state_dict(keep_vars=True)
     params = {id(p) for p in model.parameters()}
-    chosen = _resolve_masks(model, masks, state)
+    chosen = resolve_masks(masks, state)
     tensors: dict[str, Tensor] = {}
     entries: dict[str, dict[str, Any]] = {}
     dense_bytes = 0
@@ -262,7 +254,7 @@ def save_sparse(
         dense_bytes += t.numel() * t.element_size()
         entry: dict[str, Any] = {
             "shape": list(t.shape),
-            "dtype": _dtype_name(t.dtype),
+            "dtype": dtype_name(t.dtype),
             "numel": t.numel(),
         }
         mask = chosen.get(name)
@@ -305,13 +297,14 @@ def save_sparse(
         )
     header = {"format": _FORMAT, "version": str(_VERSION), "tensors": json.dumps(entries)}
     if _have_safetensors():
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file(tensors, path, metadata=header)
-        fmt = "safetensors"
+        data, fmt = save(tensors, metadata=header), "safetensors"
     else:
-        torch.save({"header": header, "tensors": tensors}, path)
-        fmt = "torch"
+        buffer = io.BytesIO()
+        torch.save({"header": header, "tensors": tensors}, buffer)
+        data, fmt = buffer.getvalue(), "torch"
+    _write(path, data)
     return {
         "file_bytes": os.path.getsize(path),
         "dense_bytes": dense_bytes,
@@ -446,9 +439,9 @@ def load_sparse(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, Ten
             problems.append(
                 f"{name}: shape {entry.get('shape')} in the file, {list(t.shape)} in the model"
             )
-        if entry.get("dtype") != _dtype_name(t.dtype):
+        if entry.get("dtype") != dtype_name(t.dtype):
             problems.append(
-                f"{name}: dtype {entry.get('dtype')} in the file, {_dtype_name(t.dtype)} in "
+                f"{name}: dtype {entry.get('dtype')} in the file, {dtype_name(t.dtype)} in "
                 "the model"
             )
     if problems:

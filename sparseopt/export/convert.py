@@ -1,31 +1,29 @@
-"""``to_sparse_inference``: which layer of a model becomes which sparse module, by measured rules
-(``min_sparsity_rule``, ``fan_in_min_sparsity_rule``), and the ``InferenceReport`` that says why.
+"""``to_sparse_inference``: each layer of a model goes to the first converter that takes it, by
+measured rules (``min_sparsity_rule``, ``fan_in_min_sparsity_rule``), and an ``InferenceReport``
+says what each layer became and why.
+
+The converters form one ordered list (``CONVERTERS``): 2:4 semi-structured, then condensed
+constant fan-in (for layers whose mask holds a structure), then CSR/BSR (for the others). Each
+has ``takes(layer)`` (whether it is a converter for this kind of layer at all),
+``why_not(layer, request)`` (``None``, or why it declines, which the report shows) and
+``build(layer, request)`` (the module, its layout and the report's reason). A new layout is one
+more converter in the list.
 """
 
 from __future__ import annotations
 
-import numbers
-import warnings
+import copy
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .. import _validate
-from ..structure import Structure, fits, parse_structure, structure_violations
-from .compact import _resolve_masks
-from .modules import (
-    CondensedConv1x1,
-    CondensedLinear,
-    SemiStructuredLinear,
-    SparseConv1x1,
-    SparseLinear,
-    _check_layout,
-    _constant_fan_in,
-    _conv_unsupported,
-    semi_structured_unsupported,
-)
+from .. import _validate, _warnings
+from ..structure import NM, Structure, parse_structure
+from . import modules
+from ._common import LAYOUTS, conv1x1_unsupported, resolve_masks
 
 __all__ = [
     "InferenceReport",
@@ -33,6 +31,28 @@ __all__ = [
     "min_sparsity_rule",
     "to_sparse_inference",
 ]
+
+# (most weights, ((from batch size, minimum sparsity), ...)), first match wins; None: any size
+_Rule = tuple[tuple[int | None, tuple[tuple[int, float], ...]], ...]
+_CSR_RULE: _Rule = (
+    (1 << 16, ((1, 1.0),)),
+    (1 << 18, ((64, 0.9), (1, 0.99))),
+    (None, ((8, 0.9), (1, 0.95))),
+)
+_CONDENSED_RULE: _Rule = (
+    (1 << 16, ((1, 1.0),)),
+    (1 << 18, ((64, 0.9), (1, 1.0))),
+    (None, ((64, 0.8), (1, 0.9))),
+)
+
+
+def _measured(numel: Any, batch_size: Any, rule: _Rule) -> float:
+    numel = _validate.integer("numel", numel, 0)
+    batch_size = _validate.integer("batch_size", batch_size, 1)
+    for most, by_batch in rule:
+        if most is None or numel <= most:
+            return next(t for smallest, t in by_batch if batch_size >= smallest)
+    raise AssertionError("unreachable: the last row of a rule takes any size")
 
 
 def min_sparsity_rule(numel: int, batch_size: int) -> float:
@@ -62,13 +82,38 @@ def min_sparsity_rule(numel: int, batch_size: int) -> float:
         >>> min_sparsity_rule(512 * 512, 8), min_sparsity_rule(512 * 512, 64)
         (0.99, 0.9)
     """
-    numel = _validate.integer("numel", numel, 0)
-    batch_size = _validate.integer("batch_size", batch_size, 1)
-    if numel <= 1 << 16:
-        return 1.0
-    if numel <= 1 << 18:
-        return 0.9 if batch_size >= 64 else 0.99
-    return 0.9 if batch_size >= 8 else 0.95
+    return _measured(numel, batch_size, _CSR_RULE)
+
+
+def fan_in_min_sparsity_rule(numel: int, batch_size: int) -> float:
+    """The sparsity above which a constant fan-in layer, condensed, beat dense on CPU.
+
+    Measured with ``benchmarks/structured_inference.py`` (torch 2.13, one thread; the table is in
+    ``docs/benchmarks.md``): [`CondensedLinear`][sparseopt.export.CondensedLinear] against
+    ``F.linear`` on 256x256, 512x512, 1024x1024 and 4096x4096 layers at 80, 90 and 95% sparsity,
+    batch 1, 8 and 64, in three runs. A layer of at most 2**16 weights (256x256) lost or tied
+    (it won by a few percent only at batch 64). One of at most 2**18 (512x512) won at batch 64
+    from 90% (1.9-2.4x) and was a toss-up below (0.84-1.35x). Larger ones won at 90% and 95% at
+    every batch (1.4-10x), and at 80% at batch 64 (1.35-2.0x, one run 0.82x); at 80% below
+    batch 64 the result flipped from run to run. Below 80% was not measured: left dense.
+
+    Args:
+        numel (int): as for [`min_sparsity_rule`][sparseopt.export.min_sparsity_rule].
+        batch_size (int): as for ``min_sparsity_rule``.
+
+    Returns:
+        The minimum sparsity in ``[0, 1]`` at which the layer is condensed (1.0: never); errors
+        as for ``min_sparsity_rule``.
+
+    Examples:
+        >>> fan_in_min_sparsity_rule(4096 * 4096, 1), fan_in_min_sparsity_rule(4096 * 4096, 64)
+        (0.9, 0.8)
+        >>> fan_in_min_sparsity_rule(512 * 512, 1), fan_in_min_sparsity_rule(512 * 512, 64)
+        (1.0, 0.9)
+        >>> fan_in_min_sparsity_rule(256 * 256, 64)
+        1.0
+    """
+    return _measured(numel, batch_size, _CONDENSED_RULE)
 
 
 class InferenceReport(list):
@@ -117,78 +162,199 @@ class InferenceReport(list):
         return "\n".join(lines)
 
 
-def _block_for(shape: tuple[int, ...]) -> int | None:
-    for b in (16, 8, 4, 2):
-        if shape[0] % b == 0 and shape[1] % b == 0:
-            return b
-    return None
+# --- the converters ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Request:
+    """What the caller asked for, checked."""
+
+    min_sparsity: float | None
+    layout: str
+    batch_size: int
+    blocksize: int | None
 
 
-def fan_in_min_sparsity_rule(numel: int, batch_size: int) -> float:
-    """The sparsity above which a constant fan-in layer, condensed, beat dense on CPU.
+@dataclass(frozen=True)
+class _Layer:
+    """One ``nn.Linear`` or 1x1 ``nn.Conv2d`` of the copy, and what its mask holds."""
 
-    Measured with ``benchmarks/structured_inference.py`` (torch 2.13, one thread; the table is in
-    ``docs/benchmarks.md``): [`CondensedLinear`][sparseopt.export.CondensedLinear] against
-    ``F.linear`` on 256x256, 512x512, 1024x1024 and 4096x4096 layers at 80, 90 and 95% sparsity,
-    batch 1, 8 and 64, in three runs. A layer of at most 2**16 weights (256x256) lost or tied
-    (it won by a few percent only at batch 64). One of at most 2**18 (512x512) won at batch 64
-    from 90% (1.9-2.4x) and was a toss-up below (0.84-1.35x). Larger ones won at 90% and 95% at
-    every batch (1.4-10x), and at 80% at batch 64 (1.35-2.0x, one run 0.82x); at 80% below
-    batch 64 the result flipped from run to run. Below 80% was not measured: left dense.
+    module: nn.Module
+    mask: Tensor | None  # the caller's mask, or None: the nonzeros
+    active: Tensor  # the active positions in the GEMM view (out, fan_in)
+    sparsity: float
+    structure: str | None  # what the mask holds ("2:4", another "N:M", "fan_in"), or None
 
-    Args:
-        numel (int): the layer's weight count.
-        batch_size (int): rows of the GEMM (the batch; for a 1x1 convolution at least the batch).
-
-    Returns:
-        The minimum sparsity in ``[0, 1]`` at which the layer is condensed (1.0: never).
-
-    Raises:
-        TypeError: if ``numel`` or ``batch_size`` is not an int.
-        ValueError: if ``numel`` is negative or ``batch_size`` is not positive.
-
-    Examples:
-        >>> fan_in_min_sparsity_rule(4096 * 4096, 1), fan_in_min_sparsity_rule(4096 * 4096, 64)
-        (0.9, 0.8)
-        >>> fan_in_min_sparsity_rule(512 * 512, 1), fan_in_min_sparsity_rule(512 * 512, 64)
-        (1.0, 0.9)
-        >>> fan_in_min_sparsity_rule(256 * 256, 64)
-        1.0
-    """
-    numel = _validate.integer("numel", numel, 0)
-    batch_size = _validate.integer("batch_size", batch_size, 1)
-    if numel <= 1 << 16:
-        return 1.0
-    if numel <= 1 << 18:
-        return 0.9 if batch_size >= 64 else 1.0
-    return 0.8 if batch_size >= 64 else 0.9
+    @property
+    def weight(self) -> Tensor:
+        return self.module.weight.detach()
 
 
-def _layer_structure(active: Tensor, wanted: Structure | str) -> tuple[str | None, int, str]:
-    """``(label, k, why)`` for a 2-D mask: ``label`` is ``"2:4"``, another ``"N:M"`` or
-    ``"fan_in"`` when the mask holds it (``k``: active per row), else ``None`` and ``why``."""
-    rows, fan_in = active.shape
-    k, fewest, most = _constant_fan_in(active)
-    constant = fewest == most and 0 < k < fan_in
+class _Declined(Exception):
+    """A converter's ``build`` that failed after all: the walk goes on, with this reason."""
+
+
+_BATCH_SIZES = tuple(2**i for i in range(21))
+
+
+def _threshold(layer: _Layer, request: _Request, rule: Any) -> tuple[bool, str]:
+    """Whether the layer is sparse enough for ``rule`` (or the caller's ``min_sparsity``), and
+    the comparison for the report. A measured rule that never converts a layer of this size says
+    so: "never at this size", or at this batch size, with the batch size from which it would."""
+    s = layer.sparsity
+    if request.min_sparsity is not None:
+        t = request.min_sparsity
+        if s >= t:
+            return True, f"sparsity {s:.3f} reaches {t:.3f}"
+        return False, f"sparsity {s:.3f} < {t:.3f} (min_sparsity): kept dense"
+    numel = layer.weight.numel()
+    t = rule(numel, request.batch_size)
+    if s >= t - 0.005:  # half a percent of slack: a 95% mask may hold 94.97% zeros
+        return True, f"sparsity {s:.3f} reaches {t:.3f}"
+    if t < 1.0:
+        return False, f"sparsity {s:.3f} < {t:.3f}: dense is faster"
+    later = next((b for b in _BATCH_SIZES if b > request.batch_size and rule(numel, b) < 1), None)
+    if later is None:
+        return False, (
+            f"sparsity {s:.3f}: never at this size ({numel} weights), dense is faster at any "
+            "sparsity"
+        )
+    return False, (
+        f"sparsity {s:.3f}: never at batch size {request.batch_size} for this size ({numel} "
+        f"weights), dense is faster at any sparsity (from batch size {later}: "
+        f"{rule(numel, later):.3f})"
+    )
+
+
+class _SemiStructured:
+    """A 2:4 ``nn.Linear`` to ``SemiStructuredLinear`` (CUDA), whatever ``min_sparsity`` says."""
+
+    def takes(self, layer: _Layer) -> bool:
+        return layer.structure == "2:4"
+
+    def why_not(self, layer: _Layer, request: _Request) -> str | None:
+        if not isinstance(layer.module, nn.Linear):
+            return "2:4 mask (the semi-structured 2:4 kernels run nn.Linear only)"
+        why = modules.semi_structured_unsupported(layer.weight)
+        return f"2:4 mask ({why})" if why else None
+
+    def build(self, layer: _Layer, request: _Request) -> tuple[nn.Module, str, str]:
+        try:
+            module = modules.SemiStructuredLinear(layer.module)
+        except (RuntimeError, NotImplementedError, ValueError) as e:
+            raise _Declined(f"2:4 mask (to_sparse_semi_structured failed: {e})") from e
+        return module, "2:4", "2:4 semi-structured (sparse tensor cores)"
+
+
+class _Condensed:
+    """A layer whose mask holds a structure with one count per row (constant fan-in, any N:M)
+    to ``CondensedLinear`` / ``CondensedConv1x1``, by ``fan_in_min_sparsity_rule``."""
+
+    def takes(self, layer: _Layer) -> bool:
+        return layer.structure is not None
+
+    def why_not(self, layer: _Layer, request: _Request) -> str | None:
+        counts = layer.active.sum(1)
+        fewest, most = int(counts.min()), int(counts.max())
+        if fewest != most:
+            return (
+                f"rows hold {fewest} to {most} active: the condensed layer needs the same "
+                "count in every row"
+            )
+        if not layer.weight.is_floating_point():
+            return f"{layer.weight.dtype}: the condensed layer takes float weights"
+        enough, text = _threshold(layer, request, fan_in_min_sparsity_rule)
+        return None if enough else f"constant fan-in {most}: {text}"
+
+    def build(self, layer: _Layer, request: _Request) -> tuple[nn.Module, str, str]:
+        cls = (
+            modules.CondensedLinear
+            if isinstance(layer.module, nn.Linear)
+            else modules.CondensedConv1x1
+        )
+        module = cls(layer.module, layer.mask)
+        text = _threshold(layer, request, fan_in_min_sparsity_rule)[1]
+        return module, "condensed", f"constant fan-in {module.k}: {text}"
+
+
+class _Compressed:
+    """An unstructured float32/float64 layer to ``SparseLinear`` / ``SparseConv1x1`` (CSR or
+    BSR), by ``min_sparsity_rule``."""
+
+    def takes(self, layer: _Layer) -> bool:
+        return layer.structure is None
+
+    @staticmethod
+    def _block(layer: _Layer, request: _Request) -> int:
+        """The BSR block: the caller's, or the largest of 16, 8, 4, 2 that divides the GEMM
+        view; 0 when none does."""
+        rows, cols = layer.active.shape
+        candidates = (request.blocksize,) if request.blocksize else (16, 8, 4, 2)
+        return next((b for b in candidates if rows % b == 0 and cols % b == 0), 0)
+
+    def why_not(self, layer: _Layer, request: _Request) -> str | None:
+        if layer.weight.dtype not in (torch.float32, torch.float64):
+            return f"{layer.weight.dtype}: torch's CPU sparse kernels take float32/float64"
+        enough, text = _threshold(layer, request, min_sparsity_rule)
+        if not enough:
+            return text
+        if request.layout == "bsr" and not self._block(layer, request):
+            return f"no square block divides {tuple(layer.active.shape)}"
+        return None
+
+    def build(self, layer: _Layer, request: _Request) -> tuple[nn.Module, str, str]:
+        cls = modules.SparseLinear if isinstance(layer.module, nn.Linear) else modules.SparseConv1x1
+        if request.layout == "bsr":
+            module = cls(layer.module, "bsr", self._block(layer, request))
+        else:
+            module = cls(layer.module)
+        return module, request.layout, _threshold(layer, request, min_sparsity_rule)[1]
+
+
+CONVERTERS = (_SemiStructured(), _Condensed(), _Compressed())
+"""The converters, in the order ``to_sparse_inference`` tries them."""
+
+_TWO_FOUR = NM(2, 4)
+
+
+def _found(active: Tensor, wanted: Structure | str) -> tuple[str | None, str]:
+    """``(label, why)``: the structure a 2-D mask holds (``"2:4"``, another ``"N:M"``,
+    ``"fan_in"``) or ``None``, and why not."""
+    shape = tuple(active.shape)
+    counts = active.sum(1)
+    fewest, most = (int(counts.min()), int(counts.max())) if counts.numel() else (0, 0)
     if wanted == "auto":
-        two_four = constant and fits(active.shape, "2:4") and k * 2 == fan_in
-        if two_four and structure_violations(active, "2:4") == 0:
-            return "2:4", k, ""
-        if constant:
-            return "fan_in", k, ""
-        return None, k, f"no structure found (rows hold {fewest} to {most} active)"
+        if _TWO_FOUR.fits(shape) and _TWO_FOUR.violations(active) == 0:
+            return "2:4", ""
+        if fewest == most and 0 < most < shape[1]:
+            return "fan_in", ""
+        return None, f"no structure found (rows hold {fewest} to {most} active)"
     assert isinstance(wanted, Structure)
-    if wanted.kind == "nm":
-        if not fits(active.shape, wanted):
-            return None, k, f"fan-in {fan_in} is not a multiple of {wanted.m}: not {wanted}"
-        bad = structure_violations(active, wanted)
-        if bad:
-            groups = rows * (fan_in // wanted.m)
-            return None, k, f"not {wanted}: {bad} of {groups} groups hold another count"
-        return str(wanted), k, ""
-    if not constant:
-        return None, k, f"not constant fan-in (rows hold {fewest} to {most} active)"
-    return "fan_in", k, ""
+    why = wanted.why_not(shape)
+    if why is not None:
+        return None, f"{why}: not {wanted}"
+    bad = wanted.violations(active)
+    if bad:
+        units = wanted.units(shape)[0]
+        rows = f" (rows hold {fewest} to {most} active)" if fewest != most else ""
+        return None, f"not {wanted}: {bad} of {units} {wanted.unit_noun}s hold another count{rows}"
+    return str(wanted), ""
+
+
+def _walk(layer: _Layer, request: _Request, notes: list[str]) -> tuple[nn.Module | None, str, str]:
+    """The first converter that takes and accepts the layer: ``(module, layout, reason)``; or
+    ``(None, "", reason)`` with every converter's reason for declining."""
+    for converter in CONVERTERS:
+        if not converter.takes(layer):
+            continue
+        why = converter.why_not(layer, request)
+        if why is None:
+            try:
+                module, layout, reason = converter.build(layer, request)
+            except _Declined as e:
+                why = str(e)
+            else:
+                return module, layout, "; ".join([*notes, reason])
+        notes.append(why)
+    return None, "", "; ".join(notes)
 
 
 def to_sparse_inference(
@@ -293,32 +459,15 @@ def to_sparse_inference(
         >>> torch.allclose(fast(x), model(x), atol=1e-5)
         True
     """
-    import copy
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected model to be an nn.Module, but got {type(model).__name__}")
     if min_sparsity is not None:
-        if not _validate.is_real(min_sparsity):
-            raise TypeError(
-                "Expected min_sparsity to be a float or None, but got "
-                f"{_validate.type_of(min_sparsity)}"
-            )
-        if not 0.0 <= min_sparsity <= 1.0:
-            raise ValueError(f"Expected min_sparsity to be in [0, 1], but got {min_sparsity}")
-        min_sparsity = float(min_sparsity)
-    _check_layout(layout)
-    for arg, value in (("batch_size", batch_size), ("blocksize", blocksize)):
-        if value is None and arg == "blocksize":
-            continue
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-            # the type first: tests/test_export.py matches "to be an int, but got float"
-            raise TypeError(
-                f"Expected {arg} to be an int, but got {type(value).__name__} {value!r}"
-            )
-        if value < 1:
-            raise ValueError(f"Expected {arg} to be positive, but got {value}")
-    batch_size = int(batch_size)
-    blocksize = None if blocksize is None else int(blocksize)
+        min_sparsity = _validate.real("min_sparsity", min_sparsity, 0, 1)
+    _validate.choice("layout", layout, LAYOUTS)
+    batch_size = _validate.integer("batch_size", batch_size, 1)
+    if blocksize is not None:
+        blocksize = _validate.integer("blocksize", blocksize, 1)
+    request = _Request(min_sparsity, layout, batch_size, blocksize)
     wanted: Structure | str | None
     if structure == "auto":
         wanted = "auto"
@@ -328,86 +477,34 @@ def to_sparse_inference(
         except (TypeError, ValueError) as e:
             kind = type(e)
             raise kind(str(e).replace("to be None,", "to be None, 'auto',", 1)) from None
-    chosen = _resolve_masks(model, masks, model.state_dict(keep_vars=True))
+    chosen = resolve_masks(masks, model.state_dict(keep_vars=True))
     out = copy.deepcopy(model)
     report = InferenceReport()
     replace: list[tuple[str, nn.Module]] = []
     for name, module in out.named_modules():
         if module is out and not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
-        kind = type(module).__name__
-        weight = getattr(module, "weight", None)
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            if isinstance(weight, Tensor) and weight.ndim >= 2:
-                report.append(
-                    {
-                        "name": name,
-                        "type": kind,
-                        "shape": tuple(weight.shape),
-                        "sparsity": 1 - int(torch.count_nonzero(weight)) / weight.numel(),
-                        "converted": None,
-                        "structure": None,
-                        "reason": "layer type not supported (stays dense)",
-                    }
-                )
+        row = _row(name, module, chosen)
+        if row is None:
             continue
-        w = module.weight.detach()
-        mask = chosen.get(f"{name}.weight" if name else "weight")
-        active = (w != 0) if mask is None else mask.to(w.device)
-        sparsity = 1 - int(torch.count_nonzero(active)) / w.numel()
-        row = {
-            "name": name,
-            "type": kind,
-            "shape": tuple(w.shape),
-            "sparsity": sparsity,
-            "converted": None,
-            "structure": None,
-            "reason": "",
-        }
         report.append(row)
-        if isinstance(module, nn.Conv2d) and _conv_unsupported(module):
-            row["reason"] = f"{_conv_unsupported(module)}: only 1x1 convolutions run sparse"
+        if row["reason"]:  # a layer no converter is for
             continue
-        note = ""
+        mask = chosen.get(f"{name}.weight" if name else "weight")
+        w = module.weight.detach()
+        active = ((w != 0) if mask is None else mask.to(w.device)).reshape(w.shape[0], -1)
+        notes = []
+        label = None
         if wanted is not None:
-            label, k, why = _layer_structure(active.reshape(w.shape[0], -1), wanted)
+            label, why = _found(active, wanted)
             row["structure"] = label
-            if label is None:
-                note = why + "; "
-            else:
-                new, reason = _convert_structured(
-                    module, mask, label, k, sparsity, min_sparsity, batch_size
-                )
-                row["reason"] = reason
-                if new is not None:
-                    replace.append((name, new))
-                    row["converted"] = (
-                        "2:4" if isinstance(new, SemiStructuredLinear) else ("condensed")
-                    )
-                continue
-        if w.dtype not in (torch.float32, torch.float64):
-            row["reason"] = note + f"{w.dtype}: torch's CPU sparse kernels take float32/float64"
-            continue
-        if min_sparsity is None:  # half a percent of slack: a 95% mask may hold 94.97% zeros
-            threshold = min_sparsity_rule(w.numel(), batch_size)
-            converts = sparsity >= threshold - 0.005
+            notes += [why] if why else []
+        layer = _Layer(module, mask, active, row["sparsity"], label)
+        new, row["converted"], row["reason"] = _walk(layer, request, notes)
+        if new is not None:
+            replace.append((name, new))
         else:
-            threshold = min_sparsity
-            converts = sparsity >= threshold
-        if not converts:
-            row["reason"] = note + f"sparsity {sparsity:.3f} < {threshold:.3f}: dense is faster"
-            continue
-        shape2d = (w.shape[0], w.numel() // w.shape[0])
-        block = 1
-        if layout == "bsr":
-            block = blocksize or _block_for(shape2d) or 0
-            if not block or shape2d[0] % block or shape2d[1] % block:
-                row["reason"] = note + f"no square block divides {shape2d}"
-                continue
-        cls = SparseLinear if isinstance(module, nn.Linear) else SparseConv1x1
-        replace.append((name, cls(module, layout, block) if layout == "bsr" else cls(module)))
-        row["converted"] = layout
-        row["reason"] = note + f"sparsity {sparsity:.3f} reaches {threshold:.3f}"
+            row["converted"] = None
     for name, new in replace:
         new.train(out.training)
         if name == "":
@@ -418,52 +515,33 @@ def to_sparse_inference(
         setattr(parent, child, new)
     out.sparse_inference_report = report
     if not replace:
-        warnings.warn(
+        _warnings.warn(
             "to_sparse_inference converted no layer (no Linear or 1x1 Conv2d was sparse enough); "
-            "nothing was gained: see the copy's sparse_inference_report",
-            UserWarning,
-            stacklevel=2,
+            "nothing was gained: see the copy's sparse_inference_report"
         )
     return out
 
 
-def _convert_structured(
-    module: nn.Module,
-    mask: Tensor | None,
-    label: str,
-    k: int,
-    sparsity: float,
-    min_sparsity: float | None,
-    batch_size: int,
-) -> tuple[nn.Module | None, str]:
-    """The structured module for one layer whose mask holds ``label`` (or ``None``), and why."""
-    w = module.weight.detach()
-    note = ""
-    if label == "2:4":
-        why = (
-            semi_structured_unsupported(w)
-            if isinstance(module, nn.Linear)
-            else "semi-structured 2:4 runs nn.Linear only"
-        )
-        if not why:
-            try:
-                return SemiStructuredLinear(module), "2:4 semi-structured (sparse tensor cores)"
-            except (RuntimeError, NotImplementedError, ValueError) as e:
-                why = f"to_sparse_semi_structured failed: {e}"
-        note = f"2:4 mask, but {why}; "
-    if not w.is_floating_point():
-        return None, note + f"{w.dtype}: the condensed layer takes float weights"
-    if min_sparsity is None:
-        threshold = fan_in_min_sparsity_rule(w.numel(), batch_size)
-        converts = sparsity >= threshold - 0.005
-    else:
-        threshold = min_sparsity
-        converts = sparsity >= threshold
-    what = f"constant fan-in {k}"
-    if not converts:
-        return None, note + f"{what}: sparsity {sparsity:.3f} < {threshold:.3f}: dense is faster"
-    if isinstance(module, nn.Linear):
-        new: nn.Module = CondensedLinear(module, mask)
-    else:
-        new = CondensedConv1x1(module, mask)
-    return new, note + f"{what}: sparsity {sparsity:.3f} reaches {threshold:.3f}"
+def _row(name: str, module: nn.Module, chosen: Mapping[str, Tensor]) -> dict[str, Any] | None:
+    """The report's row for a module with a weight matrix (``None`` for the others); its
+    ``reason`` is already set when no converter is for it."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor) or weight.ndim < 2:
+        return None
+    supported = isinstance(module, (nn.Linear, nn.Conv2d))
+    mask = chosen.get(f"{name}.weight" if name else "weight") if supported else None
+    nnz = int(torch.count_nonzero(weight.detach() if mask is None else mask))
+    row = {
+        "name": name,
+        "type": type(module).__name__,
+        "shape": tuple(weight.shape),
+        "sparsity": 1 - nnz / weight.numel(),
+        "converted": None,
+        "structure": None,
+        "reason": "",
+    }
+    if not supported:
+        row["reason"] = "layer type not supported (stays dense)"
+    elif isinstance(module, nn.Conv2d) and conv1x1_unsupported(module):
+        row["reason"] = f"{conv1x1_unsupported(module)}: only 1x1 convolutions run sparse"
+    return row

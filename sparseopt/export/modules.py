@@ -2,7 +2,8 @@
 constant fan-in ``CondensedLinear`` and ``CondensedConv1x1``, and 2:4 ``SemiStructuredLinear``.
 
 Each is built from a trained dense layer (and optionally its mask) and computes the same output
-within float tolerance; ``sparseopt.export.convert`` decides which layer becomes which.
+within float tolerance; ``sparseopt.export.convert`` decides which layer becomes which. The two
+1x1-convolution layers are their GEMM layer run over the pixels by one adapter.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _validate
-from .compact import _dtype_name
+from .. import _compat, _validate
+from ._common import LAYOUTS, conv1x1_unsupported, dtype_name
 
 __all__ = [
     "CondensedConv1x1",
@@ -26,26 +27,67 @@ __all__ = [
     "semi_structured_unsupported",
 ]
 
-_LAYOUTS = ("csr", "bsr")
+
+class _OverPixels:
+    """The one 1x1-convolution adapter: a GEMM layer (``SparseLinear``, ``CondensedLinear``) run
+    over the pixels of ``(N, C, H, W)`` inputs. The GEMM layer provides ``_columns(cols)``, its
+    weight times a ``(in_features, n)`` matrix, without the bias."""
+
+    @staticmethod
+    def _linear_of(conv: nn.Conv2d, mask: Tensor | None = None) -> tuple[nn.Linear, Tensor | None]:
+        """The ``nn.Linear`` a 1x1, stride-1, unpadded, ungrouped conv computes per pixel (its
+        bias and a ``(out, in)`` view of its weight), and the mask in that view."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"Expected conv to be an nn.Conv2d, but got {type(conv).__name__}")
+        reason = conv1x1_unsupported(conv)
+        if reason:
+            raise ValueError(
+                f"Expected a 1x1, stride-1, unpadded, ungrouped conv, but got {reason}"
+            )
+        if mask is not None:
+            _check_mask(mask, conv.weight.shape)
+            mask = mask.reshape(conv.out_channels, -1)
+        linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None)
+        linear.weight = nn.Parameter(conv.weight.detach().reshape(conv.out_channels, -1))
+        linear.bias = conv.bias
+        return linear, mask
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The convolution of ``x``, ``(N, C_in, H, W) -> (N, C_out, H, W)``, contiguous."""
+        n, c, h, w = x.shape
+        out = self._columns(x.transpose(0, 1).reshape(c, n * h * w))  # the transposed GEMM
+        if self.bias is not None:
+            out = out + self.bias.unsqueeze(1)
+        return out.reshape(self.out_features, n, h, w).transpose(0, 1).contiguous()
+
+    def extra_repr(self) -> str:
+        return "kernel_size=(1, 1), " + super().extra_repr()
 
 
-def _check_layout(layout: Any) -> None:
-    if not isinstance(layout, str):
-        raise TypeError(f"Expected layout to be a str, but got {_validate.type_of(layout)}")
-    if layout not in _LAYOUTS:
-        raise ValueError(f"Expected layout to be one of {_LAYOUTS}, but got {layout!r}")
+class _SparseGemm(nn.Module):
+    """What the sparse ``nn.Linear`` layers share: ``forward`` over the last dimension of the
+    input, by ``_matvec(row)`` for one input row where ``_by_matvec()`` says so and by
+    ``_columns(cols)`` (the weight times a ``(in_features, n)`` matrix) otherwise."""
+
+    def _by_matvec(self) -> bool:
+        return True
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x @ weight.T + bias`` over the last dimension of ``x``: ``(*, in_features)`` to
+        ``(*, out_features)``."""
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] == 1 and self._by_matvec():
+            out = self._matvec(rows[0]).unsqueeze(0)
+        else:
+            out = self._columns(rows.t()).t()
+        if self.bias is not None:
+            out = out + self.bias
+        shape = list(x.shape[:-1])
+        shape.append(self.out_features)
+        return out.reshape(shape)
 
 
-def _as_linear(conv: nn.Conv2d) -> nn.Linear:
-    """The ``nn.Linear`` that a 1x1, stride-1, unpadded, ungrouped conv computes per pixel,
-    sharing the conv's bias and a ``(out, in)`` view of its weight's values."""
-    linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None)
-    linear.weight = nn.Parameter(conv.weight.detach().reshape(conv.out_channels, -1))
-    linear.bias = conv.bias
-    return linear
-
-
-class SparseLinear(nn.Module):
+class SparseLinear(_SparseGemm):
     """``nn.Linear`` computing with a ``torch.sparse`` CSR or BSR weight (inference).
 
     The compressed weight is kept as plain dense buffers (``crow_indices``, ``col_indices``,
@@ -78,7 +120,7 @@ class SparseLinear(nn.Module):
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"Expected linear to be an nn.Linear, but got {type(linear).__name__}")
-        _check_layout(layout)
+        _validate.choice("layout", layout, LAYOUTS)
         blocksize = _validate.integer("blocksize", blocksize, 1)
         weight = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -128,31 +170,11 @@ class SparseLinear(nn.Module):
             check_invariants=False,
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x @ weight.T + bias`` over the last dimension of ``x``.
+    def _matvec(self, row: Tensor) -> Tensor:  # MKL's sparse mv: 2-3x faster than mm
+        return torch.mv(self.sparse_weight(), row)
 
-        Args:
-            x (Tensor): ``(*, in_features)``.
-
-        Returns:
-            ``(*, out_features)``.
-
-        Examples:
-            >>> import torch
-            >>> from sparseopt.export import SparseLinear
-            >>> SparseLinear(torch.nn.Linear(8, 4))(torch.randn(2, 5, 8)).shape
-            torch.Size([2, 5, 4])
-        """
-        rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] == 1:  # a matrix-vector product: MKL's sparse mv is 2-3x faster
-            out = torch.mv(self.sparse_weight(), rows[0]).unsqueeze(0)
-        else:
-            out = torch.sparse.mm(self.sparse_weight(), rows.t()).t()
-        if self.bias is not None:
-            out = out + self.bias
-        shape = list(x.shape[:-1])
-        shape.append(self.out_features)
-        return out.reshape(shape)
+    def _columns(self, cols: Tensor) -> Tensor:
+        return torch.sparse.mm(self.sparse_weight(), cols)
 
     def extra_repr(self) -> str:
         nnz = self.values.numel()
@@ -162,7 +184,7 @@ class SparseLinear(nn.Module):
         )
 
 
-class SparseConv1x1(SparseLinear):
+class SparseConv1x1(_OverPixels, SparseLinear):
     """A 1x1 ``nn.Conv2d`` (stride 1, no padding, one group) as a sparse GEMM over the pixels.
 
     Args:
@@ -186,49 +208,7 @@ class SparseConv1x1(SparseLinear):
     """
 
     def __init__(self, conv: nn.Conv2d, layout: str = "csr", blocksize: int = 4) -> None:
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"Expected conv to be an nn.Conv2d, but got {type(conv).__name__}")
-        reason = _conv_unsupported(conv)
-        if reason:
-            raise ValueError(
-                f"Expected a 1x1, stride-1, unpadded, ungrouped conv, but got {reason}"
-            )
-        super().__init__(_as_linear(conv), layout, blocksize)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """The convolution of ``x``, ``(N, C_in, H, W) -> (N, C_out, H, W)``.
-
-        Args:
-            x (Tensor): ``(N, in_channels, H, W)``.
-
-        Returns:
-            ``(N, out_channels, H, W)``, contiguous.
-
-        Examples:
-            >>> import torch
-            >>> from sparseopt.export import SparseConv1x1
-            >>> SparseConv1x1(torch.nn.Conv2d(8, 4, 1))(torch.randn(2, 8, 3, 3)).shape
-            torch.Size([2, 4, 3, 3])
-        """
-        n, c, h, w = x.shape
-        cols = x.transpose(0, 1).reshape(c, n * h * w)
-        out = torch.sparse.mm(self.sparse_weight(), cols)
-        if self.bias is not None:
-            out = out + self.bias.unsqueeze(1)
-        return out.reshape(self.out_features, n, h, w).transpose(0, 1).contiguous()
-
-    def extra_repr(self) -> str:
-        return "kernel_size=(1, 1), " + super().extra_repr()
-
-
-def _conv_unsupported(conv: nn.Conv2d) -> str:
-    if conv.kernel_size != (1, 1):
-        return f"kernel {conv.kernel_size}"
-    if conv.stride != (1, 1) or conv.groups != 1 or conv.padding_mode != "zeros":
-        return f"stride {conv.stride}, groups {conv.groups}, padding mode {conv.padding_mode}"
-    if conv.padding not in ((0, 0), "valid"):
-        return f"padding {conv.padding}"
-    return ""
+        super().__init__(self._linear_of(conv)[0], layout, blocksize)
 
 
 # --- structured inference: constant fan-in (condensed) and 2:4 (semi-structured) ---------------
@@ -267,7 +247,7 @@ def _check_mask(mask: Any, shape: torch.Size) -> None:
         )
 
 
-class CondensedLinear(nn.Module):
+class CondensedLinear(_SparseGemm):
     """``nn.Linear`` whose rows each hold the same number ``k`` of active weights (constant
     fan-in), stored condensed: ``values`` and ``indices`` of shape ``(out_features, k)``.
 
@@ -411,37 +391,19 @@ class CondensedLinear(nn.Module):
         gathered = row.index_select(0, self.indices.reshape(-1)).view_as(self.values)
         return torch.linalg.vecdot(gathered, self.values)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x @ weight.T + bias`` over the last dimension of ``x``.
+    def _by_matvec(self) -> bool:
+        return self.k > 0 and not self.use_compile
 
-        Args:
-            x (Tensor): ``(*, in_features)``, the dtype of the weight.
-
-        Returns:
-            ``(*, out_features)``.
-
-        Examples:
-            >>> import torch
-            >>> from sparseopt.export import CondensedLinear
-            >>> CondensedLinear(torch.nn.Linear(8, 4))(torch.randn(2, 5, 8)).shape
-            torch.Size([2, 5, 4])
-        """
-        rows = x.reshape(-1, self.in_features)
+    def _columns(self, cols: Tensor) -> Tensor:
+        """``weight @ cols`` for ``cols`` of shape ``(in_features, n)``, without the bias."""
         if self.k == 0:  # an all-zero weight (F.embedding_bag refuses empty bags)
-            out = rows.new_zeros(rows.shape[0], self.out_features)
-        elif self.use_compile:
-            out = self._fused(rows)
-        elif rows.shape[0] == 1:
-            out = self._matvec(rows[0]).unsqueeze(0)
-        else:  # out.T[o] = sum_j values[o, j] * rows.T[indices[o, j]]
-            out = F.embedding_bag(
-                self.indices, rows.t().contiguous(), per_sample_weights=self.values, mode="sum"
-            ).t()
-        if self.bias is not None:
-            out = out + self.bias
-        shape = list(x.shape[:-1])
-        shape.append(self.out_features)
-        return out.reshape(shape)
+            return cols.new_zeros(self.out_features, cols.shape[1])
+        if self.use_compile:
+            return self._fused(cols.t()).t()
+        # out[o] = sum_j values[o, j] * cols[indices[o, j]]
+        return F.embedding_bag(
+            self.indices, cols.contiguous(), per_sample_weights=self.values, mode="sum"
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -450,7 +412,7 @@ class CondensedLinear(nn.Module):
         )
 
 
-class CondensedConv1x1(CondensedLinear):
+class CondensedConv1x1(_OverPixels, CondensedLinear):
     """A 1x1 ``nn.Conv2d`` (stride 1, no padding, one group) with constant fan-in, condensed
     like [`CondensedLinear`][sparseopt.export.CondensedLinear] and run over the pixels.
 
@@ -479,47 +441,8 @@ class CondensedConv1x1(CondensedLinear):
     def __init__(
         self, conv: nn.Conv2d, mask: Tensor | None = None, *, compile: bool = False
     ) -> None:
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"Expected conv to be an nn.Conv2d, but got {type(conv).__name__}")
-        reason = _conv_unsupported(conv)
-        if reason:
-            raise ValueError(
-                f"Expected a 1x1, stride-1, unpadded, ungrouped conv, but got {reason}"
-            )
-        if mask is not None:
-            _check_mask(mask, conv.weight.shape)
-        linear = _as_linear(conv)
-        flat_mask = None if mask is None else mask.reshape(conv.out_channels, -1)
+        linear, flat_mask = self._linear_of(conv, mask)
         super().__init__(linear, flat_mask, compile=compile)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """The convolution of ``x``, ``(N, C_in, H, W) -> (N, C_out, H, W)``.
-
-        Args:
-            x (Tensor): ``(N, in_features, H, W)``.
-
-        Returns:
-            ``(N, out_features, H, W)``, contiguous.
-
-        Examples:
-            >>> import torch
-            >>> from sparseopt.export import CondensedConv1x1
-            >>> CondensedConv1x1(torch.nn.Conv2d(8, 4, 1))(torch.randn(2, 8, 3, 3)).shape
-            torch.Size([2, 4, 3, 3])
-        """
-        n, c, h, w = x.shape
-        if self.k == 0 or self.use_compile:
-            rows = x.permute(0, 2, 3, 1).reshape(-1, c)
-            out = super().forward(rows)  # bias included
-            return out.reshape(n, h, w, self.out_features).permute(0, 3, 1, 2).contiguous()
-        cols = x.transpose(0, 1).reshape(c, n * h * w)  # the transposed GEMM input
-        out = F.embedding_bag(self.indices, cols, per_sample_weights=self.values, mode="sum")
-        if self.bias is not None:
-            out = out + self.bias.unsqueeze(1)
-        return out.reshape(self.out_features, n, h, w).transpose(0, 1).contiguous()
-
-    def extra_repr(self) -> str:
-        return "kernel_size=(1, 1), " + super().extra_repr()
 
 
 def semi_structured_unsupported(weight: Tensor) -> str:
@@ -543,55 +466,39 @@ def semi_structured_unsupported(weight: Tensor) -> str:
     Examples:
         >>> import torch
         >>> print(semi_structured_unsupported(torch.zeros(64, 64)))  # doctest: +ELLIPSIS
-        semi-structured 2:4 kernels need a CUDA device ... but the weight is on cpu
+        the semi-structured 2:4 kernels run on CUDA devices ..., and this weight is on cpu
     """
     if not isinstance(weight, Tensor):
         raise TypeError(f"Expected weight to be a tensor, but got {_validate.type_of(weight)}")
     if weight.ndim != 2:
-        return f"semi-structured 2:4 needs a 2-D weight, not shape {tuple(weight.shape)}"
+        return (
+            "the semi-structured 2:4 kernels take a 2-D weight, and this one has shape "
+            f"{tuple(weight.shape)}"
+        )
     if weight.device.type != "cuda":
         return (
-            "semi-structured 2:4 kernels need a CUDA device of compute capability >= 8.0, but "
-            f"the weight is on {weight.device}"
+            "the semi-structured 2:4 kernels run on CUDA devices of compute capability >= 8.0, "
+            f"and this weight is on {weight.device}"
         )
     major, minor = torch.cuda.get_device_capability(weight.device)
     if (major, minor) < (8, 0):
         return (
-            "semi-structured 2:4 kernels need compute capability >= 8.0, but "
+            "the semi-structured 2:4 kernels need compute capability >= 8.0, and "
             f"{torch.cuda.get_device_name(weight.device)} has {major}.{minor}"
         )
     if weight.dtype not in (torch.float16, torch.bfloat16):
         return (
-            f"semi-structured 2:4 takes float16/bfloat16 weights, not {_dtype_name(weight.dtype)} "
-            "(cast the model with .half() or .to(torch.bfloat16) first)"
+            "the semi-structured 2:4 kernels take float16/bfloat16 weights, and this one is "
+            f"{dtype_name(weight.dtype)} (cast the model with .half() or .to(torch.bfloat16) "
+            "first)"
         )
-    rows, cols = _semi_structured_tile(weight.dtype)
+    rows, cols = _compat.semi_structured_tile(weight.dtype)
     if weight.shape[0] % rows or weight.shape[1] % cols:
         return (
-            f"semi-structured 2:4 needs a weight shape that is a multiple of ({rows}, {cols}), "
-            f"not {tuple(weight.shape)}"
+            f"the semi-structured 2:4 kernels need a weight shape that is a multiple of "
+            f"({rows}, {cols}), and this one is {tuple(weight.shape)}"
         )
     return ""
-
-
-def _semi_structured_tile(dtype: torch.dtype) -> tuple[int, int]:
-    """The minimum sparse tile of the backend ``to_sparse_semi_structured`` will use."""
-    from torch.sparse import semi_structured as ss
-
-    cusparselt = getattr(torch.backends, "cusparselt", None)
-    use_cutlass = ss.SparseSemiStructuredTensor._FORCE_CUTLASS or not (
-        cusparselt is not None and cusparselt.is_available()
-    )
-    cls = (
-        ss.SparseSemiStructuredTensorCUTLASS
-        if use_cutlass
-        else (ss.SparseSemiStructuredTensorCUSPARSELT)
-    )
-    try:
-        c = cls._DTYPE_SHAPE_CONSTRAINTS[dtype]
-        return int(c.sparse_min_rows), int(c.sparse_min_cols)
-    except (AttributeError, KeyError):  # a torch that moved them: the strictest known tile
-        return 32, 64
 
 
 class SemiStructuredLinear(nn.Module):
@@ -619,7 +526,7 @@ class SemiStructuredLinear(nn.Module):
         >>> SemiStructuredLinear(torch.nn.Linear(64, 64))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: ... need a CUDA device of compute capability >= 8.0, but the weight is on cpu
+        ValueError: ... run on CUDA devices of compute capability >= 8.0, and this weight is on cpu
     """
 
     def __init__(self, linear: nn.Linear) -> None:
