@@ -38,7 +38,9 @@ from __future__ import annotations
 import ast
 import builtins
 import re
+import sys
 import textwrap
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -337,9 +339,13 @@ def test_block_runs(block, tmp_path, monkeypatch, request, one_thread, method_re
     if "transformers" in code or "accelerate" in code:
         request.getfixturevalue("fresh_accelerate_state")  # a process-wide singleton
     monkeypatch.chdir(tmp_path)
-    namespace = {"__name__": "__docs__"} | stand_ins(free)
+    # a module of its own in sys.modules, as a script's __main__ is (dataclasses and pickling
+    # look a class's module up there)
+    module = types.ModuleType("__docs__")
+    module.__dict__.update(stand_ins(free))
+    monkeypatch.setitem(sys.modules, "__docs__", module)
     torch.manual_seed(0)
-    exec(compile(tree, block.id, "exec"), namespace)
+    exec(compile(tree, block.id, "exec"), module.__dict__)
 
 
 def test_every_fragment_says_why():
