@@ -18,6 +18,7 @@ __all__ = [
     "BATCHNORM_TYPES",
     "NORM_WITH_RUNNING_STATS",
     "TORCH_FLOOR",
+    "amp_unscale_",
     "check_torch_version",
     "disable_dynamo",
     "drop_unpicklable",
@@ -116,3 +117,11 @@ def foreach_mul_(tensors: list[torch.Tensor], others: list[torch.Tensor]) -> Non
 def tensor_version(t: torch.Tensor) -> int:
     """The version counter of ``t`` (``t._version``): it moves on every in-place write."""
     return t._version
+
+
+def amp_unscale_(
+    grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor
+) -> None:
+    """``torch._amp_foreach_non_finite_check_and_unscale_``: GradScaler's own unscale kernel (one
+    device and dtype per call): ``g *= inv_scale`` and ``found_inf = 1`` on an inf or NaN."""
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)

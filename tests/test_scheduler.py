@@ -218,7 +218,8 @@ def test_base_factory_gets_phase1_and_equals_a_prebuilt_base(device):
 def test_rates_without_base_are_constant_in_phase1(device):
     model = make_model(device=device)
     opt = make_opt(model, lrs=(0.001,))
-    sched = SupTicketsScheduler(opt, 40, 4, superpose_fraction=0.3, lr_low=0.001, lr_high=0.004)
+    sched = SupTicketsScheduler(opt, 40, 4, base="constant", superpose_fraction=0.3,
+                                lr_low=0.001, lr_high=0.004)  # fmt: skip
     lrs = run(model, opt, sched, 40)
     assert [r[0] for r in lrs[:28]] == [0.001] * 28
     assert [r[0] for r in lrs[28:]] == pytest.approx([0.0025, 0.004, 0.0025, 0.001] * 3, rel=1e-12)
@@ -257,8 +258,9 @@ def test_per_group_rates_from_lists(device):
     model = make_model(device=device)
     opt = make_opt(model, lrs=(0.001, 0.0002))
     sched = SupTicketsScheduler(
-        opt, 30, 5, superpose_fraction=0.5, lr_low=[0.001, 0.0002], lr_high=[0.006, 0.0032]
-    )
+        opt, 30, 5, base="constant", superpose_fraction=0.5, lr_low=[0.001, 0.0002],
+        lr_high=[0.006, 0.0032],
+    )  # fmt: skip
     lrs = run(model, opt, sched, 30)
     assert lrs[:15] == [[0.001, 0.0002]] * 15
     assert [r[0] for r in lrs[15:]] == pytest.approx(
@@ -273,6 +275,8 @@ def test_per_group_rates_from_lists(device):
 
 # --- the warning at the phase boundary ----------------------------------------------------------
 def _warnings_per_step(lr: float, **sched_kwargs) -> dict[int, list[str]]:
+    """A constant phase 1 at ``lr`` into absolute rates 0.001 -> 0.005."""
+    sched_kwargs = {"base": "constant", "lr_low": 0.001, "lr_high": 0.005, **sched_kwargs}
     model = make_model()
     opt = make_opt(model, lrs=(lr,))
     out: dict[int, list[str]] = {}
@@ -317,7 +321,7 @@ def test_tickets_explorations_and_finalize_happen_on_time(monkeypatch, device):
     opt = make_opt(model, update_every=3, stop_fraction=1.0, prune_schedule="constant")
     sched = SupTicketsScheduler(
         opt, total, cycle, superpose_fraction=fraction, lr_low=0.1, lr_high=0.2,
-        explore_rate=0.25, averaging="cima", beta=0.6, reprune="global",
+        explore_rate=0.25, averaging="cima", beta=0.6, reprune="global", base="constant",
     )  # fmt: skip
     assert sched.ticket_steps == [44, 50]
     calls: list[tuple] = []
@@ -355,11 +359,14 @@ def test_tickets_explorations_and_finalize_happen_on_time(monkeypatch, device):
 
     assert calls == [
         ("explore", 38, (0.25,), {}),
-        ("consolidate", 44, (), {"averaging": "cima", "beta": 0.6, "reprune": "global"}),
+        ("consolidate", 44, (), {}),
         ("explore", 44, (0.25,), {}),
-        ("consolidate", 50, (), {"averaging": "cima", "beta": 0.6, "reprune": "global"}),
+        ("consolidate", 50, (), {}),
         ("finalize", 50, (), {}),
     ]
+    # the settings were fixed once, when the scheduler was built
+    settings = opt.superposition.settings
+    assert (settings.averaging, settings.beta, settings.reprune) == ("cima", 0.6, "global")
     assert opt.tickets == 2 == sched.num_tickets
     assert tickets == [0] * 43 + [1] * 6 + [2]
 
@@ -388,7 +395,7 @@ def test_tickets_explorations_and_finalize_happen_on_time(monkeypatch, device):
     assert not opt.periodic_updates
 
     # finalize: the masks moved to the superposed support, the weights are the superposed copy.
-    sup = opt._superposition
+    sup = opt.superposition
     assert changed(masks[-1], list(opt.masks.values()))
     for p, s in zip(model.parameters(), sup.params, strict=True):
         assert torch.equal(p, s)
@@ -398,12 +405,12 @@ def test_total_steps_is_filled_in(device):
     model = make_model(device=device)
     opt = make_opt(model, stop_fraction=0.5)
     assert opt.total_steps is None
-    SupTicketsScheduler(opt, 60, 5, superpose_fraction=0.25, lr_low=0.1)
+    SupTicketsScheduler(opt, 60, 5, superpose_fraction=0.25, lr_low=0.1, lr_high=0.2)
     assert opt.total_steps == 60
     assert opt.schedule.end_step == 30
     # an optimizer that knows its total_steps keeps it when they agree
     opt2 = make_opt(make_model(device=device), total_steps=60)
-    SupTicketsScheduler(opt2, 60, 5, superpose_fraction=0.25, lr_low=0.1)
+    SupTicketsScheduler(opt2, 60, 5, superpose_fraction=0.25, lr_low=0.1, lr_high=0.2)
     assert opt2.total_steps == 60
 
 
@@ -497,7 +504,8 @@ def test_bad_base_on_another_optimizer(device):
 
 def test_base_on_inner_optimizer_is_accepted(device):
     opt = make_opt(make_model(device=device))
-    sched = SupTicketsScheduler(opt, 100, 5, base=MultiStepLR(opt.optimizer, [10]), lr_low=0.01)
+    sched = SupTicketsScheduler(opt, 100, 5, base=MultiStepLR(opt.optimizer, [10]), lr_low=0.01,
+                                lr_high=0.05)  # fmt: skip
     assert sched.base.optimizer is opt.optimizer
 
 
@@ -556,7 +564,7 @@ def test_state_dict_round_trip(k):
 def test_load_state_dict_base_mismatch(device):
     _, _, _, sched = _build()
     opt = make_opt(make_model(device=device))
-    no_base = SupTicketsScheduler(opt, 40, 4, superpose_fraction=0.3)
+    no_base = SupTicketsScheduler(opt, 40, 4, superpose_fraction=0.3, base="constant")
     with pytest.raises(ValueError, match=r"base"):
         no_base.load_state_dict(sched.state_dict())
 

@@ -195,7 +195,7 @@ def test_the_reprune_restores_the_structure_after_an_average_that_broke_it(struc
         k, units = n, rows.reshape(-1, m)
     order = torch.sort(units, dim=1, descending=True, stable=True).indices[:, :k]
     expected = torch.zeros_like(units, dtype=torch.bool).scatter_(1, order, True)
-    superposed = opt._superposition.params[0]
+    superposed = opt.superposition.params[0]
     assert torch.equal(superposed != 0, expected.view(8, 16) & (average != 0))
     opt.finalize()
     assert_structured(opt, structure)

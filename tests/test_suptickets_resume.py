@@ -137,19 +137,19 @@ def resume(ckpt: dict[str, Any], config: str, device: torch.device | str = "cpu"
 
 def snapshot(model, opt, sched) -> dict[str, Any]:
     """Everything that must match, as plain data (loadable with ``weights_only=True``)."""
-    sup = opt._superposition
+    entry = opt.state_dict()["sparseopt"]
     return {
         "model": {k: v.clone() for k, v in model.state_dict().items()},
         "masks": [m.clone() for m in opt.masks.values()],
         "counts": [layer.count for layer in opt.layers],
-        "superposition": None if sup is None else sup.state_dict(),
+        "superposition": entry["superposition"],
         "inner": opt.optimizer.state_dict(),
         "lrs": [g["lr"] for g in opt.param_groups],
         "sched": sched.state_dict(),
         "step": opt.step_count,
         "updates": dict(opt.report()["updates"]),
         "periodic_updates": opt.periodic_updates,
-        "generator": opt._engine.generator.get_state(),
+        "generator": entry["generator"],
     }
 
 
@@ -201,7 +201,8 @@ def test_resume_is_bit_exact(config, k, device):
     run(model, opt, sched, 1, k)
     # what the checkpoint carries at this k
     assert opt.tickets == tickets_after(config, k)
-    assert (opt._engine.pending_exploration is not None) == (k == PHASE1 or k in TICKETS[:-1])
+    pending = opt.state_dict()["sparseopt"]["pending_exploration"]
+    assert (pending is not None) == (k == PHASE1 or k in TICKETS[:-1])
     ckpt = save_load(checkpoint(model, opt, sched))
     del model, opt, sched
 
