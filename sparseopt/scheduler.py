@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
+from torch import Tensor
 from torch.optim.lr_scheduler import (
     CosineAnnealingLR,
     LRScheduler,
@@ -684,9 +685,7 @@ class SupTicketsScheduler(LRScheduler):
     # --- the rates ------------------------------------------------------------------------------
     def _phase2_lrs(self, i: int) -> list[Any]:
         groups = self.optimizer.param_groups
-        for group in groups:  # a group added after this scheduler: its lr now is its peak
-            group.setdefault("initial_lr", group["lr"])
-        peaks = [group["initial_lr"] for group in groups]
+        peaks = [_peak(group) for group in groups]
         done = i > self.num_tickets * self.cycle_steps
         out = []
         for g in range(len(groups)):
@@ -744,22 +743,36 @@ class SupTicketsScheduler(LRScheduler):
         """Whether this call is a new iteration, and the optimizer's step() calls since the last
         counted one (this process)."""
         calls = self.optimizer._suptickets.step_calls  # type: ignore[attr-defined]
-        if self._calls_seen is None:
-            new = self._iterations() > self.last_epoch
-            since = calls - self._calls_built
-            if not new:
-                self._once.warn(
-                    "before-step",
-                    "SupTicketsScheduler.step() was called before optimizer.step(): the call is "
-                    "ignored (no iteration happened yet); call sched.step() after opt.step(), or "
-                    "the last ticket is never consolidated and finalize() never runs",
-                )
-        else:
+        if self._calls_seen is not None:
             since = calls - self._calls_seen
-            new = since > 0
-        if new:
-            self._calls_seen = calls
-        return new, since
+        else:  # the first call since construction or a load
+            since = calls - self._calls_built
+            behind = self._iterations() - self.last_epoch
+            if since == 0 and behind <= 0:
+                if behind < 0:
+                    self._warn_ahead()
+                else:
+                    self._once.warn(
+                        "before-step",
+                        "SupTicketsScheduler.step() was called before optimizer.step(): the call "
+                        "is ignored (no iteration happened yet); call sched.step() after "
+                        "opt.step(), or the last ticket is never consolidated and finalize() "
+                        "never runs",
+                    )
+                return False, 0
+        if since == 0 and self._calls_seen is not None:
+            return False, 0  # a repeat within the same iteration (Accelerate, one per process)
+        self._calls_seen = calls
+        return True, since
+
+    def _warn_ahead(self) -> None:
+        self._once.warn(
+            "ahead",
+            f"this scheduler is at step {self.last_epoch}, ahead of the optimizer's "
+            f"{self._iterations()} training iterations: a resume that restored the scheduler's "
+            "state but not the optimizer's (load both), or sched.step() called before "
+            "opt.step() (call it after)",
+        )
 
     def _check_loop(self, since: int) -> None:
         """After a counted step: the scheduler and the optimizer must agree."""
@@ -781,13 +794,10 @@ class SupTicketsScheduler(LRScheduler):
                 "(sched.load_state_dict(saved['sched']))",
             )
         elif self.last_epoch > iterations:
-            self._once.warn(
-                "ahead",
-                f"this scheduler is at step {self.last_epoch}, ahead of the optimizer's "
-                f"{iterations} training iterations: a resume that restored the scheduler's "
-                "state but not the optimizer's (load both), or sched.step() called before "
-                "opt.step() (call it after)",
-            )
+            self._warn_ahead()
+
+    def _check_base(self) -> None:
+        """Before this scheduler steps the base: nobody else may have."""
         if self.base is not None and self.base.last_epoch != self._base_epoch:
             self._once.warn(
                 "base-outside",
@@ -824,8 +834,11 @@ class SupTicketsScheduler(LRScheduler):
         new, since = self._counts()
         if not new:
             return
-        if self.base is not None and self.base.last_epoch != self._base_epoch:
-            self._check_loop(0)  # names the outside base.step() before this one moves it
+        self._check_base()
+        for group in self.optimizer.param_groups:  # a group added since: its lr now is its peak
+            if "initial_lr" not in group:
+                lr = group["lr"]
+                group["initial_lr"] = lr.clone() if isinstance(lr, Tensor) else lr
         self._before_rates(self.last_epoch + 1)
         super().step()
         done = self.last_epoch
