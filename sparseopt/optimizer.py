@@ -336,7 +336,7 @@ class SparseOptimizer(torch.optim.Optimizer):
 
         ``SupTicketsScheduler`` calls it; without a call the first ``consolidate()`` takes the
         defaults. Equal settings again do nothing; others replace them before the first ticket
-        and are a ``ValueError`` after it.
+        and are a ``ValueError`` after it, but for ``select`` (used only by ``finalize()``).
 
         Args:
             averaging (str): ``"cia"`` (Eq. 4, the running mean), ``"caa"`` (per weight, over

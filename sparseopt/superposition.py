@@ -247,7 +247,8 @@ def norm_layer_holds(params: Sequence[Tensor]) -> bool:
     """
     ids = {id(p) for p in params}
     for obj in gc.get_objects():
-        norm = isinstance(obj, _compat.NORM_WITH_RUNNING_STATS) and obj.track_running_stats
+        # type(), not isinstance(): no __class__ lookup on lazy proxies (which may warn)
+        norm = issubclass(type(obj), _compat.NORM_WITH_RUNNING_STATS) and obj.track_running_stats
         if norm and any(id(t) in ids for t in (obj.weight, obj.bias) if t is not None):
             return True
     return False
@@ -608,7 +609,8 @@ class Superposition:
             )
         sup = cls(settings, structure)
         sup.tickets = int(state["tickets"])
-        sup.params = [load_like(state["params"][i], p) for i, p in enumerate(params)]
+        if state["params"]:  # empty before the first ticket (a kept phase-1 model only)
+            sup.params = [load_like(state["params"][i], p) for i, p in enumerate(params)]
         missing = set(state["buffers"]) - set(buffers)
         if missing:
             raise ValueError(f"the model has no BatchNorm buffers {sorted(missing)} to superpose")

@@ -69,13 +69,22 @@ class SupTickets:
 
     def configure(self, settings: SuperpositionSettings, caller: str) -> None:
         """Equal settings: nothing; other settings: replace them before the first ticket, a
-        ``ValueError`` after it. Settings restored from a state dict take ``bn_update`` and
-        ``select`` from the first configuration that agrees with them."""
+        ``ValueError`` after it (but for another ``select``, used only by ``finalize()``).
+        Settings restored from a state dict take ``bn_update`` and ``select`` from the first
+        configuration that agrees with them."""
         sup = self.superposition
         if sup is not None and sup.settings == settings:
             return
         if sup is not None and self.restored and sup.settings.same_saved(settings):
             sup.settings, self.restored = settings, False
+            return
+        if (
+            sup is not None
+            and sup.settings.same_saved(settings)
+            and sup.settings.bn_update is settings.bn_update
+            and settings.select is not None
+        ):
+            sup.settings = settings  # select acts only at finalize(): it may change until then
             return
         if sup is not None and not sup.is_empty():
             raise ValueError(

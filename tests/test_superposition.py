@@ -10,13 +10,17 @@ calling ``consolidate`` at the right time.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
 from cases import (
     assert_exactly_equal,
     erk_densities,
+    first_difference,
     get_case,
     inner_state_tensors,
     make_convnet,
@@ -511,3 +515,110 @@ def test_methods_and_inner_optimizers(method, inner, device):
             assert torch.all(t[~m] == 0), key
     for p, s in zip(params, opt.superposition.params, strict=True):
         assert torch.equal(p, s)
+
+
+# --- the settings, fixed once; the read-only view; the BatchNorm warning -------------------------
+def test_settings_are_fixed_at_the_first_ticket():
+    model, opt, _ = build("mlp_bn", averaging="cima", beta=0.5)
+    settings = opt.superposition.settings
+    assert (settings.averaging, settings.beta, settings.reprune) == ("cima", 0.5, "layer")
+    opt.configure_superposition(averaging="cima", beta=0.5)  # equal: nothing happens
+    assert opt.superposition.settings is settings
+    opt.configure_superposition(averaging="caa")  # before the first ticket: replaced
+    assert opt.superposition.settings.averaging == "caa"
+    train_step("mlp_bn", model, opt, 1)
+    opt.consolidate()
+    with pytest.raises(ValueError, match=r"averaging='cia'.*differs.*fixed at its first ticket"):
+        opt.configure_superposition(averaging="cia")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opt.superposition.settings.averaging = "cia"
+
+
+def test_the_view_is_read_only_and_a_copy():
+    model, opt, _ = build("mlp_bn")
+    train_step("mlp_bn", model, opt, 1)
+    opt.consolidate()
+    view = opt.superposition
+    params, buffers = view.params, dict(view.buffers)
+    params[0].add_(1.0)
+    next(iter(buffers.values())).add_(1.0)
+    assert not torch.equal(view.params[0], params[0])
+    assert not torch.equal(next(iter(view.buffers.values())), next(iter(buffers.values())))
+    with pytest.raises(AttributeError):
+        view.tickets = 3
+    with pytest.raises(TypeError):
+        view.buffers["x"] = torch.zeros(1)
+    assert [int(m.sum()) for m in view.masks] == [layer.count for layer in opt.layers]
+    assert "SuperpositionView(tickets=1" in repr(view)
+
+
+def test_a_state_dict_with_other_settings_is_refused_before_anything_loads():
+    model, opt, _ = build("mlp_bn", averaging="caa")
+    train_step("mlp_bn", model, opt, 1)
+    opt.consolidate()
+    saved = opt.state_dict()
+    _, other, _ = build("mlp_bn", averaging="cia")
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=r"superposition was saved with other settings: "
+                       r"averaging='caa' vs configured 'cia'"):  # fmt: skip
+        other.load_state_dict(saved)
+    assert first_difference(before, other.state_dict()) is None
+
+
+def test_settings_restored_from_a_state_dict_take_bn_update_from_the_next_configuration():
+    model, opt, _ = build("mlp_bn", reprune="global")
+    train_step("mlp_bn", model, opt, 1)
+    opt.consolidate()
+    saved = opt.state_dict()
+    model2 = make_mlp_bn(1)
+    inner = torch.optim.SGD(model2.parameters(), lr=0.05, momentum=0.9)
+    opt2 = SparseOptimizer(inner, "rigl", 0.8, model=model2, update_every=5, seed=0,
+                           stop_fraction=1.0)  # fmt: skip
+    opt2.load_state_dict(saved)  # nothing configured: the saved settings, without bn_update
+    assert opt2.superposition.settings.reprune == "global"
+    batches = [batch("mlp_bn", 50)[0]]
+    opt2.configure_superposition(reprune="global", bn_update=batches)  # agrees: completes them
+    assert opt2.superposition.settings.bn_update is batches
+    with pytest.raises(ValueError, match="differs"):
+        opt2.configure_superposition(reprune="layer")
+
+
+def test_deprecated_keywords_configure_once_and_bn_update_stays_per_call():
+    model = make_mlp_bn()
+    opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), "rigl", 0.8, model=model,
+                          seed=0)  # fmt: skip
+    train_step("mlp_bn", model, opt, 1)
+    batches = [batch("mlp_bn", 50)[0]]
+    with pytest.warns(DeprecationWarning, match=r"configure_superposition\(\.\.\.\)"):
+        opt.consolidate(averaging="cima", bn_update=batches)
+    assert opt.superposition.settings.averaging == "cima"
+    assert opt.superposition.settings.bn_update is batches
+    with pytest.warns(DeprecationWarning, match="deprecated"):
+        opt.consolidate(averaging="cima")  # as before: this call recomputes nothing
+    assert opt.superposition.settings.bn_update is None
+    assert opt.tickets == 2
+
+
+def _bn_warnings(model, give_model: bool) -> list[str]:
+    opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), "set", 0.8, seed=0,
+                          model=model if give_model else None)  # fmt: skip
+    x = torch.randn(4, 8)
+    model(x).sum().backward()
+    opt.step()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.consolidate()
+        opt.consolidate()
+    return [(str(w.message), w.filename) for w in caught]
+
+
+def test_the_missing_model_warning_fires_only_when_a_batchnorm_layer_holds_parameters():
+    """Issue 22: without ``model=`` the first ticket warns only if a BatchNorm layer (found among
+    the live objects) holds one of the optimizer's parameters; once, at the user's line."""
+    plain = _bn_warnings(mlp(8, 16, 4, seed=0), give_model=False)
+    assert plain == []  # no BatchNorm: nothing to superpose, no warning
+    with_bn = _bn_warnings(make_mlp_bn(), give_model=False)
+    assert len(with_bn) == 1
+    assert "a BatchNorm layer holds some of the optimizer's parameters" in with_bn[0][0]
+    assert with_bn[0][1] == __file__
+    assert _bn_warnings(make_mlp_bn(), give_model=True) == []

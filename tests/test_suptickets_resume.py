@@ -39,6 +39,8 @@ CONFIGS = {
     "rigl-official-sgd": ("rigl", "cia", "sgd"),
     "set-ticket0-caa-adam": ("set", "caa", "adam"),
     "rigl-bncall-cima-sgd": ("rigl", "cima", "sgd"),
+    "rigl-select-cia-sgd": ("rigl", "cia", "sgd"),
+    "set-select-ticket0-adam": ("set", "cia", "adam"),
 }
 
 
@@ -72,12 +74,22 @@ def _bn_forward(model: nn.Module) -> None:
         model(x)
 
 
+def _val_score(model: nn.Module) -> float:
+    """A deterministic validation score for ``select=``."""
+    x, y = batch(7777, next(model.parameters()).device)
+    model.eval()
+    with torch.no_grad():
+        return -float(nn.functional.cross_entropy(model(x), y))
+
+
 # name -> the options of the official code's phase 2 (none for the others); a bn_update of
 # _bn_batches is called with the device to give the batches
 OPTIONS: dict[str, dict[str, Any]] = {
     "rigl-official-sgd": {"include_phase1": True, "bn_update": _bn_batches, "reprune": "global"},
     "set-ticket0-caa-adam": {"include_phase1": True},
     "rigl-bncall-cima-sgd": {"bn_update": _bn_forward},
+    "rigl-select-cia-sgd": {"select": _val_score, "bn_update": _bn_batches},
+    "set-select-ticket0-adam": {"select": _val_score, "include_phase1": True},
 }
 
 
@@ -193,6 +205,11 @@ def uninterrupted(config: str, device: torch.device | str = "cpu") -> dict[int, 
         pytest.param("set-ticket0-caa-adam", 37, id="mid-cycle-ticket0-caa"),
         pytest.param("rigl-bncall-cima-sgd", 33, id="mid-cycle-bn-callable"),
         pytest.param("rigl-bncall-cima-sgd", TICKETS[1], id="after-ticket2-bn-callable"),
+        pytest.param("rigl-select-cia-sgd", PHASE1, id="boundary-select"),
+        pytest.param("rigl-select-cia-sgd", 30, id="mid-cycle1-select"),
+        pytest.param("rigl-select-cia-sgd", TICKETS[0], id="after-ticket1-select"),
+        pytest.param("rigl-select-cia-sgd", 38, id="mid-cycle3-select"),
+        pytest.param("set-select-ticket0-adam", 34, id="mid-cycle-select-ticket0"),
     ],
 )
 def test_resume_is_bit_exact(config, k, device):
