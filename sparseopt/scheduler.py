@@ -454,6 +454,7 @@ class SupTicketsScheduler(LRScheduler):
 
         # LRScheduler.__init__ ends with a first step(), so every attribute is set before it.
         self.base = _build_base(base, optimizer, plan)
+        self._default_base = base is None  # the paper's schedule, because nothing was asked
         self.total_steps = total_steps
         self.cycle_steps = cycle_steps
         self.superpose_fraction = float(superpose_fraction)
@@ -859,7 +860,7 @@ class SupTicketsScheduler(LRScheduler):
     # --- state and printing ---------------------------------------------------------------------
     _NOT_SAVED = (
         "optimizer", "base", "_once", "_initializing", "_calls_seen", "_calls_built",
-        "_base_epoch",
+        "_base_epoch", "_default_base",
     )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
@@ -886,7 +887,9 @@ class SupTicketsScheduler(LRScheduler):
             TypeError: if ``state_dict`` is not a mapping.
             ValueError: if the state was saved by a scheduler with another schedule
                 (``total_steps``, ``cycle_steps``, the split, ``averaging``, ``reprune``,
-                ``include_phase1``), or with a ``base`` where this one has none, or the reverse.
+                ``include_phase1``), or with a ``base`` where this one has none, or the reverse
+                (but a state saved without a base, by sparseopt 0.1's default, loads into a
+                scheduler built with ``base=None``: its phase 1 stays constant).
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(
@@ -914,6 +917,8 @@ class SupTicketsScheduler(LRScheduler):
                 + "; ".join(differ)
             )
         base = state.pop("base", None)
+        if base is None and self.base is not None and self._default_base:
+            self.base = None  # saved by sparseopt 0.1 without a base: its constant phase 1
         if (base is None) != (self.base is None):
             if base is None:
                 raise ValueError(

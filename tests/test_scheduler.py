@@ -742,3 +742,21 @@ def test_repr_says_where_the_schedule_is(device):
     with_rates = SupTicketsScheduler(other, 40, 4, superpose_fraction=0.3, lr_low=0.002,
                                      lr_high=[0.004])  # fmt: skip
     assert "lr_low=0.002, lr_high=0.004" in repr(with_rates)
+
+
+def test_a_state_saved_without_a_base_resumes_into_the_default_scheduler(device):
+    """sparseopt 0.1's default phase 1 was constant (no base): its state loads into a scheduler
+    built with ``base=None``, which then keeps that constant phase 1; an explicit base refuses."""
+    old = SupTicketsScheduler(make_opt(make_model(device=device)), 40, 4, superpose_fraction=0.3,
+                              base="constant")  # fmt: skip
+    state = old.state_dict()
+    assert state["base"] is None
+    default = SupTicketsScheduler(make_opt(make_model(device=device)), 40, 4,
+                                  superpose_fraction=0.3)  # fmt: skip
+    assert default.base is not None
+    default.load_state_dict(state)
+    assert default.base is None
+    explicit = SupTicketsScheduler(make_opt(make_model(device=device)), 40, 4,
+                                   superpose_fraction=0.3, base="paper")  # fmt: skip
+    with pytest.raises(ValueError, match=r"saved with no base scheduler.*base='constant'"):
+        explicit.load_state_dict(state)
