@@ -159,7 +159,7 @@ def run_phases(model_name: str, optimizer: str, steps: int) -> list[dict[str, An
 
 def breakdown(opt: SparseOptimizer) -> dict[str, int]:
     """The known parts of the wrapper's state (the total above is measured independently)."""
-    sup = opt._superposition  # private, read only to label the bytes
+    sup = opt._suptickets.superposition  # private, read only to label the bytes
     size = lambda ts: sum(C.storages(ts).values())  # noqa: E731
     return {
         "masks": size(opt.masks.values()),

@@ -18,6 +18,7 @@ __all__ = [
     "BATCHNORM_TYPES",
     "NORM_WITH_RUNNING_STATS",
     "TORCH_FLOOR",
+    "amp_unscale_",
     "check_torch_version",
     "disable_dynamo",
     "drop_unpicklable",
@@ -141,3 +142,11 @@ def semi_structured_tile(dtype: torch.dtype) -> tuple[int, int]:
         return int(c.sparse_min_rows), int(c.sparse_min_cols)
     except (AttributeError, KeyError):
         return 32, 64
+
+
+def amp_unscale_(
+    grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor
+) -> None:
+    """``torch._amp_foreach_non_finite_check_and_unscale_``: GradScaler's own unscale kernel (one
+    device and dtype per call): ``g *= inv_scale`` and ``found_inf = 1`` on an inf or NaN."""
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)

@@ -13,12 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _compat, _validate, checkpoint, distributed, superposition
+from . import _compat, _prologue, _validate, checkpoint, distributed
 from .engine import MaskEngine
 from .methods import MethodContext, SparseLayer, SparsityMethod, get_method
 from .report import SparsityReport, UpdateStats
 from .schedules import TopologySchedule
-from .superposition import BNUpdate, Superposition
+from .superposition import BNUpdate, Select, SuperpositionView
+from .suptickets import NOT_GIVEN, SupTickets
 
 __all__ = ["SparseOptimizer"]
 
@@ -139,7 +140,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         self.sparsity, self.structure = self._engine.sparsity, self._engine.structure
         self.distribution, self.seed = self._engine.distribution, self._engine.seed
         self.model, self.remask = model, remask
-        self._superposition: Superposition | None = None
+        self._suptickets = SupTickets(self._engine)
         self._engine.register(self.optimizer.param_groups)
         self._engine.check_method()
 
@@ -236,9 +237,13 @@ class SparseOptimizer(torch.optim.Optimizer):
 
         Returns:
             A [`SparsityReport`][sparseopt.report.SparsityReport]: a ``dict`` with ``layers``,
-            ``total`` and ``updates``, which prints as a table.
+            ``total``, ``updates`` and ``suptickets`` (tickets so far, finalized or not, the kept
+            tickets, each candidate's score and the chosen one under ``select``), which prints
+            as a table.
         """
-        return self._engine.report()
+        report = self._engine.report()
+        report["suptickets"] = self._suptickets.report()
+        return report
 
     # --- the step -------------------------------------------------------------------------------
     def apply_masks(self) -> None:
@@ -286,6 +291,8 @@ class SparseOptimizer(torch.optim.Optimizer):
             TypeError: for a sparse-layout gradient (``nn.Embedding(sparse=True)``).
             ValueError: for SNIP, if no sparse parameter has a gradient on the first step.
         """
+        if _prologue.before_step(self):  # a GradScaler found inf/NaN: skipped, and counted
+            return None
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -295,104 +302,126 @@ class SparseOptimizer(torch.optim.Optimizer):
         self._engine.end_step()
         return loss
 
-    # --- Sup-tickets: the superposed ticket (superposition.py) ---------------------------------
-    def _params(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
+    # --- Sup-tickets: the superposed ticket (suptickets.py, superposition.py, soup.py) ---------
+    _step_supports_amp_scaling = True  # GradScaler calls step() with found_inf: see _prologue.py
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps a ``GradScaler`` skipped (inf or NaN gradients). ``step_count + skipped_steps``
+        counts the training iterations, which ``SupTicketsScheduler`` follows."""
+        return self._suptickets.skipped_steps
 
     @property
     def tickets(self) -> int:
         """The number of cheap tickets superposed so far."""
-        return 0 if self._superposition is None else self._superposition.tickets
+        return self._suptickets.tickets
 
-    def consolidate(
+    @property
+    def superposition(self) -> SuperpositionView | None:
+        """A read-only view of the superposed ticket (settings, tickets, the copy and its masks,
+        the kept tickets, the last choice), or ``None`` before it is configured."""
+        return self._suptickets.view()
+
+    def configure_superposition(
         self,
         *,
         averaging: str = "cia",
         beta: float = 0.8,
         reprune: str = "layer",
         bn_update: BNUpdate | None = None,
+        keep_tickets: bool = False,
+        select: Select | None = None,
+    ) -> None:
+        """Fix the settings of the superposed ticket, once (as ``torch.optim.swa_utils`` does).
+
+        ``SupTicketsScheduler`` calls it; without a call the first ``consolidate()`` takes the
+        defaults. Equal settings again do nothing; others replace them before the first ticket
+        and are a ``ValueError`` after it, but for ``select`` (used only by ``finalize()``).
+
+        Args:
+            averaging (str): ``"cia"`` (Eq. 4, the running mean), ``"caa"`` (per weight, over
+                the tickets in which it was active) or ``"cima"`` (moving average).
+                Default: ``"cia"``.
+            beta (float): the CIMA decay in [0, 1). Default: 0.8 (the paper's tuned value).
+            reprune (str): ``"layer"`` keeps each layer's count; ``"global"`` the global top
+                ``K``, as the official code does. Default: ``"layer"``.
+            bn_update (Iterable | Callable | None): recompute the copy's BatchNorm statistics
+                after every ticket (batches for ``swa_utils.update_bn``, iterable again each
+                time, or a callable running the forward passes) instead of averaging them.
+                Needs ``model=``. Default: None.
+            keep_tickets (bool): keep every ticket in compact form (active values, bit masks,
+                dense parameters, BatchNorm buffers). Default: False.
+            select (Callable | None): ``fn(model) -> float``, higher is better: ``finalize()``
+                writes the best-scoring of the kept tickets, their greedy soup and the copy
+                (``sparseopt.soup``). Turns ``keep_tickets`` on; needs ``model=``. Default: None.
+
+        Raises:
+            TypeError: for a setting of the wrong type.
+            ValueError: for a bad value, ``reprune="global"`` under a structure,
+                ``bn_update``/``select`` without ``model=``, or other settings after a ticket.
+        """
+        settings = self._suptickets.build(
+            averaging=averaging, beta=beta, reprune=reprune, bn_update=bn_update,
+            keep_tickets=keep_tickets, select=select,
+        )  # fmt: skip
+        self._suptickets.configure(settings, "configure_superposition")
+
+    def consolidate(
+        self,
+        *,
+        averaging: str = NOT_GIVEN,
+        beta: float = NOT_GIVEN,
+        reprune: str = NOT_GIVEN,
+        bn_update: BNUpdate | None = NOT_GIVEN,
     ) -> None:
         r"""Add the live weights as one cheap ticket to the superposed copy, then re-prune it.
 
-        ``S_1 = prune(T_1)``, ``S_t = prune(rule(S_{t-1}, T_t))`` over ONE copy of every
-        parameter and of the BatchNorm statistics of ``model=``; the rules and the re-prune are
-        in ``superposition.py``. The model is not changed;
-        [`finalize`][] writes the copy into it. ``SupTicketsScheduler`` calls this at the end of
-        every cycle.
+        ``S_1 = prune(T_1)``, ``S_t = prune(rule(S_{t-1}, T_t))`` over one copy of every
+        parameter and of ``model=``'s BatchNorm statistics, with the settings of
+        [`configure_superposition`][]; with ``keep_tickets`` the ticket is also kept whole. The
+        model is not changed. ``SupTicketsScheduler`` calls this at the end of every cycle.
 
         Args:
-            averaging (str): ``"cia"``, ``"caa"`` or ``"cima"``. Default: ``"cia"``.
-            beta (float): the CIMA decay in [0, 1). Default: 0.8 (the paper's tuned value).
-            reprune (str): ``"layer"`` keeps each layer's count (default); ``"global"`` keeps the
-                global top ``K`` over all sparse layers, as the official code does.
-            bn_update (Iterable | Callable | None): recompute the BatchNorm statistics of the
-                copy instead of averaging them, as the official code does: batches for
-                ``torch.optim.swa_utils.update_bn``, or a callable that runs the forward passes
-                on the model (``superposition.recompute_bn``).
-                Default: None.
+            averaging (str): deprecated, as ``beta``, ``reprune`` and ``bn_update``: they
+                configure the superposition if nothing is configured, and must equal the
+                configured settings otherwise (``bn_update`` applies to this call).
 
         Raises:
-            TypeError: for a bad argument type, or a ``bn_update`` that is neither callable nor
-                re-iterable.
-            ValueError: for a bad value or one that differs from the first ticket's, a
-                ``bn_update`` without ``model=`` or that cannot run (the copy is then kept).
+            ValueError: if ``bn_update`` cannot run (the copy is kept as it was) or the
+                BatchNorm buffers changed; deprecated arguments as ``configure_superposition``.
+            TypeError: deprecated arguments as ``configure_superposition``.
 
         Warns:
-            UserWarning: on the first ticket without ``model=``: BatchNorm running statistics
-                are then not superposed.
+            DeprecationWarning: for the deprecated arguments.
+            UserWarning: on the first ticket without ``model=``, if a BatchNorm layer holds one
+                of the parameters (its running statistics are then not superposed).
         """
-        if not self._engine.masks_applied:
-            self.apply_masks()
-        layers = self._engine.layers
-        self._superposition = superposition.consolidate(
-            self._superposition,
-            self._params(),
-            [layer.index for layer in layers],
-            [layer.mask for layer in layers],
-            [layer.count for layer in layers],
-            self.model,
-            averaging=averaging,
-            beta=beta,
-            reprune=reprune,
-            bn_update=bn_update,
-            structure=self._engine.structure,
-        )
+        self._suptickets.consolidate(averaging, beta, reprune, bn_update)
 
-    def _require_tickets(self, what: str) -> Superposition:
-        if self._superposition is None:
-            raise ValueError(f"{what} needs at least one ticket: call consolidate() first")
-        return self._superposition
-
-    @torch.no_grad()
     def finalize(self) -> None:
-        """Write the superposed ticket into the model: the "ultimate ticket".
+        """Write the ultimate ticket into the model: the superposed copy, or with ``select`` the
+        best-scoring of the kept tickets, their greedy soup and the copy (``sparseopt.soup``).
 
-        Parameters and BatchNorm buffers take the superposed values in place, the masks become
-        the copy's support (the target counts), and inner state at the now-inactive positions is
-        zeroed, so every invariant holds. ``SupTicketsScheduler`` calls it after the last step.
+        Weights and BatchNorm buffers take its values, the masks its support (the target
+        counts); inner state at inactive positions is zeroed. The scheduler calls it at the end.
 
         Raises:
-            ValueError: if no ticket was consolidated.
+            ValueError: if no ticket was consolidated, or ``select`` returned a non-finite number.
+            TypeError: if ``select`` returned something other than a real number.
+            RuntimeError: if ``select`` raised (its error is the cause). The model then holds
+                the last live ticket, unchanged.
         """
-        sup = self._require_tickets("finalize()")
-        layers = self._engine.layers
-        masks = sup.masks([layer.index for layer in layers], [layer.count for layer in layers])
-        superposition.write_superposed(sup, self._params(), self.model)
-        self._engine.set_masks(masks)
+        self._suptickets.finalize()
 
     @contextmanager
     def superposed(self) -> Iterator[None]:
-        """Temporarily swap the superposed ticket into the model, e.g. to evaluate it; the live
-        weights and BatchNorm buffers are restored bit-exactly on exit, also on an error.
-
-        Yields:
-            Nothing; the model holds the superposed ticket inside the ``with`` block.
+        """Swap the superposed ticket into the model for the ``with`` block (to evaluate it); the
+        live weights and BatchNorm buffers come back bit-exactly, also on an error.
 
         Raises:
             ValueError: if no ticket was consolidated.
         """
-        sup = self._require_tickets("superposed()")
-        with superposition.swapped_in(sup, self._params(), self.model):
+        with self._suptickets.superposed():
             yield
 
     # --- the rest of the Optimizer API ----------------------------------------------------------
@@ -410,7 +439,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         Raises:
             RuntimeError: naming the first layer and rank that differ.
         """
-        distributed.check_consistency(self._engine, self._superposition, group)
+        distributed.check_consistency(self._engine, self._suptickets.to_save(), group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forward to the inner optimizer's ``zero_grad``.
@@ -446,7 +475,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         for hook in _compat.hooks(self, "state_dict_pre"):
             hook(self)
         sd = self.optimizer.state_dict()
-        sd["sparseopt"] = checkpoint.pack(self._engine, self._superposition)
+        sd["sparseopt"] = checkpoint.pack(self._engine, self._suptickets.to_save())
+        sd["sparseopt"]["skipped_steps"] = self._suptickets.skipped_steps
         for hook in _compat.hooks(self, "state_dict_post"):
             out = hook(self, sd)
             if out is not None:
@@ -472,7 +502,9 @@ class SparseOptimizer(torch.optim.Optimizer):
             out = hook(self, state_dict)
             if out is not None:
                 state_dict = out
-        self._superposition = checkpoint.load(state_dict, self._engine, self._params())
+        self._suptickets.check_state(state_dict)
+        loaded = checkpoint.load(state_dict, self._engine, self._suptickets.params())
+        self._suptickets.load(loaded, state_dict)
         for hook in _compat.hooks(self, "load_state_dict_post"):
             hook(self)
 

@@ -83,6 +83,9 @@ class SparsityReport(dict):
         gradients), ``last_update_step``, ``last_rate``, ``last_exchanged`` (connections grown in
         the last update), ``exchanged`` (in all updates), and the current ``step``.
 
+        ``suptickets``: ``tickets`` so far, ``finalized``, the kept ``candidates``, each one's
+        ``scores`` and the ``chosen`` one (and the ``soup``'s members) under ``select=``,
+        ``skipped_steps`` (``GradScaler``); ``configured`` is False before any superposition.
         ``structure`` and ``dense`` (only under a ``structure``): the structure, and the layers
         it left dense (``name``, ``shape``, ``reason``; e.g. an input dimension that is not a
         multiple of ``M``).
@@ -160,4 +163,18 @@ class SparsityReport(dict):
             f"step {u['step']}: {u['updates']} topology updates ({u['skipped']} skipped), "
             f"{u['exchanged']} connections exchanged"
         )
+        if self.get("suptickets", {}).get("configured"):
+            lines.append(_suptickets_line(self["suptickets"]))
         return "\n".join(lines)
+
+
+def _suptickets_line(sup: dict[str, Any]) -> str:
+    """``Sup-tickets: 3 tickets, finalized, chose soup (0.91); scores: ...`` (booster)."""
+    line = f"Sup-tickets: {sup['tickets']} tickets"
+    if sup["finalized"]:
+        line += f", finalized, chose {sup['chosen']}"
+        if sup["scores"]:
+            line += f" ({sup['scores'][sup['chosen']]:.4g}); scores: " + ", ".join(
+                f"{name} {score:.4g}" for name, score in sup["scores"].items()
+            )
+    return line

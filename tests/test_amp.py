@@ -14,6 +14,7 @@ import pytest
 import torch
 from cases import (
     FUSED_CASES,
+    assert_exactly_equal,
     batches,
     case_params,
     get_case,
@@ -255,3 +256,102 @@ def test_fp32_master_copy_recipe_carries_exact_zeros_into_the_bf16_model(device)
         assert working.dtype == torch.bfloat16
         assert bool((working[~layer.mask] == 0).all())
         assert torch.equal(working.float(), layer.param.detach().to(torch.bfloat16).float())
+
+
+# --- the GradScaler handshake (_step_supports_amp_scaling) -----------------------------------
+def _skip_run(model, opt, scaler, data, *, inf_at, unscale_first, clip=None):
+    """GradScaler steps over ``data``; an inf gradient on the iterations in ``inf_at``; with
+    ``unscale_first`` the loop unscales (and clips to ``clip``) before ``scaler.step``. Returns
+    the scale after each iteration."""
+    scales = []
+    for t, (x, y) in enumerate(data):
+        opt.zero_grad()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        if t in inf_at:
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        if unscale_first:
+            scaler.unscale_(opt)
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    return scales
+
+
+@pytest.mark.parametrize("unscale_first", [False, True], ids=["step", "unscale-clip-step"])
+@pytest.mark.parametrize(
+    "case",
+    case_params([get_case(i) for i in ("sgd_momentum-foreach", "adam-fused", "adamw-forloop",
+                                       "sgd-fused")]),
+)  # fmt: skip
+def test_grad_scaler_with_forced_skips_is_bit_identical_to_a_plain_torch_optimizer(
+    case, unscale_first, device
+):
+    """At sparsity 0 the wrapped run equals torch's own optimizer under the same GradScaler, to
+    the bit, with skipped iterations, with and without ``unscale_`` (and clipping) first, fused
+    inner optimizers included: the handshake unscales exactly as ``GradScaler.unscale_``."""
+    data = batches("mlp", 8, device=device)
+    model, ref_model = make_mlp(device=device), make_mlp(device=device)
+    opt = SparseOptimizer(case.make(model.parameters()), "static", 0.0, seed=0)
+    ref = case.make(ref_model.parameters())
+    inf_at = {1, 2, 5}  # two skips in a row, then another
+    kwargs = {
+        "inf_at": inf_at,
+        "unscale_first": unscale_first,
+        "clip": 0.5 if unscale_first else None,
+    }
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10, growth_interval=2)
+    ref_scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10, growth_interval=2)
+    scales = _skip_run(model, opt, scaler, data, **kwargs)
+    ref_scales = _skip_run(ref_model, ref, ref_scaler, data, **kwargs)
+    assert scales == ref_scales
+    assert len(set(scales)) > 2  # the scale moved both ways: skips and growth happened
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(p.grad, q.grad)  # a skipped step's gradients are unscaled too
+    assert_exactly_equal(opt.optimizer.state_dict(), ref.state_dict(), "inner", strict=True)
+    assert (opt.step_count, opt.skipped_steps) == (len(data) - len(inf_at), len(inf_at))
+    assert not hasattr(opt, "found_inf")
+    assert not hasattr(opt, "grad_scale")
+
+
+def test_grad_scaler_negative_control_an_unhandled_scale_differs(device):
+    """Without unscaling in the handshake the weights would move by the scale: a fused optimizer
+    handed scaled gradients diverges from the reference (the comparison above is not vacuous)."""
+    data = batches("mlp", 2, device=device)
+    model, ref_model = make_mlp(device=device), make_mlp(device=device)
+    opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), "static", 0.0, seed=0)
+    ref = torch.optim.SGD(ref_model.parameters(), lr=0.05)
+    scaler, ref_scaler = (torch.amp.GradScaler(device.type, init_scale=64.0) for _ in range(2))
+    _skip_run(ref_model, ref, ref_scaler, data, inf_at=set(), unscale_first=False)
+    for x, y in data:  # what a wrapper that ignores grad_scale would do
+        opt.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        opt.step()
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), ref_model.parameters(),
+                                                     strict=True))  # fmt: skip
+
+
+def test_skipped_steps_are_counted_saved_and_fire_the_step_hooks(device):
+    """Every iteration reaches ``step()`` (its hooks fire), a skipped one changes nothing but
+    ``skipped_steps``, which the state dict carries."""
+    model = make_mlp(device=device)
+    opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), "rigl",
+                          0.8, update_every=2, model=model, seed=0)  # fmt: skip
+    fired = []
+    opt.register_step_post_hook(lambda o, args, kwargs: fired.append(o.step_count))
+    scaler = torch.amp.GradScaler(device.type, init_scale=1024.0)
+    _skip_run(model, opt, scaler, batches("mlp", 5, device=device), inf_at={3},
+              unscale_first=False)  # fmt: skip
+    assert fired == [1, 2, 3, 3, 4]
+    assert (opt.step_count, opt.skipped_steps) == (4, 1)
+    assert opt.report()["suptickets"]["skipped_steps"] == 1
+    state = opt.state_dict()
+    assert state["sparseopt"]["skipped_steps"] == 1
+    inner = torch.optim.SGD(make_mlp(device=device).parameters(), lr=0.05, momentum=0.9)
+    fresh = SparseOptimizer(inner, "rigl", 0.8, update_every=2, seed=0)
+    fresh.load_state_dict(state)
+    assert (fresh.step_count, fresh.skipped_steps) == (4, 1)

@@ -209,6 +209,10 @@ def _scheduler(e):
     return {"optimizer": e.opt, "total_steps": 100, "cycle_steps": 5}
 
 
+def _score(model):
+    return 0.5
+
+
 def _setter(name: str) -> Callable:
     return lambda e, kw: setattr(e.opt, name, kw[name])
 
@@ -229,6 +233,9 @@ TARGETS: dict[str, Target] = {
         rename={"value": "periodic_updates"}, on_opt=True),
     "SparseOptimizer.consolidate": Target(SparseOptimizer.consolidate,
                                           lambda e, kw: e.opt.consolidate(**kw), on_opt=True),
+    "SparseOptimizer.configure_superposition": Target(
+        SparseOptimizer.configure_superposition,
+        lambda e, kw: e.opt.configure_superposition(**kw), on_opt=True),
     "SparseOptimizer.load_state_dict": Target(SparseOptimizer.load_state_dict,
                                               lambda e, kw: e.opt.load_state_dict(**kw),
                                               on_opt=True),
@@ -259,6 +266,10 @@ TARGETS: dict[str, Target] = {
     "SupTicketsScheduler.official": Target(
         SupTicketsScheduler.official,
         _with(lambda e: {**_scheduler(e), "bn_update": None}, SupTicketsScheduler.official)),
+    "SupTicketsScheduler.recommended": Target(
+        SupTicketsScheduler.recommended,
+        _with(lambda e: {**_scheduler(e), "select": _score, "bn_update": None},
+              SupTicketsScheduler.recommended)),
     "SupTicketsScheduler.step": Target(SupTicketsScheduler.step,
                                        lambda e, kw: e.sched.step(**kw)),
     "SupTicketsScheduler.load_state_dict": Target(SupTicketsScheduler.load_state_dict,
@@ -427,6 +438,7 @@ NO_VALUE_ROW: dict[tuple[str, str], str] = {
     ("SparseOptimizer", "optimizer"): _NO_RANGE,
     ("SparseOptimizer", "model"): _NO_RANGE,
     ("SparseOptimizer.periodic_updates", "periodic_updates"): _BOOL,
+    ("SparseOptimizer.configure_superposition", "keep_tickets"): _BOOL,
     ("register_method", "factory"): "any callable",
     ("register_method", "overwrite"): _BOOL,
     ("random_structured", "generator"): _NO_RANGE + " (a CPU generator)",
@@ -484,9 +496,9 @@ def V(call, id, kwargs, *, setup=None) -> Case:
 
 
 T, Vx = TypeError, ValueError
-SO, CONS, SCHED, OFF = (
-    "SparseOptimizer", "SparseOptimizer.consolidate", "SupTicketsScheduler",
-    "SupTicketsScheduler.official",
+SO, CONS, CONF, SCHED, OFF, REC = (
+    "SparseOptimizer", "SparseOptimizer.consolidate", "SparseOptimizer.configure_superposition",
+    "SupTicketsScheduler", "SupTicketsScheduler.official", "SupTicketsScheduler.recommended",
 )  # fmt: skip
 NAN = float("nan")
 
@@ -626,7 +638,27 @@ ERRORS: list[Case] = [
     E(CONS, "bn_update-type", {"bn_update": 5}, T, r"bn_update.*int"),
     E(CONS, "bn_update-iterator", {"bn_update": ITERATOR}, T, r"bn_update.*an iterator"),
     E(CONS, "bn_update-without-model", {"bn_update": BATCHES}, Vx,
-      r"consolidate\(bn_update=...\).*model=", setup=_use_opt_without_model),
+      r"bn_update recomputes.*needs the model: pass model=", setup=_use_opt_without_model),
+    # --- configure_superposition ---------------------------------------------------------------
+    E(CONF, "averaging-type", {"averaging": 3}, T, r"averaging.*3 \(int\)"),
+    E(CONF, "averaging-unknown", {"averaging": "mean"}, Vx,
+      r"averaging in \('cia', 'caa', 'cima'\).*'mean'"),
+    E(CONF, "averaging-differs-after-first-ticket", {"averaging": "caa"}, Vx,
+      r"configure_superposition\(averaging='caa'.*differs from the superposition's settings.*"
+      r"fixed at its first ticket", setup=_first_ticket),
+    E(CONF, "beta-str", {"beta": "0.8"}, T, r"beta.*'0\.8'"),
+    E(CONF, "beta-1", {"beta": 1.0}, Vx, r"beta in \[0, 1\).*1\.0"),
+    E(CONF, "reprune-type", {"reprune": None}, T, r"reprune.*None"),
+    E(CONF, "reprune-unknown", {"reprune": "row"}, Vx, r"reprune in \('layer', 'global'\).*'row'"),
+    E(CONF, "bn_update-type", {"bn_update": 5}, T, r"bn_update.*int"),
+    E(CONF, "bn_update-without-model", {"bn_update": BATCHES}, Vx,
+      r"bn_update recomputes.*pass model= to SparseOptimizer", setup=_use_opt_without_model),
+    E(CONF, "keep_tickets-int", {"keep_tickets": 1}, T, r"keep_tickets to be a bool.*1 \(int\)"),
+    E(CONF, "select-not-callable", {"select": 0.9}, T,
+      r"select to be a callable fn\(model\) -> float.*0\.9 \(float\)"),
+    E(CONF, "select-without-model", {"select": _score}, Vx,
+      r"select scores the candidates on the model.*pass model= to SparseOptimizer",
+      setup=_use_opt_without_model),
     # --- load_state_dict: a rejected load leaves the optimizer untouched --------------------------
     E("SparseOptimizer.load_state_dict", "not-a-dict", {"state_dict": "sd"}, T,
       r"state_dict to be a dict.*str"),
@@ -660,7 +692,25 @@ ERRORS: list[Case] = [
     E(SCHED, "cycle_steps-0", {"cycle_steps": 0}, Vx, r"cycle_steps.*0"),
     E(SCHED, "cycle_steps-no-ticket", {"cycle_steps": 50}, Vx,
       r"cycle_steps=50 is longer than superpose_fraction \* total_steps = 10.*cycle_steps <= 10"),
-    E(SCHED, "base-type", {"base": "cosine"}, T, r"base to be an LRScheduler.*str"),
+    E(SCHED, "base-type", {"base": 3}, T, r"base to be an LRScheduler.*int"),
+    E(SCHED, "base-unknown-name", {"base": "cosine"}, Vx,
+      r"base to be an LRScheduler.*\('paper', 'shared', 'constant'\), but got 'cosine'"),
+    E(SCHED, "base-shorter-than-phase-1",
+      {"base": Lazy(lambda e: torch.optim.lr_scheduler.OneCycleLR(e.opt, 0.1, total_steps=50),
+                    "OneCycleLR(total_steps=50)")}, Vx,
+      r"base whose own schedule covers phase 1 \(90 steps\).*OneCycleLR ends after 50 "
+      r"\(total_steps=50\)"),
+    E(SCHED, "base-factory-shorter-than-phase-1",
+      {"base": lambda opt, n: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n // 2)}, Vx,
+      r"covers phase 1 \(90 steps\).*CosineAnnealingLR ends after 46 \(T_max=45\)"),
+    E(SCHED, "select-not-callable", {"select": "accuracy"}, T,
+      r"select to be a callable.*'accuracy' \(str\)"),
+    E(SCHED, "select-without-model", {"select": _score, "optimizer": NO_MODEL_OPT}, Vx,
+      r"select scores the candidates.*pass model= to SparseOptimizer"),
+    E(SCHED, "lr_high-below-lr_low", {"lr_high": 0.002, "lr_low": 0.003}, Vx,
+      r"Expected lr_high >= lr_low, but got lr_high=0\.002 < lr_low=0\.003"),
+    E(SCHED, "lr_high-below-relative-lr_low", {"lr_high": 0.0005}, Vx,
+      r"Expected lr_high >= lr_low, but got lr_high=0\.0005 < lr_low=0\.001"),
     E(SCHED, "base-plateau",
       {"base": Lazy(lambda e: torch.optim.lr_scheduler.ReduceLROnPlateau(e.opt), "plateau")}, T,
       r"base.*ReduceLROnPlateau"),
@@ -737,8 +787,24 @@ ERRORS: list[Case] = [
     E(OFF, "explore_rate-2", {"explore_rate": 2}, Vx, r"explore_rate.*2"),
     E(OFF, "lr_low-str", {"lr_low": "x"}, T, r"lr_low.*'x'"),
     E(OFF, "lr_low-negative", {"lr_low": -0.001}, Vx, r"lr_low.*-0\.001"),
-    E(OFF, "lr_high-none", {"lr_high": None}, T, r"lr_high.*None"),
+    E(OFF, "lr_high-str", {"lr_high": "0.005"}, T, r"lr_high.*'0\.005'"),
     E(OFF, "lr_high-0", {"lr_high": 0.0}, Vx, r"lr_high.*0\.0"),
+    # --- SupTicketsScheduler.recommended(...) ---------------------------------------------------
+    E(REC, "optimizer-plain", {"optimizer": SGD}, T, r"optimizer to be a SparseOptimizer"),
+    E(REC, "optimizer-prunes-into-phase-2", {"optimizer": GMP_OPT}, Vx, r"'gmp' prunes until",
+      names="gmp"),
+    E(REC, "total_steps-float", {"total_steps": 100.0}, T, r"total_steps.*100\.0"),
+    E(REC, "total_steps-0", {"total_steps": 0}, Vx, r"total_steps.*0"),
+    E(REC, "cycle_steps-str", {"cycle_steps": "5"}, T, r"cycle_steps.*'5'"),
+    E(REC, "cycle_steps-no-ticket", {"cycle_steps": 50}, Vx, r"cycle_steps=50 is longer"),
+    E(REC, "select-none", {"select": None}, T, r"select to be a callable.*None"),
+    E(REC, "select-without-model", {"select": _score, "optimizer": NO_MODEL_OPT}, Vx,
+      r"select scores the candidates.*pass model="),
+    E(REC, "bn_update-iterator", {"bn_update": ITERATOR}, T, r"bn_update.*an iterator"),
+    E(REC, "bn_update-type", {"bn_update": 2.0}, T, r"bn_update.*float"),
+    E(REC, "bn_update-without-model", {"bn_update": BATCHES, "optimizer": NO_MODEL_OPT}, Vx,
+      r"bn_update recomputes.*pass model="),
+    E(REC, "override-unknown", {"flavour": 1}, T, r"unexpected keyword argument 'flavour'"),
     # --- the scheduler's step and load_state_dict, cyclic_lr --------------------------------------
     E("SupTicketsScheduler.step", "epoch", {"epoch": 3}, Vx, r"step\(\) takes no epoch",
       names="epoch"),
@@ -1169,6 +1235,12 @@ VALID: list[Case] = [
     V(CONS, "bn_update-batches", {"bn_update": BATCHES}),
     V(CONS, "bn_update-callable", {"bn_update": lambda model: model(torch.randn(2, 8))}),
     V(CONS, "same-knobs-as-the-first", {"averaging": "cia"}, setup=_first_ticket),
+    V(CONF, "numpy", {"beta": np32(0.5), "averaging": "cima", "keep_tickets": nb(True)}),
+    V(CONF, "beta-edges", {"beta": 0.0}),
+    V(CONF, "equal-after-first-ticket", {"averaging": "cia"}, setup=_first_ticket),
+    V(CONF, "bn_update-and-select", {"bn_update": BATCHES, "select": _score,
+                                     "reprune": "global"}),
+    V(CONF, "select-callable-object", {"select": Lazy(lambda e: nn.Identity(), "a module")}),
     V("SparseOptimizer.load_state_dict", "own", {"state_dict": Lazy(lambda e: e.opt.state_dict(),
                                                                     "own")}),
     V("SparseOptimizer.add_param_group", "numpy-bool",
@@ -1205,6 +1277,17 @@ VALID: list[Case] = [
     V(OFF, "overrides", {"include_phase1": nb(False), "explore_rate": np32(0.3),
                          "lr_low": np32(0.002), "lr_high": [np64(0.004)], "averaging": "caa",
                          "reprune": "layer", "superpose_fraction": np32(0.2)}),
+    V(SCHED, "select", {"select": _score}),
+    V(SCHED, "base-names", {"base": "shared"}),
+    V(SCHED, "base-constant", {"base": "constant"}),
+    V(SCHED, "lr_high-equal-to-lr_low", {"lr_high": np64(0.003), "lr_low": 0.003}),
+    V(SCHED, "base-onecycle-covering-phase-1", {"base": Lazy(
+        lambda e: torch.optim.lr_scheduler.OneCycleLR(e.opt, 0.1, total_steps=90),
+        "OneCycleLR(total_steps=90)")}),
+    V(OFF, "lr_high-none-is-relative", {"lr_high": None, "lr_low": None}),
+    V(REC, "numpy", {"total_steps": i64(100), "cycle_steps": i32(5)}),
+    V(REC, "bn_update", {"bn_update": BATCHES}),
+    V(REC, "overrides", {"explore_rate": np32(0.1), "base": None, "lr_high": None}),
     V("SupTicketsScheduler.step", "none", {"epoch": None}),
     V("SupTicketsScheduler.load_state_dict", "own",
       {"state_dict": Lazy(lambda e: e.sched.state_dict(), "own")}),

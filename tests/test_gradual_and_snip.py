@@ -551,7 +551,7 @@ def test_suptickets_composition(method, options):
     opt = SparseOptimizer(inner, method, 0.9, model=model, seed=0, **options)
     assert opt.total_steps is None
     sched = SupTicketsScheduler(
-        opt, total, cycle, superpose_fraction=0.2, lr_low=0.01, lr_high=0.05
+        opt, total, cycle, superpose_fraction=0.2, lr_low=0.01, lr_high=0.05, base="constant"
     )
     assert opt.total_steps == total
     assert sched.num_tickets == 2

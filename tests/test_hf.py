@@ -282,22 +282,36 @@ def test_param_groups_errors():
         SparseTrainerCallback(check_every=1.5)
 
 
-def test_callback_warns_once_on_skipped_steps_and_refuses_extra_steps():
-    """GradScaler-skipped steps (the Trainer counts them, the optimizer does not): a warning;
-    more optimizer steps than Trainer steps: an error. No Trainer needed: the state is faked."""
+def test_callback_counts_skipped_steps_warns_once_on_missing_ones_and_refuses_extra_steps():
+    """A step a GradScaler skipped counts for the optimizer (``skipped_steps``) as for the
+    Trainer: no warning. A Trainer step that never reached the optimizer: a warning, once; more
+    optimizer steps than Trainer steps: an error. No Trainer needed: the state is faked."""
     from types import SimpleNamespace
 
     model = torch.nn.Linear(4, 4)
     opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.5, seed=0)
-    model(torch.ones(1, 4)).sum().backward()
-    opt.step()  # step_count 1
-    callback = SparseTrainerCallback()
-    callback.on_train_begin(None, SimpleNamespace(global_step=1, max_steps=5), None, optimizer=opt)
-    with pytest.warns(UserWarning, match="made 1 steps in the Trainer's 2"):
-        callback.on_step_end(None, SimpleNamespace(global_step=2), None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    scaler.scale(model(torch.ones(1, 4)).sum()).backward()
+    model.weight.grad[0, 0] = float("inf")
+    scaler.step(opt)  # skipped: step_count 0, skipped_steps 1
+    scaler.update()
+    checked = SparseTrainerCallback()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        callback.on_step_end(None, SimpleNamespace(global_step=3), None)  # once only
+        state = SimpleNamespace(global_step=1, max_steps=5)
+        checked.on_train_begin(None, state, None, optimizer=opt)
+        checked.on_step_end(None, state, None)
+    opt.zero_grad()
+    model(torch.ones(1, 4)).sum().backward()
+    opt.step()  # step_count 1: two iterations
+    callback = SparseTrainerCallback()
+    callback.on_train_begin(None, SimpleNamespace(global_step=2, max_steps=5), None, optimizer=opt)
+    with pytest.warns(UserWarning, match="made 2 steps in the Trainer's 3") as caught:
+        callback.on_step_end(None, SimpleNamespace(global_step=3), None)
+    assert caught[0].filename == __file__  # the user's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        callback.on_step_end(None, SimpleNamespace(global_step=4), None)  # once only
     with pytest.raises(RuntimeError, match="Expected the SparseOptimizer's step_count"):
         callback.on_step_end(None, SimpleNamespace(global_step=0), None)
 

@@ -218,7 +218,8 @@ def test_base_factory_gets_phase1_and_equals_a_prebuilt_base(device):
 def test_rates_without_base_are_constant_in_phase1(device):
     model = make_model(device=device)
     opt = make_opt(model, lrs=(0.001,))
-    sched = SupTicketsScheduler(opt, 40, 4, superpose_fraction=0.3, lr_low=0.001, lr_high=0.004)
+    sched = SupTicketsScheduler(opt, 40, 4, base="constant", superpose_fraction=0.3,
+                                lr_low=0.001, lr_high=0.004)  # fmt: skip
     lrs = run(model, opt, sched, 40)
     assert [r[0] for r in lrs[:28]] == [0.001] * 28
     assert [r[0] for r in lrs[28:]] == pytest.approx([0.0025, 0.004, 0.0025, 0.001] * 3, rel=1e-12)
@@ -257,8 +258,9 @@ def test_per_group_rates_from_lists(device):
     model = make_model(device=device)
     opt = make_opt(model, lrs=(0.001, 0.0002))
     sched = SupTicketsScheduler(
-        opt, 30, 5, superpose_fraction=0.5, lr_low=[0.001, 0.0002], lr_high=[0.006, 0.0032]
-    )
+        opt, 30, 5, base="constant", superpose_fraction=0.5, lr_low=[0.001, 0.0002],
+        lr_high=[0.006, 0.0032],
+    )  # fmt: skip
     lrs = run(model, opt, sched, 30)
     assert lrs[:15] == [[0.001, 0.0002]] * 15
     assert [r[0] for r in lrs[15:]] == pytest.approx(
@@ -273,6 +275,8 @@ def test_per_group_rates_from_lists(device):
 
 # --- the warning at the phase boundary ----------------------------------------------------------
 def _warnings_per_step(lr: float, **sched_kwargs) -> dict[int, list[str]]:
+    """A constant phase 1 at ``lr`` into absolute rates 0.001 -> 0.005."""
+    sched_kwargs = {"base": "constant", "lr_low": 0.001, "lr_high": 0.005, **sched_kwargs}
     model = make_model()
     opt = make_opt(model, lrs=(lr,))
     out: dict[int, list[str]] = {}
@@ -317,7 +321,7 @@ def test_tickets_explorations_and_finalize_happen_on_time(monkeypatch, device):
     opt = make_opt(model, update_every=3, stop_fraction=1.0, prune_schedule="constant")
     sched = SupTicketsScheduler(
         opt, total, cycle, superpose_fraction=fraction, lr_low=0.1, lr_high=0.2,
-        explore_rate=0.25, averaging="cima", beta=0.6, reprune="global",
+        explore_rate=0.25, averaging="cima", beta=0.6, reprune="global", base="constant",
     )  # fmt: skip
     assert sched.ticket_steps == [44, 50]
     calls: list[tuple] = []
@@ -355,11 +359,14 @@ def test_tickets_explorations_and_finalize_happen_on_time(monkeypatch, device):
 
     assert calls == [
         ("explore", 38, (0.25,), {}),
-        ("consolidate", 44, (), {"averaging": "cima", "beta": 0.6, "reprune": "global"}),
+        ("consolidate", 44, (), {}),
         ("explore", 44, (0.25,), {}),
-        ("consolidate", 50, (), {"averaging": "cima", "beta": 0.6, "reprune": "global"}),
+        ("consolidate", 50, (), {}),
         ("finalize", 50, (), {}),
     ]
+    # the settings were fixed once, when the scheduler was built
+    settings = opt.superposition.settings
+    assert (settings.averaging, settings.beta, settings.reprune) == ("cima", 0.6, "global")
     assert opt.tickets == 2 == sched.num_tickets
     assert tickets == [0] * 43 + [1] * 6 + [2]
 
@@ -388,7 +395,7 @@ def test_tickets_explorations_and_finalize_happen_on_time(monkeypatch, device):
     assert not opt.periodic_updates
 
     # finalize: the masks moved to the superposed support, the weights are the superposed copy.
-    sup = opt._superposition
+    sup = opt.superposition
     assert changed(masks[-1], list(opt.masks.values()))
     for p, s in zip(model.parameters(), sup.params, strict=True):
         assert torch.equal(p, s)
@@ -398,12 +405,12 @@ def test_total_steps_is_filled_in(device):
     model = make_model(device=device)
     opt = make_opt(model, stop_fraction=0.5)
     assert opt.total_steps is None
-    SupTicketsScheduler(opt, 60, 5, superpose_fraction=0.25, lr_low=0.1)
+    SupTicketsScheduler(opt, 60, 5, superpose_fraction=0.25, lr_low=0.1, lr_high=0.2)
     assert opt.total_steps == 60
     assert opt.schedule.end_step == 30
     # an optimizer that knows its total_steps keeps it when they agree
     opt2 = make_opt(make_model(device=device), total_steps=60)
-    SupTicketsScheduler(opt2, 60, 5, superpose_fraction=0.25, lr_low=0.1)
+    SupTicketsScheduler(opt2, 60, 5, superpose_fraction=0.25, lr_low=0.1, lr_high=0.2)
     assert opt2.total_steps == 60
 
 
@@ -497,7 +504,8 @@ def test_bad_base_on_another_optimizer(device):
 
 def test_base_on_inner_optimizer_is_accepted(device):
     opt = make_opt(make_model(device=device))
-    sched = SupTicketsScheduler(opt, 100, 5, base=MultiStepLR(opt.optimizer, [10]), lr_low=0.01)
+    sched = SupTicketsScheduler(opt, 100, 5, base=MultiStepLR(opt.optimizer, [10]), lr_low=0.01,
+                                lr_high=0.05)  # fmt: skip
     assert sched.base.optimizer is opt.optimizer
 
 
@@ -556,7 +564,7 @@ def test_state_dict_round_trip(k):
 def test_load_state_dict_base_mismatch(device):
     _, _, _, sched = _build()
     opt = make_opt(make_model(device=device))
-    no_base = SupTicketsScheduler(opt, 40, 4, superpose_fraction=0.3)
+    no_base = SupTicketsScheduler(opt, 40, 4, superpose_fraction=0.3, base="constant")
     with pytest.raises(ValueError, match=r"base"):
         no_base.load_state_dict(sched.state_dict())
 
@@ -573,3 +581,182 @@ def test_load_state_dict_refuses_another_schedule():
     with pytest.raises(ValueError, match=r"total_steps=100 vs this scheduler's 200"):
         build(200).load_state_dict(state)
     build(100).load_state_dict(state)
+
+
+# --- rates relative to the optimizer (issue 23) ---------------------------------------------------
+def paper_phase1(lr: float, phase1: int) -> list[float]:
+    """The paper's phase 1 by hand: x0.1 after step P // 2 and after step 3P // 4."""
+    m1, m2 = phase1 // 2, 3 * phase1 // 4
+    return [
+        lr if s <= m1 else lr * 0.1 if s <= m2 else lr * 0.1 * 0.1 for s in range(1, phase1 + 1)
+    ]
+
+
+def _run_quiet(model, opt, sched, steps):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lrs = run(model, opt, sched, steps)
+    return lrs, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize(
+    ("inner", "lr", "low", "high"),
+    [
+        ("sgd", 0.1, 0.001, 0.005),  # the paper's rates, exactly
+        ("adamw", 1e-3, 1e-5, 5e-5),
+        ("adam", 3e-4, 3e-6, 1.5e-5),
+    ],
+)
+def test_relative_default_rates_follow_the_optimizer(inner, lr, low, high, device):
+    """``lr_low=None, lr_high=None``: 1/100 and 1/20 of the optimizer's rate; ``base=None``: the
+    paper's phase 1, which ends exactly at ``lr_low``: no warning, as in the README's loop."""
+    model = make_model(device=device)
+    cls = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[inner]
+    opt = SparseOptimizer(cls(model.parameters(), lr=lr), "set", 0.7, model=model, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched = SupTicketsScheduler(opt, total_steps=40, cycle_steps=4, superpose_fraction=0.3)
+    lrs, caught = _run_quiet(model, opt, sched, 40)
+    assert caught == []
+    assert [r[0] for r in lrs[:28]] == pytest.approx(paper_phase1(lr, 28), rel=1e-12)
+    assert [r[0] for r in lrs[28:]] == pytest.approx(
+        [eq3(i, 4, low, high) for i in range(1, 13)], rel=1e-12
+    )
+    assert lrs[27][0] == pytest.approx(low, rel=1e-12)  # phase 1 ends at lr_low
+    for s in sched.ticket_steps:  # the cycle ends: exactly lr / 100
+        assert lrs[s - 1][0] == lr / 100
+    if inner == "sgd":
+        assert lr / 100 == 0.001
+        assert lrs[29][0] == lr / 20 == 0.005  # mid-cycle: the paper's peak, to the bit
+
+
+def test_relative_rates_of_two_groups_with_different_rates(device):
+    model = make_model(device=device)
+    opt = make_opt(model, lrs=(0.1, 0.03))
+    sched = SupTicketsScheduler(opt, 40, 4, superpose_fraction=0.3)
+    lrs, caught = _run_quiet(model, opt, sched, 40)
+    assert caught == []
+    for g, lr in enumerate((0.1, 0.03)):
+        assert [r[g] for r in lrs[:28]] == pytest.approx(paper_phase1(lr, 28), rel=1e-12)
+        assert [r[g] for r in lrs[28:]] == pytest.approx(
+            [eq3(i, 4, lr / 100, lr / 20) for i in range(1, 13)], rel=1e-12
+        )
+    # group 1 by hand: 0.0003 at the cycle ends, 0.0015 at mid-cycle
+    assert lrs[31][1] == pytest.approx(0.0003, rel=1e-12)
+    assert lrs[29][1] == pytest.approx(0.0015, rel=1e-12)
+
+
+def test_explicit_scalars_stay_absolute_and_scale_by_the_initial_rate_ratio(device):
+    """A float is the first group's rate; the other group scales it by its initial-rate ratio
+    (the meaning before the relative defaults); a list gives one absolute rate per group."""
+    model = make_model(device=device)
+    opt = make_opt(model, lrs=(0.1, 0.03))
+    sched = SupTicketsScheduler(opt, 40, 4, superpose_fraction=0.3, lr_low=0.002, lr_high=0.004)
+    lrs, _ = _run_quiet(model, opt, sched, 40)
+    assert [r[0] for r in lrs[28:]] == pytest.approx(
+        [eq3(i, 4, 0.002, 0.004) for i in range(1, 13)], rel=1e-12
+    )
+    assert [r[1] for r in lrs[28:]] == pytest.approx(
+        [eq3(i, 4, 0.002 * 0.3, 0.004 * 0.3) for i in range(1, 13)], rel=1e-12
+    )
+
+
+def test_constant_phase1_is_kept_and_warns_at_the_jump(device):
+    model = make_model(device=device)
+    opt = make_opt(model)
+    sched = SupTicketsScheduler(opt, 40, 4, superpose_fraction=0.3, base="constant")
+    assert sched.base is None
+    lrs, caught = _run_quiet(model, opt, sched, 40)
+    assert [r[0] for r in lrs[:28]] == [0.1] * 28
+    assert len(caught) == 1
+    assert "far from lr_low" in caught[0]
+
+
+def test_shared_base_keeps_the_base_runs_milestones(device):
+    """``base="shared"``: x0.1 at 1/2 and 3/4 of the whole run (steps 20 and 30 of 40); with 12
+    steps of cycles, phase 1 (28 steps) sees only the first."""
+    model = make_model(device=device)
+    opt = make_opt(model)
+    sched = SupTicketsScheduler(opt, 40, 4, superpose_fraction=0.3, base="shared")
+    assert sorted(sched.base.milestones) == [20, 30]
+    lrs, _ = _run_quiet(model, opt, sched, 40)
+    assert [r[0] for r in lrs[:28]] == pytest.approx([0.1] * 20 + [0.01] * 8, rel=1e-12)
+
+
+def test_a_group_added_after_the_scheduler_gets_its_own_rates(device):
+    """Issue 22, bug 2: ``add_param_group`` after the scheduler was built (an IndexError in phase
+    2 before). The new group's rate when the scheduler next steps is its peak."""
+    model = make_model(device=device)
+    opt = make_opt(model)
+    sched = SupTicketsScheduler(opt, 40, 4, superpose_fraction=0.3)
+    extra = nn.Linear(6, 5).to(device)  # not in the forward: no gradient, the lr is what counts
+
+    def hook(s):
+        if s == 3:
+            opt.add_param_group({"params": list(extra.parameters()), "lr": 0.02})
+
+    lrs = run(model, opt, sched, 40, hook=hook)
+    new = [r[1] for r in lrs[3:]]  # the group exists from step 4 on
+    assert new[:11] == pytest.approx([0.02] * 11, rel=1e-12)  # steps 4..14 (milestone 14)
+    assert [r[1] for r in lrs[28:]] == pytest.approx(
+        [eq3(i, 4, 0.02 / 100, 0.02 / 20) for i in range(1, 13)], rel=1e-12
+    )
+    assert opt.tickets == 3
+
+
+def test_lr_high_below_lr_low_names_both(device):
+    opt = make_opt(make_model(device=device), lrs=(0.001,))
+    with pytest.raises(ValueError, match=r"lr_high >= lr_low.*lr_high=0\.0002 < lr_low=0\.001"):
+        SupTicketsScheduler(opt, 100, 5, lr_low=0.001, lr_high=0.0002)
+    # the docs' old advice with AdamW (lr_high a fifth of the peak, lr_low left at 0.001): caught
+    with pytest.raises(ValueError, match=r"lr_high=5e-05 < lr_low=0\.001"):
+        SupTicketsScheduler(opt, 100, 5, lr_low=0.001)
+    assert opt.total_steps is None  # refused before anything changed
+
+
+def test_the_official_preset_keeps_the_absolute_rates(device):
+    """``official()`` runs the official code's 0.001 -> 0.005, whatever the optimizer's rate."""
+    model = make_model(device=device)
+    opt = make_opt(model, lrs=(1e-3,))
+    sched = SupTicketsScheduler.official(opt, 40, 4, None, superpose_fraction=0.3,
+                                         base="constant")  # fmt: skip
+    lrs, _ = _run_quiet(model, opt, sched, 40)
+    assert [r[0] for r in lrs[28:]] == pytest.approx(
+        [eq3(i, 4, 0.001, 0.005) for i in range(1, 13)], rel=1e-12
+    )
+
+
+def test_repr_says_where_the_schedule_is(device):
+    model = make_model(device=device)
+    opt = make_opt(model)
+    sched = SupTicketsScheduler(opt, 40, 4, superpose_fraction=0.3, averaging="cima", beta=0.5)
+    text = repr(sched)
+    for part in ("SupTicketsScheduler(step=0/40 (phase 1)", "phase1_steps=28", "tickets=0/3",
+                 "base=MultiStepLR", "lr_low=initial_lr/100", "lr_high=initial_lr/20",
+                 "averaging='cima'", "beta=0.5", "select=None"):  # fmt: skip
+        assert part in text, (part, text)
+    run(model, opt, sched, 40)
+    assert "step=40/40 (phase 2, finalized)" in repr(sched)
+    assert "tickets=3/3" in repr(sched)
+    other = make_opt(make_model(device=device))
+    with_rates = SupTicketsScheduler(other, 40, 4, superpose_fraction=0.3, lr_low=0.002,
+                                     lr_high=[0.004])  # fmt: skip
+    assert "lr_low=0.002, lr_high=0.004" in repr(with_rates)
+
+
+def test_a_state_saved_without_a_base_resumes_into_the_default_scheduler(device):
+    """sparseopt 0.1's default phase 1 was constant (no base): its state loads into a scheduler
+    built with ``base=None``, which then keeps that constant phase 1; an explicit base refuses."""
+    old = SupTicketsScheduler(make_opt(make_model(device=device)), 40, 4, superpose_fraction=0.3,
+                              base="constant")  # fmt: skip
+    state = old.state_dict()
+    assert state["base"] is None
+    default = SupTicketsScheduler(make_opt(make_model(device=device)), 40, 4,
+                                  superpose_fraction=0.3)  # fmt: skip
+    assert default.base is not None
+    default.load_state_dict(state)
+    assert default.base is None
+    explicit = SupTicketsScheduler(make_opt(make_model(device=device)), 40, 4,
+                                   superpose_fraction=0.3, base="paper")  # fmt: skip
+    with pytest.raises(ValueError, match=r"saved with no base scheduler.*base='constant'"):
+        explicit.load_state_dict(state)

@@ -10,13 +10,17 @@ calling ``consolidate`` at the right time.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
 from cases import (
     assert_exactly_equal,
     erk_densities,
+    first_difference,
     get_case,
     inner_state_tensors,
     make_convnet,
@@ -25,6 +29,8 @@ from cases import (
 from torch import Tensor, nn
 
 from sparseopt import SparseOptimizer, SupTicketsScheduler
+from sparseopt.methods import SparseLayer
+from sparseopt.superposition import Superposition, SuperpositionSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -135,7 +141,7 @@ def build(kind="mlp_bn", method="rigl", inner=None, sparsity=0.8, total=40, cycl
         inner, method, sparsity, model=model, update_every=5, seed=0, stop_fraction=1.0
     )
     lr = opt.param_groups[0]["lr"]
-    sched_kwargs = {"lr_low": lr, "lr_high": 3 * lr, **sched_kwargs}
+    sched_kwargs = {"base": "constant", "lr_low": lr, "lr_high": 3 * lr, **sched_kwargs}
     sched = SupTicketsScheduler(opt, total, cycle, superpose_fraction=fraction, **sched_kwargs)
     return model, opt, sched
 
@@ -181,7 +187,7 @@ def test_superposition_matches_reference(kind, averaging, reprune, device):
         sched.step()
         if step not in sched.ticket_steps:
             continue
-        sup = opt._superposition
+        sup = opt.superposition
         assert sup.tickets == ref.t
         for j, (s, r) in enumerate(zip(sup.params, ref.params, strict=True)):
             assert s.dtype == params[j].dtype
@@ -189,10 +195,11 @@ def test_superposition_matches_reference(kind, averaging, reprune, device):
         assert sorted(sup.buffers) == sorted(ref.buffers)
         for k, r in ref.buffers.items():
             torch.testing.assert_close(sup.buffers[k], r, rtol=1e-10, atol=1e-12, msg=k)
-        for m, r in zip(sup.masks(sparse, counts), ref.keep, strict=True):
+        for m, r in zip(sup.masks, ref.keep, strict=True):
             assert torch.equal(m, r)
+        superposed = sup.params
         for j, keep in zip(sparse, ref.keep, strict=True):
-            assert torch.all(sup.params[j][~keep] == 0)
+            assert torch.all(superposed[j][~keep] == 0)
         total_kept = sum(int(k.sum()) for k in ref.keep)
         assert total_kept == sum(counts)
         if reprune == "layer":
@@ -204,11 +211,12 @@ def test_superposition_matches_reference(kind, averaging, reprune, device):
     nbt_keys = [k for k in ref.buffers if k.endswith("num_batches_tracked")]
     assert len(nbt_keys) == 2
     for k in nbt_keys:
-        assert opt._superposition.buffers[k].item() == pytest.approx(nbt, rel=1e-12)
+        assert opt.superposition.buffers[k].item() == pytest.approx(nbt, rel=1e-12)
 
     # After finalize: the model holds the superposed copy; masks are its support.
+    superposed = opt.superposition.params
     for j, (p, r) in enumerate(zip(params, ref.params, strict=True)):
-        assert torch.equal(p, opt._superposition.params[j])
+        assert torch.equal(p, superposed[j])
         torch.testing.assert_close(p.double(), r, rtol=1e-5, atol=1e-6)
     for k, b in bn_buffers(model).items():
         if k.endswith("num_batches_tracked"):
@@ -245,24 +253,19 @@ def test_reference_prune_ties_go_to_lowest_index():
 
 
 def test_caa_differs_from_cia_on_a_hand_example():
-    """Two tickets by hand, one layer of 4 weights, count 2 (no model, so no BN)."""
-    w = nn.Parameter(torch.zeros(1, 4))
-    opt = SparseOptimizer(torch.optim.SGD([w], lr=0.1), "static", 0.5, seed=0)
-    (layer,) = opt.layers
-    opt.apply_masks()
+    """Two tickets by hand, one layer of 4 weights, count 2, on ``Superposition`` alone."""
+    w = torch.zeros(1, 4)
+    tickets = [
+        ([[True, True, False, False]], [[4.0, 1.0, 0.0, 0.0]]),
+        ([[False, True, False, True]], [[0.0, 2.0, 0.0, 3.0]]),
+    ]
     results = {}
     for averaging in ("cia", "caa"):
-        opt._superposition = None
-        with torch.no_grad():
-            layer.mask.copy_(torch.tensor([[True, True, False, False]]))
-            w.copy_(torch.tensor([[4.0, 1.0, 0.0, 0.0]]))
-        with pytest.warns(UserWarning, match="model="):
-            opt.consolidate(averaging=averaging)
-        with torch.no_grad():
-            layer.mask.copy_(torch.tensor([[False, True, False, True]]))
-            w.copy_(torch.tensor([[0.0, 2.0, 0.0, 3.0]]))
-        opt.consolidate(averaging=averaging)
-        results[averaging] = opt._superposition.params[0].tolist()
+        sup = Superposition(SuperpositionSettings.build(averaging=averaging))
+        for mask, values in tickets:
+            layer = SparseLayer(w, "w", 0, torch.tensor(mask), 2, 2)
+            sup.add([torch.tensor(values)], [layer], {})
+        results[averaging] = sup.params[0].tolist()
     # CIA: (S_1 + T_2) / 2 = ([4, 1, 0, 0] + [0, 2, 0, 3]) / 2 = [2, 1.5, 0, 1.5]; keep 2 largest,
     # the tie 1.5 / 1.5 goes to the lower index.
     assert results["cia"] == [[2.0, 1.5, 0.0, 0.0]]
@@ -287,9 +290,9 @@ def test_finalize_exact_counts_and_zeros(reprune, inner, device):
     for step in range(1, 41):
         train_step("convnet_bn", model, opt, step)
         sched.step()
-    sup = opt._superposition
+    sup = opt.superposition
     sparse = sparse_positions(model)
-    support = sup.masks(sparse, counts)
+    support = sup.masks
     masks = [opt.masks[params[j]] for j in sparse]
     for layer, mask, sup_mask in zip(opt.layers, masks, support, strict=True):
         assert torch.equal(mask, sup_mask)
@@ -331,13 +334,13 @@ def _snapshot(model, opt):
         [p.detach().clone() for p in model.parameters()],
         {k: b.clone() for k, b in bn_buffers(model).items()},
         [m.clone() for m in opt.masks.values()],
-        [s.clone() for s in opt._superposition.params],
-        {k: b.clone() for k, b in opt._superposition.buffers.items()},
+        list(opt.superposition.params),
+        dict(opt.superposition.buffers),
     )
 
 
 def _assert_holds_superposed(model, opt):
-    sup = opt._superposition
+    sup = opt.superposition
     for p, s in zip(model.parameters(), sup.params, strict=True):
         assert torch.equal(p, s)
     for k, b in bn_buffers(model).items():
@@ -400,7 +403,8 @@ def test_no_ticket_errors(device):
     for step in range(1, 29):
         train_step("mlp_bn", model, opt, step)
         sched.step()
-        assert opt._superposition is None
+        assert opt.superposition.tickets == 0  # configured by the scheduler, still empty
+        assert opt.superposition.params == ()
         assert opt.tickets == 0
     assert opt.state_dict()["sparseopt"]["superposition"] is None
     with pytest.raises(ValueError, match="consolidate"):
@@ -418,14 +422,22 @@ def test_no_ticket_errors(device):
 def test_consolidate_must_keep_its_settings(first, second, match, device):
     model, opt, _ = build("mlp_bn", device=device)
     train_step("mlp_bn", model, opt, 1)
-    opt.consolidate(**first)
-    kept = [s.clone() for s in opt._superposition.params]
+    opt.configure_superposition(**first)  # replaces the scheduler's settings: no ticket yet
+    opt.consolidate()
+    kept = opt.superposition.params
     with pytest.raises(ValueError, match=match):
-        opt.consolidate(**second)
+        opt.configure_superposition(**second)
+    with (
+        pytest.warns(DeprecationWarning, match="deprecated"),
+        pytest.raises(ValueError, match=match),
+    ):
+        opt.consolidate(**second)  # the deprecated keyword form refuses it too
     assert opt.tickets == 1
-    for a, b in zip(opt._superposition.params, kept, strict=True):
+    for a, b in zip(opt.superposition.params, kept, strict=True):
         assert torch.equal(a, b)
-    opt.consolidate(**first)
+    opt.configure_superposition(**first)  # equal settings: nothing changes
+    with pytest.warns(DeprecationWarning, match="configure_superposition"):
+        opt.consolidate(**first)
     assert opt.tickets == 2
 
 
@@ -434,13 +446,13 @@ def test_failed_consolidate_leaves_the_superposed_copy_alone(device):
     model, opt, _ = build("mlp_bn", device=device)
     train_step("mlp_bn", model, opt, 1)
     opt.consolidate()
-    kept = [s.clone() for s in opt._superposition.params]
+    kept = opt.superposition.params
     model.add_module("extra", nn.BatchNorm1d(4).to(device))  # new BN buffers, no new params
     train_step("mlp_bn", model, opt, 2)  # the live weights move away from the first ticket
     with pytest.raises(ValueError, match="BatchNorm buffers changed"):
         opt.consolidate()
     assert opt.tickets == 1
-    for a, b in zip(opt._superposition.params, kept, strict=True):
+    for a, b in zip(opt.superposition.params, kept, strict=True):
         assert torch.equal(a, b)
 
 
@@ -449,8 +461,13 @@ def test_consolidate_bad_arguments(device):
     for kwargs, match in [({"averaging": "x"}, "averaging"), ({"beta": 1.0}, "beta"),
                           ({"reprune": "x"}, "reprune")]:  # fmt: skip
         with pytest.raises(ValueError, match=match):
+            opt.configure_superposition(**kwargs)
+        with (
+            pytest.warns(DeprecationWarning, match="deprecated"),
+            pytest.raises(ValueError, match=match),
+        ):
             opt.consolidate(**kwargs)
-    assert opt._superposition is None
+    assert opt.superposition.tickets == 0
 
 
 # --- every method, a table of inner optimizers ---------------------------------------------------
@@ -496,5 +513,112 @@ def test_methods_and_inner_optimizers(method, inner, device):
         assert int((p != 0).sum()) <= c
         for key, t in inner_state_tensors(opt.optimizer, p).items():
             assert torch.all(t[~m] == 0), key
-    for p, s in zip(params, opt._superposition.params, strict=True):
+    for p, s in zip(params, opt.superposition.params, strict=True):
         assert torch.equal(p, s)
+
+
+# --- the settings, fixed once; the read-only view; the BatchNorm warning -------------------------
+def test_settings_are_fixed_at_the_first_ticket():
+    model, opt, _ = build("mlp_bn", averaging="cima", beta=0.5)
+    settings = opt.superposition.settings
+    assert (settings.averaging, settings.beta, settings.reprune) == ("cima", 0.5, "layer")
+    opt.configure_superposition(averaging="cima", beta=0.5)  # equal: nothing happens
+    assert opt.superposition.settings is settings
+    opt.configure_superposition(averaging="caa")  # before the first ticket: replaced
+    assert opt.superposition.settings.averaging == "caa"
+    train_step("mlp_bn", model, opt, 1)
+    opt.consolidate()
+    with pytest.raises(ValueError, match=r"averaging='cia'.*differs.*fixed at its first ticket"):
+        opt.configure_superposition(averaging="cia")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opt.superposition.settings.averaging = "cia"
+
+
+def test_the_view_is_read_only_and_a_copy():
+    model, opt, _ = build("mlp_bn")
+    train_step("mlp_bn", model, opt, 1)
+    opt.consolidate()
+    view = opt.superposition
+    params, buffers = view.params, dict(view.buffers)
+    params[0].add_(1.0)
+    next(iter(buffers.values())).add_(1.0)
+    assert not torch.equal(view.params[0], params[0])
+    assert not torch.equal(next(iter(view.buffers.values())), next(iter(buffers.values())))
+    with pytest.raises(AttributeError):
+        view.tickets = 3
+    with pytest.raises(TypeError):
+        view.buffers["x"] = torch.zeros(1)
+    assert [int(m.sum()) for m in view.masks] == [layer.count for layer in opt.layers]
+    assert "SuperpositionView(tickets=1" in repr(view)
+
+
+def test_a_state_dict_with_other_settings_is_refused_before_anything_loads():
+    model, opt, _ = build("mlp_bn", averaging="caa")
+    train_step("mlp_bn", model, opt, 1)
+    opt.consolidate()
+    saved = opt.state_dict()
+    _, other, _ = build("mlp_bn", averaging="cia")
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=r"superposition was saved with other settings: "
+                       r"averaging='caa' vs configured 'cia'"):  # fmt: skip
+        other.load_state_dict(saved)
+    assert first_difference(before, other.state_dict()) is None
+
+
+def test_settings_restored_from_a_state_dict_take_bn_update_from_the_next_configuration():
+    model, opt, _ = build("mlp_bn", reprune="global")
+    train_step("mlp_bn", model, opt, 1)
+    opt.consolidate()
+    saved = opt.state_dict()
+    model2 = make_mlp_bn(1)
+    inner = torch.optim.SGD(model2.parameters(), lr=0.05, momentum=0.9)
+    opt2 = SparseOptimizer(inner, "rigl", 0.8, model=model2, update_every=5, seed=0,
+                           stop_fraction=1.0)  # fmt: skip
+    opt2.load_state_dict(saved)  # nothing configured: the saved settings, without bn_update
+    assert opt2.superposition.settings.reprune == "global"
+    batches = [batch("mlp_bn", 50)[0]]
+    opt2.configure_superposition(reprune="global", bn_update=batches)  # agrees: completes them
+    assert opt2.superposition.settings.bn_update is batches
+    with pytest.raises(ValueError, match="differs"):
+        opt2.configure_superposition(reprune="layer")
+
+
+def test_deprecated_keywords_configure_once_and_bn_update_stays_per_call():
+    model = make_mlp_bn()
+    opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), "rigl", 0.8, model=model,
+                          seed=0)  # fmt: skip
+    train_step("mlp_bn", model, opt, 1)
+    batches = [batch("mlp_bn", 50)[0]]
+    with pytest.warns(DeprecationWarning, match=r"configure_superposition\(\.\.\.\)"):
+        opt.consolidate(averaging="cima", bn_update=batches)
+    assert opt.superposition.settings.averaging == "cima"
+    assert opt.superposition.settings.bn_update is batches
+    with pytest.warns(DeprecationWarning, match="deprecated"):
+        opt.consolidate(averaging="cima")  # as before: this call recomputes nothing
+    assert opt.superposition.settings.bn_update is None
+    assert opt.tickets == 2
+
+
+def _bn_warnings(model, give_model: bool) -> list[str]:
+    opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), "set", 0.8, seed=0,
+                          model=model if give_model else None)  # fmt: skip
+    x = torch.randn(4, 8)
+    model(x).sum().backward()
+    opt.step()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.consolidate()
+        opt.consolidate()
+    return [(str(w.message), w.filename) for w in caught]
+
+
+def test_the_missing_model_warning_fires_only_when_a_batchnorm_layer_holds_parameters():
+    """Issue 22: without ``model=`` the first ticket warns only if a BatchNorm layer (found among
+    the live objects) holds one of the optimizer's parameters; once, at the user's line."""
+    plain = _bn_warnings(mlp(8, 16, 4, seed=0), give_model=False)
+    assert plain == []  # no BatchNorm: nothing to superpose, no warning
+    with_bn = _bn_warnings(make_mlp_bn(), give_model=False)
+    assert len(with_bn) == 1
+    assert "a BatchNorm layer holds some of the optimizer's parameters" in with_bn[0][0]
+    assert with_bn[0][1] == __file__
+    assert _bn_warnings(make_mlp_bn(), give_model=True) == []

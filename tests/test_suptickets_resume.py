@@ -39,6 +39,8 @@ CONFIGS = {
     "rigl-official-sgd": ("rigl", "cia", "sgd"),
     "set-ticket0-caa-adam": ("set", "caa", "adam"),
     "rigl-bncall-cima-sgd": ("rigl", "cima", "sgd"),
+    "rigl-select-cia-sgd": ("rigl", "cia", "sgd"),
+    "set-select-ticket0-adam": ("set", "cia", "adam"),
 }
 
 
@@ -72,12 +74,22 @@ def _bn_forward(model: nn.Module) -> None:
         model(x)
 
 
+def _val_score(model: nn.Module) -> float:
+    """A deterministic validation score for ``select=``."""
+    x, y = batch(7777, next(model.parameters()).device)
+    model.eval()
+    with torch.no_grad():
+        return -float(nn.functional.cross_entropy(model(x), y))
+
+
 # name -> the options of the official code's phase 2 (none for the others); a bn_update of
 # _bn_batches is called with the device to give the batches
 OPTIONS: dict[str, dict[str, Any]] = {
     "rigl-official-sgd": {"include_phase1": True, "bn_update": _bn_batches, "reprune": "global"},
     "set-ticket0-caa-adam": {"include_phase1": True},
     "rigl-bncall-cima-sgd": {"bn_update": _bn_forward},
+    "rigl-select-cia-sgd": {"select": _val_score, "bn_update": _bn_batches},
+    "set-select-ticket0-adam": {"select": _val_score, "include_phase1": True},
 }
 
 
@@ -137,19 +149,19 @@ def resume(ckpt: dict[str, Any], config: str, device: torch.device | str = "cpu"
 
 def snapshot(model, opt, sched) -> dict[str, Any]:
     """Everything that must match, as plain data (loadable with ``weights_only=True``)."""
-    sup = opt._superposition
+    entry = opt.state_dict()["sparseopt"]
     return {
         "model": {k: v.clone() for k, v in model.state_dict().items()},
         "masks": [m.clone() for m in opt.masks.values()],
         "counts": [layer.count for layer in opt.layers],
-        "superposition": None if sup is None else sup.state_dict(),
+        "superposition": entry["superposition"],
         "inner": opt.optimizer.state_dict(),
         "lrs": [g["lr"] for g in opt.param_groups],
         "sched": sched.state_dict(),
         "step": opt.step_count,
         "updates": dict(opt.report()["updates"]),
         "periodic_updates": opt.periodic_updates,
-        "generator": opt._engine.generator.get_state(),
+        "generator": entry["generator"],
     }
 
 
@@ -193,6 +205,11 @@ def uninterrupted(config: str, device: torch.device | str = "cpu") -> dict[int, 
         pytest.param("set-ticket0-caa-adam", 37, id="mid-cycle-ticket0-caa"),
         pytest.param("rigl-bncall-cima-sgd", 33, id="mid-cycle-bn-callable"),
         pytest.param("rigl-bncall-cima-sgd", TICKETS[1], id="after-ticket2-bn-callable"),
+        pytest.param("rigl-select-cia-sgd", PHASE1, id="boundary-select"),
+        pytest.param("rigl-select-cia-sgd", 30, id="mid-cycle1-select"),
+        pytest.param("rigl-select-cia-sgd", TICKETS[0], id="after-ticket1-select"),
+        pytest.param("rigl-select-cia-sgd", 38, id="mid-cycle3-select"),
+        pytest.param("set-select-ticket0-adam", 34, id="mid-cycle-select-ticket0"),
     ],
 )
 def test_resume_is_bit_exact(config, k, device):
@@ -201,7 +218,8 @@ def test_resume_is_bit_exact(config, k, device):
     run(model, opt, sched, 1, k)
     # what the checkpoint carries at this k
     assert opt.tickets == tickets_after(config, k)
-    assert (opt._engine.pending_exploration is not None) == (k == PHASE1 or k in TICKETS[:-1])
+    pending = opt.state_dict()["sparseopt"]["pending_exploration"]
+    assert (pending is not None) == (k == PHASE1 or k in TICKETS[:-1])
     ckpt = save_load(checkpoint(model, opt, sched))
     del model, opt, sched
 

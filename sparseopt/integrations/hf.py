@@ -2,9 +2,10 @@
 
 The ``Trainer`` needs no glue to train with a ``SparseOptimizer`` and a ``SupTicketsScheduler``:
 pass them as ``optimizers=(opt, sched)``. It clips the gradients before ``step()``, steps the
-scheduler once per optimizer step (not per accumulation micro-batch, not after a skipped step),
-and saves and loads both state dicts with ``torch.load(..., weights_only=True)``. This module adds
-two conveniences:
+scheduler once per optimizer step (not per accumulation micro-batch; a step a ``GradScaler``
+skipped is a step for the ``Trainer``, the optimizer and the scheduler alike), and saves and
+loads both state dicts with ``torch.load(..., weights_only=True)``. This module adds two
+conveniences:
 
 - [`param_groups`][sparseopt.integrations.hf.param_groups]: attention and MLP weights sparse;
   embeddings (and an output layer tied to one), biases and norms dense; weight decay as the
@@ -24,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from .. import _validate
+from .. import _validate, _warnings
 from ..optimizer import SparseOptimizer
 from ..scheduler import SupTicketsScheduler
 
@@ -155,12 +156,13 @@ class SparseTrainerCallback(_CallbackBase):  # type: ignore[misc,valid-type]
     - at the start of training (after a checkpoint is loaded), checks that the scheduler's
       ``total_steps`` equals ``max_steps`` (otherwise the run would not end on the ultimate
       ticket) and that a resumed optimizer has loaded its state;
-    - at the start and after every ``check_every`` steps, compares the optimizer's
-      ``step_count`` with the ``Trainer``'s ``global_step``: more optimizer steps is an error,
-      fewer (steps a ``GradScaler`` skipped, which the ``Trainer`` counts) a warning;
+    - at the start and after every ``check_every`` steps, compares the optimizer's training
+      iterations (``step_count + skipped_steps``: a step a ``GradScaler`` skipped counts, as it
+      does for the ``Trainer``) with the ``Trainer``'s ``global_step``: more is an error, fewer
+      (optimizer steps that never reached the ``SparseOptimizer``) a warning;
     - adds ``sparsity/density`` and ``sparsity/tickets`` to every log;
     - at the end, warns if the scheduler has not reached ``total_steps`` (``finalize()`` never
-      ran, for instance because a ``GradScaler`` skipped steps that the ``Trainer`` counted).
+      ran).
 
     Args:
         check_every (int): check the step counts every this many optimizer steps; 0 checks only
@@ -200,26 +202,26 @@ class SparseTrainerCallback(_CallbackBase):  # type: ignore[misc,valid-type]
             self.scheduler = sched
 
     def _check_steps(self, state: Any, *, start: bool = False) -> None:
-        """More optimizer steps than ``Trainer`` steps, or none after a resume: an error. Fewer:
-        steps a ``GradScaler`` skipped (the ``Trainer`` counts them), a warning, once."""
+        """More optimizer iterations than ``Trainer`` steps, or none after a resume: an error.
+        Fewer (steps that never reached the ``SparseOptimizer``): a warning, once."""
         opt = self.optimizer
         if opt is None:
             return
-        steps, trainer_steps = opt.step_count, state.global_step
+        steps, trainer_steps = opt.step_count + opt.skipped_steps, state.global_step
         if steps > trainer_steps or (start and steps == 0 < trainer_steps):
             raise RuntimeError(
-                f"Expected the SparseOptimizer's step_count to equal the Trainer's global_step "
-                f"{trainer_steps}, but got {steps}: was the optimizer state loaded from the "
-                f"checkpoint (optimizer.pt), and is the optimizer stepped only by the Trainer?"
+                f"Expected the SparseOptimizer's step_count + skipped_steps to equal the "
+                f"Trainer's global_step {trainer_steps}, but got {steps}: was the optimizer state "
+                f"loaded from the checkpoint (optimizer.pt), and is the optimizer stepped only by "
+                f"the Trainer?"
             )
         if steps < trainer_steps and not self._warned:
             self._warned = True
-            warnings.warn(
+            _warnings.warn(
                 f"the SparseOptimizer made {steps} steps in the Trainer's {trainer_steps}: "
-                f"steps skipped by a GradScaler count for the Trainer, not for the optimizer "
-                f"and the SupTicketsScheduler, so max_steps ends the run before finalize()",
-                UserWarning,
-                stacklevel=3,
+                f"optimizer steps that never reached the SparseOptimizer (a wrapper that skips "
+                f"its step()) count for the Trainer, not for the SupTicketsScheduler, so "
+                f"max_steps ends the run before finalize()"
             )
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
