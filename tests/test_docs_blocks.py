@@ -305,11 +305,7 @@ def stand_ins(names: set[str]) -> dict:
 # Blocks in pages that other helpers own, which do not run yet: {id: why}. They run as expected
 # failures (not strict: a fixed one shows as XPASS) until their pages mark them or make them run;
 # then drop the entry (test_pending_entries_name_real_blocks fails on a stale one).
-PENDING: dict[str, str] = {
-    "docs/sup-tickets.md:12": "uses m1, m2 and batches, defined nowhere (booster's page)",
-    "docs/sup-tickets.md:108": "superposed() before any ticket raises ValueError (booster's page)",
-    "docs/sup-tickets.md:126": "uses base from another block (booster's page)",
-}
+PENDING: dict[str, str] = {}
 
 
 def _params():
