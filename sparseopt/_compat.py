@@ -22,7 +22,6 @@ __all__ = [
     "disable_dynamo",
     "drop_unpicklable",
     "foreach_mul_",
-    "hook_registry_names",
     "hooks",
     "init_optimizer_hooks",
     "override",
@@ -76,10 +75,6 @@ def init_optimizer_hooks(opt: torch.optim.Optimizer) -> None:
         if name not in opt.__dict__:
             setattr(opt, name, OrderedDict())
     opt._patch_step_function()
-
-
-def hook_registry_names() -> tuple[str, ...]:
-    return _HOOK_REGISTRIES
 
 
 def drop_unpicklable(state: dict[str, Any]) -> dict[str, Any]:

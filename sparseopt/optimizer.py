@@ -1,5 +1,6 @@
 """``SparseOptimizer``: sparse training as a wrapper around any ``torch.optim.Optimizer``; a thin
-coordinator over ``engine.py`` (masks), ``superposition.py``, ``checkpoint.py``, ``distributed.py``.
+coordinator over ``settings.py`` (its arguments), ``engine.py`` (masks), ``superposition.py``,
+``checkpoint.py`` (the file format) and ``consistency.py`` (across ranks).
 """
 
 from __future__ import annotations
@@ -7,18 +8,20 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import _compat, _validate, checkpoint, distributed, superposition
+from . import _compat, _validate, checkpoint, consistency, superposition
+from .context import MethodContext, SparseLayer
 from .engine import MaskEngine
-from .methods import MethodContext, SparseLayer, SparsityMethod, get_method
+from .methods import SparsityMethod, get_method
 from .report import SparsityReport, UpdateStats
-from .schedules import TopologySchedule
-from .superposition import BNUpdate, Superposition
+from .settings import SparseSettings
+from .structure import Structure
+from .superposition import BNUpdate, Superposition, bn_buffers
+from .update_schedule import TopologySchedule
 
 __all__ = ["SparseOptimizer"]
 
@@ -34,7 +37,11 @@ class SparseOptimizer(torch.optim.Optimizer):
     assigns, and the total is ``round((1 - sparsity) * N)``.
 
     Which tensors are sparse: every parameter with ``ndim >= 2`` (conv and linear weights) in a
-    param group that does not say ``"sparse": False``. Biases and norm parameters stay dense.
+    param group that does not say ``"sparse": False``. Biases and norm parameters stay dense, and
+    so does a parameter with ``requires_grad=False`` when the optimizer is built (a frozen
+    backbone is left untouched; ``report()["frozen"]`` lists it). A parameter without a gradient
+    at a topology update (or exploration) is skipped by it: its mask and weights stay as they are.
+    A parameter is sparsified by one ``SparseOptimizer`` at a time.
 
     Args:
         optimizer (torch.optim.Optimizer): the inner optimizer (any, foreach or fused).
@@ -75,7 +82,9 @@ class SparseOptimizer(torch.optim.Optimizer):
         TypeError: for an argument of the wrong type (an ``optimizer`` that is not a plain
             ``torch.optim.Optimizer``, a string ``sparsity``, ...) or an unknown method option.
         ValueError: for a value out of range or an unknown name, ``prune_schedule="cosine"``
-            without ``total_steps``, or settings the method cannot run with.
+            without ``total_steps``, settings the method cannot run with, no parameter that
+            would be sparse (naming why), or a parameter that another live ``SparseOptimizer``
+            already sparsifies.
 
     Examples:
         >>> import torch
@@ -85,8 +94,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.9, seed=0)
         >>> loss = model(torch.randn(8, 32)).square().mean()
         >>> loss.backward(); opt.step(); opt.zero_grad()
-        >>> [int(m.sum()) for m in opt.masks.values()], round(opt.density, 4)
-        ([152, 117], 0.1001)
+        >>> [(name, int(m.sum())) for name, m in opt.named_masks()], round(opt.density, 4)
+        ([('param0', 152), ('param2', 117)], 0.1001)
 
     Note:
         The masks are drawn when the optimizer is built and applied to the weights at the first
@@ -119,31 +128,72 @@ class SparseOptimizer(torch.optim.Optimizer):
             )
         if isinstance(optimizer, SparseOptimizer):
             raise TypeError("optimizer is already a SparseOptimizer; wrap the inner optimizer once")
+        settings = SparseSettings(  # the one check of these arguments
+            sparsity,
+            structure,
+            distribution,
+            update_every,
+            prune_rate,
+            prune_schedule,
+            stop_fraction,
+            total_steps,
+            seed,
+            remask,
+        )
+        if model is not None and not isinstance(model, nn.Module):
+            hint = " (a state dict? pass the module itself)" if isinstance(model, Mapping) else ""
+            raise TypeError(
+                f"Expected model to be an nn.Module or None, but got {type(model).__name__}{hint}"
+            )
         _compat.init_optimizer_hooks(self)
         self.optimizer = optimizer
-        self._engine = MaskEngine(  # checks the other arguments
-            optimizer,
-            sparsity,
-            distribution,
-            structure=structure,
-            update_every=update_every,
-            prune_rate=prune_rate,
-            prune_schedule=prune_schedule,
-            stop_fraction=stop_fraction,
-            total_steps=total_steps,
-            seed=seed,
-            remask=remask,
-            model=model,
-        )
-        self.method = self._engine.method = get_method(method, **method_options)
-        self.sparsity, self.structure = self._engine.sparsity, self._engine.structure
-        self.distribution, self.seed = self._engine.distribution, self._engine.seed
-        self.model, self.remask = model, remask
+        self._engine = MaskEngine(optimizer, settings, get_method(method, **method_options), model)
         self._superposition: Superposition | None = None
-        self._engine.register(self.optimizer.param_groups)
-        self._engine.check_method()
 
-    # --- views of the inner optimizer (live; never cached, see notes/style.md P3) -----------------
+    # --- the settings, read-only ----------------------------------------------------------------
+    @property
+    def settings(self) -> SparseSettings:
+        """The frozen, checked settings (``SparseSettings``); ``total_steps`` may change."""
+        return self._engine.settings
+
+    @property
+    def sparsity(self) -> float:
+        """The target sparsity over all sparse parameters (resolved: 0.9 or ``1 - N/M`` when
+        left out)."""
+        return self._engine.settings.sparsity  # type: ignore[return-value]
+
+    @property
+    def structure(self) -> Structure | None:
+        """The mask structure, parsed, or ``None``."""
+        return self._engine.settings.structure  # type: ignore[return-value]
+
+    @property
+    def distribution(self) -> str | Mapping[str, float]:
+        """The layer distribution: a name, or a read-only mapping name -> density."""
+        return self._engine.settings.distribution
+
+    @property
+    def seed(self) -> int:
+        """The seed of the optimizer's own generator (``torch.initial_seed()`` when left out)."""
+        return self._engine.settings.seed  # type: ignore[return-value]
+
+    @property
+    def remask(self) -> str:
+        """``"auto"`` or ``"always"``."""
+        return self._engine.settings.remask
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The ``model=`` given at construction, or ``None``."""
+        return self._engine.model
+
+    @property
+    def method(self) -> SparsityMethod:
+        """The method instance."""
+        return self._engine.method
+
+    # --- views of the inner optimizer (live, never cached: torch's load_state_dict and user code
+    # --- may replace the inner optimizer's lists, and schedulers must reach the live ones) -------
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
         """The inner optimizer's ``param_groups``: the same list, so schedulers reach it."""
@@ -174,9 +224,36 @@ class SparseOptimizer(torch.optim.Optimizer):
     # --- read-only views of the masks -----------------------------------------------------------
     @property
     def masks(self) -> Mapping[Tensor, Tensor]:
-        """Read-only mapping parameter -> bool mask (``True`` = active); under FSDP2 the mask is
-        a bool DTensor laid out like the parameter. Do not modify the masks."""
-        return MappingProxyType({layer.param: layer.mask for layer in self._engine.layers})
+        """Read-only mapping parameter -> bool mask (``True`` = active), keyed as torch keys
+        optimizer state; under FSDP2 the mask is a bool DTensor laid out like the parameter.
+
+        The masks share the optimizer's storage: a write through one of them is refused with a
+        ``RuntimeError`` at the next ``step()``, ``report()`` or ``state_dict()``.
+        [`named_masks`][] gives the same masks by name.
+        """
+        return self._engine.views
+
+    def named_masks(self) -> Iterator[tuple[str, Tensor]]:
+        """Iterate over ``(name, mask)`` of the sparse layers, like ``named_parameters()``.
+
+        Names come from ``model=`` (or the param groups' ``param_names``), else ``"param{i}"``
+        with ``i`` the packing index. The masks are those of [`masks`][] (read-only).
+
+        Yields:
+            ``(name, mask)`` per sparse layer, in packing order.
+
+        Examples:
+            >>> import torch
+            >>> from sparseopt import SparseOptimizer
+            >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+            >>> sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+            >>> opt = SparseOptimizer(sgd, "set", 0.5, model=net, seed=0)
+            >>> {name: int(mask.sum()) for name, mask in opt.named_masks()}
+            {'0.weight': 25, '1.weight': 15}
+        """
+        views = self._engine.views
+        for layer in self._engine.layers:
+            yield layer.name, views[layer.param]
 
     @property
     def density(self) -> float:
@@ -185,8 +262,8 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     @property
     def layers(self) -> tuple[SparseLayer, ...]:
-        """The sparse layers, in the optimizer's packing order."""
-        return tuple(self._engine.layers)
+        """The sparse layers (frozen ``SparseLayer``s), in the optimizer's packing order."""
+        return self._engine.layers
 
     @property
     def context(self) -> MethodContext:
@@ -210,17 +287,18 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     @property
     def schedule(self) -> TopologySchedule:
-        """The periodic topology-update schedule."""
-        return self._engine.schedule
+        """The periodic topology-update schedule (frozen; ``settings.schedule``)."""
+        return self._engine.settings.schedule
 
     @property
     def total_steps(self) -> int | None:
-        """Length of training in optimizer steps; setting it rebuilds the update schedule."""
-        return self._engine.total_steps
+        """Length of training in optimizer steps; setting it rebuilds the settings and the update
+        schedule (checked, and refused as a whole if the method cannot run with it)."""
+        return self._engine.settings.total_steps
 
     @total_steps.setter
     def total_steps(self, value: int | None) -> None:
-        self._engine.set_total_steps(value)
+        self._engine.retime(dataclasses.replace(self._engine.settings, total_steps=value))
 
     @property
     def periodic_updates(self) -> bool:
@@ -232,11 +310,13 @@ class SparseOptimizer(torch.optim.Optimizer):
         self._engine.periodic_updates = _validate.boolean("periodic_updates", value)
 
     def report(self) -> SparsityReport:
-        """Per-layer name, shape, numel, nnz (active connections) and density; totals; updates.
+        """Per-layer name, shape, numel, active connections, nonzero weights and density; totals;
+        the layers left dense or frozen; updates.
 
         Returns:
             A [`SparsityReport`][sparseopt.report.SparsityReport]: a ``dict`` with ``layers``,
-            ``total`` and ``updates``, which prints as a table.
+            ``total``, ``updates``, ``structure``, ``dense`` and ``frozen``, which prints as a
+            table.
         """
         return self._engine.report()
 
@@ -285,6 +365,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         Raises:
             TypeError: for a sparse-layout gradient (``nn.Embedding(sparse=True)``).
             ValueError: for SNIP, if no sparse parameter has a gradient on the first step.
+            RuntimeError: if a mask was written through [`masks`][], or the method wrote a mask
+                or a weight in place.
         """
         loss = None
         if closure is not None:
@@ -355,7 +437,14 @@ class SparseOptimizer(torch.optim.Optimizer):
             beta=beta,
             reprune=reprune,
             bn_update=bn_update,
-            structure=self._engine.structure,
+            structure=self.structure,
+        )
+
+    def _load_superposition(self, state: dict[str, Any]) -> Superposition:
+        """The superposed copy of a checkpoint, rebuilt on the live parameters' devices."""
+        sparse = [layer.index for layer in self.layers]
+        return Superposition.from_state_dict(
+            state, self._params(), sparse, bn_buffers(self.model), self.structure
         )
 
     def _require_tickets(self, what: str) -> Superposition:
@@ -400,7 +489,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         """Check that the ranks hold consistent masks, superposed copy and generator; raise if not.
 
         Compares one small fingerprint per layer and of the generator across ``group``
-        (``distributed.py`` says what must agree under DDP and FSDP2). Without an initialized
+        (``consistency.py`` says what must agree under DDP and FSDP2). Without an initialized
         process group it does nothing.
 
         Args:
@@ -410,7 +499,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         Raises:
             RuntimeError: naming the first layer and rank that differ.
         """
-        distributed.check_consistency(self._engine, self._superposition, group)
+        consistency.check_consistency(self._engine, self._superposition, group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forward to the inner optimizer's ``zero_grad``.
@@ -428,8 +517,12 @@ class SparseOptimizer(torch.optim.Optimizer):
         Args:
             param_group (dict): as for ``torch.optim.Optimizer.add_param_group``; ``"sparse":
                 False`` keeps the whole group dense.
+
+        Raises:
+            TypeError: if ``"sparse"`` is not a bool.
+            ValueError: if another live ``SparseOptimizer`` sparsifies a parameter of the group.
         """
-        self._engine.sparse_flag(param_group)  # checked before the inner optimizer takes the group
+        self._engine.check_group(param_group)  # before the inner optimizer takes the group
         self.optimizer.add_param_group(param_group)
         self._engine.register(self.optimizer.param_groups[-1:])
 
@@ -445,8 +538,9 @@ class SparseOptimizer(torch.optim.Optimizer):
         """
         for hook in _compat.hooks(self, "state_dict_pre"):
             hook(self)
+        sup = None if self._superposition is None else self._superposition.state_dict()
         sd = self.optimizer.state_dict()
-        sd["sparseopt"] = checkpoint.pack(self._engine, self._superposition)
+        sd["sparseopt"] = checkpoint.pack(self._engine, sup)
         for hook in _compat.hooks(self, "state_dict_post"):
             out = hook(self, sd)
             if out is not None:
@@ -472,7 +566,8 @@ class SparseOptimizer(torch.optim.Optimizer):
             out = hook(self, state_dict)
             if out is not None:
                 state_dict = out
-        self._superposition = checkpoint.load(state_dict, self._engine, self._params())
+        sup = checkpoint.load(state_dict, self._engine)
+        self._superposition = None if sup is None else self._load_superposition(sup)
         for hook in _compat.hooks(self, "load_state_dict_post"):
             hook(self)
 
@@ -488,6 +583,6 @@ class SparseOptimizer(torch.optim.Optimizer):
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
         return (
             f"SparseOptimizer(method={self.method!r}, sparsity={self.sparsity}, "
-            f"density={self.density:.4f}, layers={len(self._engine.layers)}, "
+            f"density={self.density:.4f}, layers={len(self.layers)}, "
             f"{self.schedule!r})\n{inner}"
         )

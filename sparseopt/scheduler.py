@@ -312,7 +312,7 @@ class SupTicketsScheduler(LRScheduler):
                 f"include_phase1=True counts the model at the end of phase 1 (step {phase1}) as "
                 f"ticket 0, but this scheduler starts at last_epoch={last_epoch}, after phase 1"
             )
-        settled = optimizer.method.density_final_step(optimizer)
+        settled = optimizer.method.density_final_step(optimizer.context)
         if settled is not None and settled > phase1:
             raise ValueError(
                 f"method {optimizer.method.name!r} prunes until step {settled}, but phase 2 of "
