@@ -6,6 +6,8 @@ dependency. (What a method receives at run time is checked by ``test_method_cont
 from __future__ import annotations
 
 import ast
+import importlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -237,3 +239,33 @@ def test_tests_reach_no_private_name(path):
     ``opt.settings``, ``opt.state_dict()``, ...), so that a change of private code breaks no test
     that should not care."""
     assert private_uses(path.read_text()) == []
+
+
+# --- names that moved -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("old", "new", "names"),
+    [
+        ("sparseopt.schedules", "sparseopt.update_schedule", ["TopologySchedule", "cubic_density"]),
+        ("sparseopt.distributed", "sparseopt.consistency", ["check_consistency", "digests"]),
+        ("sparseopt.methods.context", "sparseopt.context", ["SparseLayer", "MethodContext"]),
+    ],
+)
+def test_a_moved_module_still_imports_with_a_deprecation_warning(old, new, names):
+    """The old name imports with a warning and hands on the same objects."""
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=rf"{old} is deprecated.*{new.rpartition('.')[2]}"):
+        module = importlib.import_module(old)
+    current = importlib.import_module(new)
+    assert all(getattr(module, name) is getattr(current, name) for name in names)
+
+
+def test_moved_names_keep_their_public_homes():
+    import sparseopt.methods as methods
+    from sparseopt.context import MethodContext, SparseLayer
+    from sparseopt.methods.gmp import GMP
+    from sparseopt.methods.granet import GraNet
+
+    assert methods.SparseLayer is SparseLayer
+    assert methods.MethodContext is MethodContext
+    assert methods.GMP is GMP
+    assert issubclass(GraNet, GMP)
