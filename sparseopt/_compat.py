@@ -18,6 +18,7 @@ __all__ = [
     "BATCHNORM_TYPES",
     "NORM_WITH_RUNNING_STATS",
     "TORCH_FLOOR",
+    "any_written",
     "check_torch_version",
     "disable_dynamo",
     "drop_unpicklable",
@@ -26,6 +27,7 @@ __all__ = [
     "init_optimizer_hooks",
     "override",
     "tensor_version",
+    "versions",
 ]
 
 TORCH_FLOOR = "2.6"
@@ -111,3 +113,13 @@ def foreach_mul_(tensors: list[torch.Tensor], others: list[torch.Tensor]) -> Non
 def tensor_version(t: torch.Tensor) -> int:
     """The version counter of ``t`` (``t._version``): it moves on every in-place write."""
     return t._version
+
+
+def any_written(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Whether any of ``tensors`` has a nonzero version counter (was written in place)."""
+    return any(t._version for t in tensors)
+
+
+def versions(tensors: list[torch.Tensor]) -> list[int]:
+    """The version counters of ``tensors``, in one pass."""
+    return [t._version for t in tensors]

@@ -11,7 +11,7 @@ names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -72,13 +72,18 @@ class MethodContext:
     The mask engine builds a new one whenever the layers or the settings change (a new count, a
     new ``total_steps``); every hook that takes a context gets this object.
 
+    Built from two fields, ``layers`` and ``settings``; the others are read from the settings.
+
     Attributes:
         layers: the sparse layers, in packing order (frozen
             [`SparseLayer`][sparseopt.methods.SparseLayer]s).
         settings: the optimizer's frozen [`SparseSettings`][sparseopt.settings.SparseSettings].
-
-    The properties ``schedule``, ``total_steps``, ``sparsity`` and ``structure`` read the
-    settings.
+        schedule: ``settings.schedule``, the periodic topology-update schedule
+            (``update_every``, drop fraction).
+        total_steps: the length of training in optimizer steps, or ``None`` if unknown.
+        sparsity: the target sparsity over all sparse layers.
+        structure: the mask structure (``N:M`` groups or constant fan-in rows), or ``None``:
+            every mask a method returns must keep it (the engine checks).
 
     Examples:
         >>> import torch
@@ -99,24 +104,18 @@ class MethodContext:
 
     layers: tuple[SparseLayer, ...]
     settings: SparseSettings
+    schedule: TopologySchedule = field(init=False, repr=False, compare=False)
+    total_steps: int | None = field(init=False, repr=False, compare=False)
+    sparsity: float = field(init=False, repr=False, compare=False)
+    structure: Structure | None = field(init=False, repr=False, compare=False)
 
-    @property
-    def schedule(self) -> TopologySchedule:
-        """The periodic topology-update schedule (``update_every``, drop fraction)."""
-        return self.settings.schedule
-
-    @property
-    def total_steps(self) -> int | None:
-        """The length of training in optimizer steps, or ``None`` if unknown."""
-        return self.settings.total_steps
-
-    @property
-    def sparsity(self) -> float:
-        """The target sparsity over all sparse layers."""
-        return self.settings.sparsity  # type: ignore[return-value]  # resolved to a float
-
-    @property
-    def structure(self) -> Structure | None:
-        """The mask structure (``N:M`` groups or constant fan-in rows), or ``None``: every mask a
-        method returns must keep it (the engine checks)."""
-        return self.settings.structure  # type: ignore[return-value]  # parsed
+    def __post_init__(self) -> None:
+        # read from the settings once, as plain attributes: hooks read them per layer
+        s = self.settings
+        for name, value in (
+            ("schedule", s.schedule),
+            ("total_steps", s.total_steps),
+            ("sparsity", s.sparsity),
+            ("structure", s.structure),
+        ):
+            object.__setattr__(self, name, value)

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import operator
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -178,8 +180,11 @@ class MaskEngine:
         self.pending_exploration: float | None = None
         self.stats = UpdateStats()
         self.keeps_zeros = False
-        self.nan_safe = settings.remask == "always"
+        self.nan_safe = self._always = settings.remask == "always"
         self._views: dict[Tensor, Tensor] = {}
+        self._view_of: tuple[Tensor, ...] = ()  # the masks that _view_list views, in order
+        self._view_list: tuple[Tensor, ...] = ()
+        self._views_out = False
         self._once = Once()
         self._pending: PendingUpdate | None = None
         self.register(optimizer.param_groups, claim=False)
@@ -232,13 +237,21 @@ class MaskEngine:
         self.layers = layers
         self.context = MethodContext(layers, self.settings)
         # what ``opt.masks`` hands out: the masks' storage under a version counter of its own, so
-        # a write through it is seen (and refused at the next step) apart from the engine's own
-        self._views = {layer.param: layer.mask.data for layer in layers}
+        # a write through it is seen (and refused at the next step) apart from the engine's own;
+        # a mask object that stays keeps its view
+        masks = tuple(layer.mask for layer in layers)
+        if len(masks) == len(self._view_of) and all(map(operator.is_, masks, self._view_of)):
+            return  # the same mask objects (an update writes them in place): the same views
+        views = {id(mask): view for mask, view in zip(self._view_of, self._view_list, strict=True)}
+        self._view_list = tuple(views.get(id(m), m.data) for m in masks)
+        self._view_of = masks
+        self._views = dict(zip((layer.param for layer in layers), self._view_list, strict=True))
 
     @property
     def views(self) -> Mapping[Tensor, Tensor]:
         """Parameter -> mask, read-only: a write through one of these masks is refused (a
         ``RuntimeError``) at the next step, report or state dict."""
+        self._views_out = True  # from now on every step looks (a loop that never asks pays 0)
         return MappingProxyType(self._views)
 
     def check_views(self) -> None:
@@ -247,6 +260,8 @@ class MaskEngine:
         Raises:
             RuntimeError: naming the layer.
         """
+        if not self._views_out or not _compat.any_written(self._view_list):
+            return
         for layer in self.layers:
             if _compat.tensor_version(self._views[layer.param]):
                 raise RuntimeError(
@@ -275,12 +290,22 @@ class MaskEngine:
     def check_group(self, group: Any) -> None:
         """Check a param group before the inner optimizer takes it: its ``"sparse"`` flag, and
         that no tensor of it belongs to another live engine."""
-        if self.sparse_flag(group) and isinstance(group, Mapping):
-            params = group.get("params", ())
-            params = [params] if isinstance(params, Tensor) else list(params)
-            self._check_unclaimed(
-                [(p, f"param{i}") for i, p in enumerate(params) if isinstance(p, Tensor)]
-            )
+        if not self.sparse_flag(group) or not isinstance(group, Mapping):
+            return
+        params = group.get("params", ())
+        if isinstance(params, Tensor):
+            params = [params]
+        elif isinstance(params, Iterator):  # used up once: keep its tensors for torch
+            params = group["params"] = list(params)
+        elif isinstance(params, Iterable):
+            params = list(params)
+        else:
+            return  # torch's add_param_group refuses it
+        names = self._param_names()
+        candidates = [p for p in params if isinstance(p, Tensor) and p.ndim >= 2]
+        self._check_unclaimed(
+            [(p, names.get(id(p), "a parameter")) for p in candidates if p.requires_grad]
+        )
 
     def register(self, groups: Iterable[dict[str, Any]], *, claim: bool = True) -> None:
         """Give the sparse tensors of ``groups`` masks at the distribution's counts.
@@ -323,9 +348,10 @@ class MaskEngine:
         """Whether the step may skip the re-mask (the inner optimizer keeps zeros), and whether
         the re-mask must be NaN-safe (``remask="always"``, or an ``eps`` that is 0 in a
         parameter's dtype, which turns the zeros into ``0 / 0``)."""
-        self.keeps_zeros = self.settings.remask == "auto" and keeps_zeros(self.optimizer)
+        self._always = self.settings.remask == "always"
+        self.keeps_zeros = not self._always and keeps_zeros(self.optimizer)
         zero_eps = _zero_eps(self.optimizer)
-        self.nan_safe = self.settings.remask == "always" or zero_eps is not None
+        self.nan_safe = self._always or zero_eps is not None
         if zero_eps is not None:
             eps, dtype = zero_eps
             self._once.warn(
@@ -496,28 +522,27 @@ class MaskEngine:
         self.mask_weights_and_state()
 
     # --- the method's hooks -------------------------------------------------------------------
-    def _hook(self, hook: str, layers: Iterable[SparseLayer], *args: Any) -> Any:
+    def _hook(self, hook: str, layers: tuple[SparseLayer, ...], *args: Any) -> Any:
         """``method.<hook>(*args)``, refused if it wrote a mask or a weight of ``layers`` in place
         (the tensors' version counters move on every in-place write)."""
-        layers = tuple(layers)
-        version = _compat.tensor_version
-        before = [(version(layer.mask), version(layer.param)) for layer in layers]
-        out = getattr(self.method, hook)(*args)
-        for layer, (mask, param) in zip(layers, before, strict=True):
-            what = (
-                "mask"
-                if version(layer.mask) != mask
-                else "weights"
-                if version(layer.param) != param
-                else None
+        with self._unwritten(hook, layers):
+            return getattr(self.method, hook)(*args)
+
+    @contextmanager
+    def _unwritten(self, hook: str, layers: tuple[SparseLayer, ...]) -> Iterator[None]:
+        """Refuse, naming the method and ``hook``, a mask or weight of ``layers`` written inside."""
+        tensors = [t for layer in layers for t in (layer.mask, layer.param)]
+        before = _compat.versions(tensors)
+        yield
+        after = _compat.versions(tensors)
+        if after != before:
+            k = next(i for i, (a, b) in enumerate(zip(after, before, strict=True)) if a != b)
+            what, layer = ("mask", "weights")[k % 2], layers[k // 2]
+            raise RuntimeError(
+                f"method {self.method.name!r} wrote the {what} of {layer.name} in place inside "
+                f"{hook}(): a method reads the layers and returns masks or scores; only the "
+                "optimizer writes masks and weights"
             )
-            if what is not None:
-                raise RuntimeError(
-                    f"method {self.method.name!r} wrote the {what} of {layer.name} in place "
-                    f"inside {hook}(): a method reads the layers and returns masks or scores; "
-                    "only the optimizer writes masks and weights"
-                )
-        return out
 
     # --- inside a step ------------------------------------------------------------------------
     def explore(self, rate: float) -> None:
@@ -552,12 +577,12 @@ class MaskEngine:
     def grow_scores(self) -> list[Tensor | None]:
         """The method's growth scores of every layer, from the current dense gradients; ``None``
         for a layer without a gradient, which the update skips."""
-        return [
-            None
-            if layer.param.grad is None
-            else self._hook("grow_scores", (layer,), layer, layer.param.grad, self.generator)
-            for layer in self.layers
-        ]
+        grow = self.method.grow_scores
+        with self._unwritten("grow_scores", self.layers):
+            return [
+                None if layer.param.grad is None else grow(layer, layer.param.grad, self.generator)
+                for layer in self.layers
+            ]
 
     @torch.compiler.disable
     def begin_step(self) -> None:
@@ -598,7 +623,7 @@ class MaskEngine:
             if layer.param.grad is not None:
                 grads.append(layer.param.grad)
                 masks.append(layer.mask)
-        apply_masks_(grads, masks, nan_safe=not finite or self.settings.remask == "always")
+        apply_masks_(grads, masks, nan_safe=not finite or self._always)
 
     @torch.compiler.disable
     def end_step(self) -> None:
@@ -639,15 +664,12 @@ class MaskEngine:
             grown.append(new & ~layer.mask)
             layer.mask.copy_(new)
         counts = count_active([layer.mask for layer in layers] + grown)
-        new_counts = dict(zip(updating, counts, strict=False))
-        self._set_layers(
-            tuple(
-                dataclasses.replace(layer, count=new_counts[i])
-                if new_counts.get(i, layer.count) != layer.count
-                else layer
-                for i, layer in enumerate(self.layers)
-            )
-        )
+        if any(count != layer.count for count, layer in zip(counts, layers, strict=False)):
+            new = list(self.layers)
+            for i, count in zip(updating, counts, strict=False):
+                if count != new[i].count:
+                    new[i] = dataclasses.replace(new[i], count=count)
+            self._set_layers(tuple(new))
         if scheduled is None:
             self.pending_exploration = None
         self.stats.record(step, rate, sum(counts[len(layers) :]), read_gradient)
@@ -770,13 +792,14 @@ class MaskEngine:
     # --- pickling (a torch.Generator does not pickle; its state does) ---------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = {**self.__dict__, "generator": self.generator.get_state()}
-        del state["_views"]  # rebuilt: aliases of the masks, with version counters of their own
+        for key in ("_views", "_view_of", "_view_list"):  # rebuilt: aliases of the masks
+            del state[key]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         generator = torch.Generator(device="cpu")
         generator.set_state(state.pop("generator"))
-        self.__dict__.update(state, generator=generator)
+        self.__dict__.update(state, generator=generator, _views={}, _view_of=(), _view_list=())
         self._set_layers(self.layers)
         self._claim()
 

@@ -101,6 +101,9 @@ class SparseOptimizer(torch.optim.Optimizer):
         The masks are drawn when the optimizer is built and applied to the weights at the first
         [`step`][] (or by [`apply_masks`][]). Building the optimizer never changes the model, so
         a checkpoint can be loaded into the model before or after the optimizer is built.
+
+        A weight is sparsified by one ``SparseOptimizer`` at a time (two would keep two masks
+        of it): to rebuild one over the same model, let the first go (``del opt``) before.
     """
 
     def __init__(

@@ -112,6 +112,10 @@ def test_add_param_group_refuses_a_parameter_of_another_optimizer():
     assert len(opt_b.param_groups) == groups  # refused before the inner optimizer took it
     opt_b.add_param_group({"params": [a[0].weight], "sparse": False})  # dense: allowed
     assert opt_a.masks
+    head = nn.Linear(4, 4)
+    opt_b.add_param_group({"params": head.parameters()})  # a generator is checked, not used up
+    assert opt_b.param_groups[-1]["params"] == [head.weight, head.bias]
+    assert head.weight in opt_b.masks
 
 
 def test_a_failed_construction_claims_nothing():
