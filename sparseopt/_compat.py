@@ -19,16 +19,17 @@ __all__ = [
     "NORM_WITH_RUNNING_STATS",
     "TORCH_FLOOR",
     "amp_unscale_",
+    "any_written",
     "check_torch_version",
     "disable_dynamo",
     "drop_unpicklable",
     "foreach_mul_",
-    "hook_registry_names",
     "hooks",
     "init_optimizer_hooks",
     "override",
     "semi_structured_tile",
     "tensor_version",
+    "versions",
 ]
 
 TORCH_FLOOR = "2.6"
@@ -78,10 +79,6 @@ def init_optimizer_hooks(opt: torch.optim.Optimizer) -> None:
         if name not in opt.__dict__:
             setattr(opt, name, OrderedDict())
     opt._patch_step_function()
-
-
-def hook_registry_names() -> tuple[str, ...]:
-    return _HOOK_REGISTRIES
 
 
 def drop_unpicklable(state: dict[str, Any]) -> dict[str, Any]:
@@ -150,3 +147,13 @@ def amp_unscale_(
     """``torch._amp_foreach_non_finite_check_and_unscale_``: GradScaler's own unscale kernel (one
     device and dtype per call): ``g *= inv_scale`` and ``found_inf = 1`` on an inf or NaN."""
     torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+
+
+def any_written(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Whether any of ``tensors`` has a nonzero version counter (was written in place)."""
+    return any(t._version for t in tensors)
+
+
+def versions(tensors: list[torch.Tensor]) -> list[int]:
+    """The version counters of ``tensors``, in one pass."""
+    return [t._version for t in tensors]

@@ -1,38 +1,49 @@
 """The mask engine: sparse layers, their masks and generator, masking inside a step, topology
-updates.
+updates, and the engine's own state dict.
 
-``SparseOptimizer`` owns one :class:`MaskEngine` and calls it around the inner optimizer's step:
-:meth:`MaskEngine.begin_step` before (apply the masks on the first step, read a due update's
-growth scores from the dense gradients, mask the gradients) and :meth:`MaskEngine.end_step` after
-(re-mask where the inner optimizer may not keep zeros, apply the update). The method
-(:mod:`sparseopt.methods`) decides the masks; the engine applies them, zeroes weights and inner
-state wherever a mask changed, and keeps the counts and :class:`~sparseopt.report.UpdateStats`.
+``SparseOptimizer`` builds one :class:`MaskEngine` from its inner optimizer, its frozen
+:class:`~sparseopt.settings.SparseSettings`, the method and the model, and calls it around the
+inner optimizer's step: :meth:`MaskEngine.begin_step` before (apply the masks on the first step,
+read a due update's growth scores from the dense gradients, mask the gradients) and
+:meth:`MaskEngine.end_step` after (re-mask where the inner optimizer may not keep zeros, apply the
+update). The method (:mod:`sparseopt.methods`) decides the masks; the engine is the only writer
+of the masks, of the weights at inactive positions and of the inner optimizer's state (also when a
+checkpoint is loaded: :meth:`MaskEngine.load_state_dict`), and it keeps the counts and
+:class:`~sparseopt.report.UpdateStats`.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
-from collections.abc import Iterable, Mapping
+import dataclasses
+import gc
+import operator
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
-from . import _dtensor, _validate
+from . import _compat, _dtensor, _validate
+from ._warnings import Once
+from .context import MethodContext, SparseLayer
 from .distributions import exact_counts, layer_densities
 from .masks import apply_masks_, count_active, random_mask
-from .methods import MethodContext, SparseLayer, SparsityMethod
+from .methods import SparsityMethod
 from .report import SparsityReport, UpdateStats
-from .schedules import PRUNE_SCHEDULES, TopologySchedule
-from .structure import Structure, parse_structure
+from .settings import SparseSettings
+from .update_schedule import TopologySchedule
 
 __all__ = ["MaskEngine", "PendingUpdate", "keeps_zeros"]
 
 # Optimizers that, given a zero gradient and zero state at a position where the weight is 0, keep
 # weight and state exactly 0 there (checked line by line against torch 2.13's update rules;
-# tests/test_contract.py runs every one of them against remask="always", bit for bit). For these
-# the steady-state step only masks gradients.
+# tests/test_contract.py runs every one of them against remask="always", bit for bit), as long as
+# their ``eps`` is not 0 in the parameter's dtype (below). For these the steady-state step only
+# masks gradients.
 _ZERO_PRESERVING: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.SGD,
     torch.optim.Adam,
@@ -41,17 +52,57 @@ _ZERO_PRESERVING: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.RAdam,
     torch.optim.RMSprop,
     torch.optim.Adadelta,
+    torch.optim.Adagrad,
 )
 
 
+def _zero_eps(optimizer: torch.optim.Optimizer) -> tuple[float, torch.dtype] | None:
+    """``(eps, dtype)`` where some group's ``eps`` rounds to 0 in a parameter's dtype, or None.
+
+    Adam's, RMSprop's or Adagrad's update divides by ``sqrt(state) + eps``: at a position with zero
+    gradient and zero state that is ``0 / eps``, exactly 0, unless ``eps`` itself is 0 in the
+    parameter's dtype (AdamW's default 1e-8 in float16), where it becomes ``0 / 0 = nan``.
+    """
+    for group in optimizer.param_groups:
+        eps = group.get("eps")
+        if not _validate.is_real(eps) or eps <= 0:
+            continue
+        for dtype in {p.dtype for p in group["params"] if p.is_floating_point()}:
+            if torch.tensor(eps, dtype=dtype, device="cpu").item() == 0:
+                return eps, dtype
+    return None
+
+
 def keeps_zeros(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer`` provably keeps a zero weight with zero gradient and state at 0."""
-    kind = type(optimizer)
-    if kind in _ZERO_PRESERVING:
-        return True
-    if kind is torch.optim.Adagrad:  # a nonzero initial accumulator is nonzero state
-        return all(g.get("initial_accumulator_value", 0) == 0 for g in optimizer.param_groups)
-    return False
+    """Whether ``optimizer`` provably keeps a zero weight with zero gradient and state at 0.
+
+    It depends on the optimizer's type, its settings (Adagrad's initial accumulator) and its
+    parameters' dtypes: AdamW's default ``eps=1e-8`` is 0 in float16, so a zero-gradient position
+    computes ``0 / 0`` there.
+
+    Args:
+        optimizer (torch.optim.Optimizer): the inner optimizer.
+
+    Examples:
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.zeros(2, 2))
+        >>> keeps_zeros(torch.optim.AdamW([w])), keeps_zeros(torch.optim.Adamax([w]))
+        (True, False)
+        >>> keeps_zeros(torch.optim.AdamW([torch.nn.Parameter(w.detach().half())]))
+        False
+    """
+    if type(optimizer) not in _ZERO_PRESERVING:
+        return False
+    if type(optimizer) is torch.optim.Adagrad and any(  # a nonzero accumulator is nonzero state
+        g.get("initial_accumulator_value", 0) != 0 for g in optimizer.param_groups
+    ):
+        return False
+    return _zero_eps(optimizer) is None
+
+
+# parameter -> the engine that masks it: one SparseOptimizer per parameter. Weak both ways: a
+# parameter that dies leaves, and so does an engine (its optimizer garbage-collected).
+_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 class PendingUpdate(NamedTuple):
@@ -60,153 +111,165 @@ class PendingUpdate(NamedTuple):
     step: int  # the optimizer step that is running, from 1
     rate: float | None  # the drop fraction of a due update; None when none is due
     scheduled: int | None  # the step of a scheduled update; None for an exploration
-    scores: list[Tensor] | None  # the growth scores; None when no update is left to apply
+    scores: list[Tensor | None] | None  # growth scores (None per gradless layer); None: no update
 
 
 class MaskEngine:
     """Masks of the sparse tensors of one inner optimizer, and the topology updates that move them.
 
-    It checks its arguments (the one rule of ``_validate``); the owner sets ``method`` before
-    registering the first param groups.
+    Built whole: it registers the inner optimizer's param groups, checks the method against the
+    settings, and claims its sparse parameters (a parameter belongs to one engine at a time). Its
+    settings are already checked (``SparseSettings`` checks itself when it is built).
+
+    Which tensors are sparse: every parameter with ``ndim >= 2`` of a param group that does not
+    say ``"sparse": False``, except a parameter with ``requires_grad=False`` when it is registered
+    (frozen: it stays dense and untouched; :attr:`frozen` lists it) and, under a structure, one the
+    structure does not fit (:attr:`dense` lists it).
 
     Args:
-        optimizer: the inner optimizer (its param groups and state are read live).
-        sparsity: the target sparsity, in [0, 1).
-        distribution: how the sparsity spreads over the layers.
-        update_every, prune_rate, prune_schedule, stop_fraction, total_steps: the periodic
-            schedule.
-        seed: seeds the engine's own CPU generator; ``None`` takes ``torch.initial_seed()``.
-        remask: ``"auto"`` or ``"always"``.
-        model: names the layers; its FSDP2 modules are resharded after the masks are written.
+        optimizer (torch.optim.Optimizer): the inner optimizer (its param groups and state are
+            read live).
+        settings (SparseSettings): the frozen settings.
+        method (SparsityMethod): the method.
+        model (nn.Module | None): names the layers; its FSDP2 modules are resharded after the
+            masks are written. Default: None.
+
+    Raises:
+        TypeError: if ``settings`` is not a ``SparseSettings``.
+        ValueError: if nothing would be sparse (naming why), if a parameter already belongs to
+            another live engine, or if the method cannot run with the settings.
+
+    Examples:
+        >>> import torch
+        >>> from sparseopt.engine import MaskEngine
+        >>> from sparseopt.methods import get_method
+        >>> from sparseopt.settings import SparseSettings
+        >>> lin = torch.nn.Linear(8, 8)
+        >>> sgd = torch.optim.SGD(lin.parameters(), lr=0.1)
+        >>> engine = MaskEngine(sgd, SparseSettings(sparsity=0.75, seed=0), get_method("set"), lin)
+        >>> [(layer.name, layer.count) for layer in engine.layers]
+        [('weight', 16)]
     """
 
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
-        sparsity: float | None,
-        distribution: str | Mapping[str, float],
-        *,
-        structure: str | Structure | None = None,
-        update_every: int,
-        prune_rate: float,
-        prune_schedule: str | None,
-        stop_fraction: float,
-        total_steps: int | None,
-        seed: int | None,
-        remask: str,
-        model: torch.nn.Module | None,
+        settings: SparseSettings,
+        method: SparsityMethod,
+        model: torch.nn.Module | None = None,
     ) -> None:
+        if not isinstance(settings, SparseSettings):
+            raise TypeError(
+                f"Expected settings to be a SparseSettings, but got {type(settings).__name__}"
+            )
         self.optimizer = optimizer
+        self.settings = settings
+        self.method = method
         self.model = model
-        self.method: SparsityMethod  # set by the owner before register()
-        self.structure = parse_structure(structure)
-        self.sparsity = self._resolve_sparsity(sparsity)
-        self.excluded: list[
-            dict[str, Any]
-        ] = []  # sparse-eligible layers the structure leaves dense
-        if not isinstance(distribution, (str, Mapping)):
-            raise TypeError(
-                "Expected distribution to be 'erk', 'er', 'uniform' or a mapping name -> density, "
-                f"but got {_validate.type_of(distribution)}"
-            )
-        self.distribution = (
-            dict(distribution) if isinstance(distribution, Mapping) else distribution
-        )
-        if model is not None and not isinstance(model, torch.nn.Module):
-            raise TypeError(
-                f"Expected model to be an nn.Module or None, but got {_validate.type_of(model)}"
-            )
-        self.update_every = _validate.integer("update_every", update_every, 1)
-        self.prune_rate = _validate.real("prune_rate", prune_rate, 0, 1)
-        if prune_schedule is not None:
-            _validate.choice("prune_schedule", prune_schedule, PRUNE_SCHEDULES)
-        self.prune_schedule = prune_schedule
-        self.stop_fraction = _validate.real("stop_fraction", stop_fraction, 0, 1, low_open=True)
-        self.remask = _validate.choice("remask", remask, ("auto", "always"))
-        self.seed = (  # what torch.Generator.manual_seed takes
-            torch.initial_seed()
-            if seed is None
-            else _validate.integer("seed", seed, -(2**63), 2**64 - 1)
-        )
-        if total_steps is not None:
-            total_steps = _validate.integer("total_steps", total_steps, 1)
-        self.total_steps = total_steps
-        self.schedule = self.make_schedule(total_steps)
         # a CPU generator whatever the parameters' device: the same seed, the same masks
-        self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        self.layers: list[SparseLayer] = []
+        self.generator = torch.Generator(device="cpu").manual_seed(settings.seed)
+        self.layers: tuple[SparseLayer, ...] = ()
+        self.context = MethodContext((), settings)
+        self.dense: list[dict[str, Any]] = []  # sparse-eligible layers the structure leaves dense
+        self.frozen: list[dict[str, Any]] = []  # sparse-eligible layers frozen when registered
         self.num_params = 0
         self.step = 0
         self.masks_applied = False
         self.periodic_updates = True
         self.pending_exploration: float | None = None
         self.stats = UpdateStats()
-        self.keeps_zeros = self.remask == "auto" and keeps_zeros(optimizer)
-        self._unmaskable: set[tuple[str, str]] = set()
+        self.keeps_zeros = False
+        self.nan_safe = self._always = settings.remask == "always"
+        self._views: dict[Tensor, Tensor] = {}
+        self._view_of: tuple[Tensor, ...] = ()  # the masks that _view_list views, in order
+        self._view_list: tuple[Tensor, ...] = ()
+        self._views_out = False
+        self._once = Once()
         self._pending: PendingUpdate | None = None
-        self.context = self._make_context()
+        self.register(optimizer.param_groups, claim=False)
+        if not self.layers:
+            raise ValueError(self._nothing_sparse())
+        self.check_method()
+        self._claim()
 
     # --- settings ---------------------------------------------------------------------------
-    def _resolve_sparsity(self, sparsity: float | None) -> float:
-        """``sparsity`` checked; left out, 0.9, or under ``N:M`` the structure's ``1 - N/M``."""
-        s = self.structure
-        if s is None or s.fixed_density is None:
-            return (
-                0.9
-                if sparsity is None
-                else _validate.real("sparsity", sparsity, 0, 1, high_open=True)
-            )
-        implied = 1.0 - s.fixed_density
-        if sparsity is None:
-            return implied
-        value = _validate.real("sparsity", sparsity, 0, 1, high_open=True)
-        if abs(value - implied) > 1e-9:
-            raise ValueError(
-                f"Expected sparsity to be left out or {implied:g} with structure='{s}', but got "
-                f"{sparsity!r}: every sparse layer of a {s} structure has density "
-                f"{s.fixed_density:g}"
-            )
-        return implied
-
-    def _make_context(self) -> MethodContext:
-        return MethodContext(
-            tuple(self.layers), self.schedule, self.total_steps, self.sparsity, self.structure
-        )
+    @property
+    def schedule(self) -> TopologySchedule:
+        """The periodic topology-update schedule (the settings')."""
+        return self.settings.schedule
 
     def check_method(self) -> None:
         """Refuse a method that cannot keep the structure, then let it check the settings."""
-        s = self.structure
+        s = self.settings.structure
         if s is not None and not s.kept_by(self.method):
             raise ValueError(
                 f"Expected a method that keeps structure='{s}', but got method "
                 f"{self.method.name!r}, which changes the density as it prunes; use 'static', "
                 "'set', 'rigl' or 'snip' with a structure"
             )
-        self.method.check(self.context)
+        self._hook("check", self.layers, self.context)
 
-    def make_schedule(self, total_steps: int | None) -> TopologySchedule:
-        """The periodic schedule for a training of ``total_steps`` (``None``: unknown)."""
-        decay = self.prune_schedule or ("cosine" if total_steps is not None else "constant")
-        end = None if total_steps is None else math.floor(self.stop_fraction * total_steps)
-        if decay == "cosine" and total_steps is None:
-            raise ValueError("prune_schedule='cosine' needs total_steps to know where it ends")
-        return TopologySchedule(self.update_every, self.prune_rate, decay, end)
+    def retime(self, settings: SparseSettings) -> None:
+        """Adopt ``settings``, which differ from the engine's in ``total_steps`` at most; nothing
+        changes if the method refuses them.
 
-    def set_total_steps(self, total_steps: int | None) -> None:
-        """Rebuild the schedule for ``total_steps``; nothing changes if the method refuses it."""
-        if total_steps is not None:
-            total_steps = _validate.integer("total_steps", total_steps, 1)
-        schedule = self.make_schedule(total_steps)
-        before = (self.schedule, self.total_steps, self.context)
-        self.schedule, self.total_steps = schedule, total_steps
-        self.context = self._make_context()
+        Raises:
+            ValueError: if another setting differs, or the method cannot run with them.
+        """
+        fixed = [f.name for f in dataclasses.fields(settings) if f.init and f.name != "total_steps"]
+        changed = [k for k in fixed if getattr(settings, k) != getattr(self.settings, k)]
+        if changed:
+            raise ValueError(f"only total_steps may change after construction, not {changed}")
+        before = self.settings
+        self.settings = settings
+        self._set_layers(self.layers)
         try:
             self.check_method()
         except ValueError:
-            self.schedule, self.total_steps, self.context = before
+            self.settings = before
+            self._set_layers(self.layers)
             raise
 
     # --- layers -----------------------------------------------------------------------------
+    def _set_layers(self, layers: tuple[SparseLayer, ...]) -> None:
+        """The one place the layers change: the tuple, the method's context, the masks' views."""
+        self.layers = layers
+        self.context = MethodContext(layers, self.settings)
+        # what ``opt.masks`` hands out: the masks' storage under a version counter of its own, so
+        # a write through it is seen (and refused at the next step) apart from the engine's own;
+        # a mask object that stays keeps its view
+        masks = tuple(layer.mask for layer in layers)
+        if len(masks) == len(self._view_of) and all(map(operator.is_, masks, self._view_of)):
+            return  # the same mask objects (an update writes them in place): the same views
+        views = {id(mask): view for mask, view in zip(self._view_of, self._view_list, strict=True)}
+        self._view_list = tuple(views.get(id(m), m.data) for m in masks)
+        self._view_of = masks
+        self._views = dict(zip((layer.param for layer in layers), self._view_list, strict=True))
+
+    @property
+    def views(self) -> Mapping[Tensor, Tensor]:
+        """Parameter -> mask, read-only: a write through one of these masks is refused (a
+        ``RuntimeError``) at the next step, report or state dict."""
+        self._views_out = True  # from now on every step looks (a loop that never asks pays 0)
+        return MappingProxyType(self._views)
+
+    def check_views(self) -> None:
+        """Raise if a mask handed out by :attr:`views` was written.
+
+        Raises:
+            RuntimeError: naming the layer.
+        """
+        if not self._views_out or not _compat.any_written(self._view_list):
+            return
+        for layer in self.layers:
+            if _compat.tensor_version(self._views[layer.param]):
+                raise RuntimeError(
+                    f"the mask of {layer.name} was written through SparseOptimizer.masks, which "
+                    "is read-only: the optimizer's counts and weights no longer match it. Masks "
+                    "change only through the optimizer (its topology updates, load_state_dict, "
+                    "finalize)"
+                )
+
     def _param_names(self) -> dict[int, str]:
         names: dict[int, str] = {}
         for group in self.optimizer.param_groups:
@@ -216,36 +279,105 @@ class MaskEngine:
             names.update({id(p): n for n, p in self.model.named_parameters()})
         return names
 
-    def register(self, groups: Iterable[dict[str, Any]]) -> None:
-        """Give the sparse tensors of ``groups`` masks at the distribution's counts."""
+    @staticmethod
+    def sparse_flag(group: Any) -> bool:
+        """A param group's ``"sparse"`` flag (default True); a ``TypeError`` unless a bool."""
+        if not isinstance(group, Mapping):
+            return True  # not a param group: torch's add_param_group refuses it
+        return _validate.boolean('param group "sparse"', group.get("sparse", True))
+
+    def check_group(self, group: Any) -> None:
+        """Check a param group before the inner optimizer takes it: its ``"sparse"`` flag, and
+        that no tensor of it belongs to another live engine."""
+        if not self.sparse_flag(group) or not isinstance(group, Mapping):
+            return
+        params = group.get("params", ())
+        if isinstance(params, Tensor):
+            params = [params]
+        elif isinstance(params, Iterator):  # used up once: keep its tensors for torch
+            params = group["params"] = list(params)
+        elif isinstance(params, Iterable):
+            params = list(params)
+        else:
+            return  # torch's add_param_group refuses it
+        names = self._param_names()
+        candidates = [p for p in params if isinstance(p, Tensor) and p.ndim >= 2]
+        self._check_unclaimed(
+            [(p, names.get(id(p), "a parameter")) for p in candidates if p.requires_grad]
+        )
+
+    def register(self, groups: Iterable[dict[str, Any]], *, claim: bool = True) -> None:
+        """Give the sparse tensors of ``groups`` masks at the distribution's counts.
+
+        Everything is checked before anything changes.
+        """
         names = self._param_names()
         new: list[tuple[Tensor, str, int]] = []
+        frozen: list[dict[str, Any]] = []
         # a tensor listed twice (a tied weight listed by hand; torch only warns) is one parameter
         # and gets one mask: its first position is its layer
         seen = {id(layer.param) for layer in self.layers}
+        index = self.num_params
         for group in groups:
             sparse = self.sparse_flag(group)
             for p in group["params"]:
-                index = self.num_params
-                self.num_params += 1
-                if sparse and p.ndim >= 2 and id(p) not in seen:
-                    seen.add(id(p))
-                    new.append((p, names.get(id(p), f"param{index}"), index))
-        new = self._structurable(new)
+                index += 1
+                if not sparse or p.ndim < 2 or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                name = names.get(id(p), f"param{index - 1}")
+                if not p.requires_grad:  # a frozen backbone stays dense and untouched
+                    frozen.append({"name": name, "shape": tuple(p.shape)})
+                else:
+                    new.append((p, name, index - 1))
+        new, dense = self._structurable(new)
+        layers = self._new_layers(new)  # a bad distribution is named before a clash below
+        self._check_unclaimed([(layer.param, layer.name) for layer in layers])
+        self.num_params = index
+        self.frozen += frozen
+        self.dense += dense
+        self._set_layers(self.layers + layers)
+        self._remask_policy()
+        if claim:
+            self._claim()
+        if self.masks_applied and layers:
+            self.mask_weights_and_state(layers)
+
+    def _remask_policy(self) -> None:
+        """Whether the step may skip the re-mask (the inner optimizer keeps zeros), and whether
+        the re-mask must be NaN-safe (``remask="always"``, or an ``eps`` that is 0 in a
+        parameter's dtype, which turns the zeros into ``0 / 0``)."""
+        self._always = self.settings.remask == "always"
+        self.keeps_zeros = not self._always and keeps_zeros(self.optimizer)
+        zero_eps = _zero_eps(self.optimizer)
+        self.nan_safe = self._always or zero_eps is not None
+        if zero_eps is not None:
+            eps, dtype = zero_eps
+            self._once.warn(
+                "zero-eps",
+                f"eps={eps:g} of {type(self.optimizer).__name__} is 0 in {dtype}: its update "
+                "divides by 0 wherever a squared gradient is 0 in that dtype. The inactive "
+                "weights are kept at exactly 0 (a NaN-safe re-mask after every step), but active "
+                "weights can still overflow: use an eps that the dtype holds (1e-4 for float16), "
+                "float32 weights under torch.autocast, or bfloat16",
+            )
+
+    def _new_layers(self, new: list[tuple[Tensor, str, int]]) -> tuple[SparseLayer, ...]:
+        """Masks at the distribution's counts (the method's start density) for ``new``."""
         if not new:
-            return
+            return ()
+        s = self.settings.structure
         shapes = [tuple(p.shape) for p, _, _ in new]
         layer_names = [n for _, n, _ in new]
         numels = [p.numel() for p, _, _ in new]
-        target = 1.0 - self.sparsity
+        target = 1.0 - self.settings.sparsity
 
         def counts_at(density: float) -> list[int]:
-            s = self.structure
             fixed = None if s is None or density != target else s.fixed_density
             densities = (
                 [fixed] * len(shapes)
                 if fixed is not None
-                else layer_densities(self.distribution, shapes, density, layer_names)
+                else layer_densities(self.settings.distribution, shapes, density, layer_names)
             )
             if s is not None and density == target:  # whole units, by the structure's rule
                 return [s.layer_count(sh, d) for sh, d in zip(shapes, densities, strict=True)]
@@ -254,31 +386,25 @@ class MaskEngine:
         targets = counts_at(target)
         start = self.method.start_density(target)
         counts = targets if start == target else counts_at(start)
+        layers = []
         for (p, name, index), count, goal in zip(new, counts, targets, strict=True):
             _dtensor.check_placements(p, name)
-            if self.structure is not None and count == goal:
-                mask = self.structure.random(p.shape, count, self.generator)
+            if s is not None and count == goal:
+                mask = s.random(p.shape, count, self.generator)
             else:  # no structure, or a dense start (SNIP) that the first update structures
                 mask = random_mask(p.shape, count, self.generator)
             mask = _dtensor.shard_like(mask, p)
-            self.layers.append(SparseLayer(p, name, index, mask, count, goal))
-        self.context = self._make_context()
-        if self.masks_applied:
-            self.mask_weights_and_state(self.layers[-len(new) :])
+            layers.append(SparseLayer(p, name, index, mask, count, goal))
+        return tuple(layers)
 
-    @staticmethod
-    def sparse_flag(group: Any) -> bool:
-        """A param group's ``"sparse"`` flag (default True); a ``TypeError`` unless a bool."""
-        if not isinstance(group, Mapping):
-            return True  # not a param group: torch's add_param_group refuses it
-        return _validate.boolean('param group "sparse"', group.get("sparse", True))
-
-    def _structurable(self, new: list[tuple[Tensor, str, int]]) -> list[tuple[Tensor, str, int]]:
-        """The layers the structure can hold; the others stay dense, listed in ``excluded``."""
-        s = self.structure
+    def _structurable(
+        self, new: list[tuple[Tensor, str, int]]
+    ) -> tuple[list[tuple[Tensor, str, int]], list[dict[str, Any]]]:
+        """The layers the structure can hold, and the rows of those it leaves dense."""
+        s = self.settings.structure
         if s is None:
-            return new
-        kept = []
+            return new, []
+        kept, dense = [], []
         for p, name, index in new:
             if _dtensor.is_dtensor(p):
                 raise ValueError(
@@ -289,9 +415,58 @@ class MaskEngine:
             if reason is None:
                 kept.append((p, name, index))
             else:
-                self.excluded.append({"name": name, "shape": tuple(p.shape), "reason": reason})
-        return kept
+                dense.append({"name": name, "shape": tuple(p.shape), "reason": reason})
+        return kept, dense
 
+    def _nothing_sparse(self) -> str:
+        """Why no layer is sparse, for the error at construction."""
+        if self.dense:
+            reasons = "; ".join(f"{d['name']} {d['shape']}: {d['reason']}" for d in self.dense)
+            return (
+                f"Expected at least one sparse layer, but structure='{self.settings.structure}' "
+                f"fits none of the weights ({reasons}): the model would train dense. Use another "
+                "structure, or leave structure out"
+            )
+        if self.frozen:
+            names = ", ".join(d["name"] for d in self.frozen)
+            return (
+                "Expected at least one sparse layer, but every weight with ndim >= 2 has "
+                f"requires_grad=False ({names}): frozen parameters stay dense"
+            )
+        return (
+            "Expected at least one sparse layer, but no parameter would be sparse: sparse "
+            "layers are the parameters with ndim >= 2 (conv and linear weights) in param groups "
+            'without "sparse": False, and the optimizer has none'
+        )
+
+    # --- one SparseOptimizer per parameter ----------------------------------------------------
+    def _check_unclaimed(self, params: list[tuple[Tensor, str]]) -> None:
+        def taken() -> list[str]:
+            out = []
+            for p, name in params:
+                ref = _OWNERS.get(p)
+                owner = None if ref is None else ref()
+                if owner is not None and owner is not self:
+                    out.append(f"{name} {tuple(p.shape)}")
+            return out
+
+        if taken():
+            gc.collect()  # an optimizer in a reference cycle (an LRScheduler's) may be garbage
+            clash = taken()
+            if clash:
+                raise ValueError(
+                    "Expected parameters that no other SparseOptimizer masks, but "
+                    f"{', '.join(clash)} already belong to another SparseOptimizer that is still "
+                    "alive: two optimizers would keep two masks of one weight. Delete the other "
+                    'one first (del opt), or put these parameters in a group with "sparse": False'
+                )
+
+    def _claim(self) -> None:
+        ref = weakref.ref(self)
+        for layer in self.layers:
+            _OWNERS[layer.param] = ref
+
+    # --- the masks on the weights -------------------------------------------------------------
     def state_tensors(self, layer: SparseLayer) -> list[Tensor]:
         """The inner state tensors of the layer's shape (momentum, exp_avg, ...)."""
         state = self.optimizer.state.get(layer.param)
@@ -302,16 +477,13 @@ class MaskEngine:
             if not isinstance(value, Tensor) or value.ndim == 0:
                 continue
             if value.shape != layer.param.shape:
-                if (layer.name, key) not in self._unmaskable:
-                    self._unmaskable.add((layer.name, key))
-                    warnings.warn(
-                        f"inner optimizer state {key!r} of {layer.name} has shape "
-                        f"{tuple(value.shape)}, not the parameter's {tuple(layer.param.shape)}: "
-                        "it cannot be masked elementwise and is left as it is (a grown weight "
-                        "inherits it); the weights themselves are still masked every step",
-                        UserWarning,
-                        stacklevel=4,
-                    )
+                self._once.warn(
+                    f"state-shape/{layer.name}/{key}",
+                    f"inner optimizer state {key!r} of {layer.name} has shape "
+                    f"{tuple(value.shape)}, not the parameter's {tuple(layer.param.shape)}: "
+                    "it cannot be masked elementwise and is left as it is (a grown weight "
+                    "inherits it); the weights themselves are still masked every step",
+                )
                 continue
             out.append(value)
         return out
@@ -324,7 +496,7 @@ class MaskEngine:
                 tensors.append(t)
                 masks.append(layer.mask)
         with torch.no_grad():
-            apply_masks_(tensors, masks, nan_safe=self.remask == "always")
+            apply_masks_(tensors, masks, nan_safe=self.nan_safe)
 
     def apply_masks(self) -> None:
         """Zero weights and state at inactive positions, and remember that the masks are on."""
@@ -334,10 +506,39 @@ class MaskEngine:
 
     def set_masks(self, masks: list[Tensor]) -> None:
         """Replace every layer's mask (its support and count), then zero what became inactive."""
-        for layer, mask, count in zip(self.layers, masks, count_active(masks), strict=True):
+        for layer, mask in zip(self.layers, masks, strict=True):
             layer.mask.copy_(mask)
-            layer.count = count
+        counts = count_active(masks)
+        self._set_layers(
+            tuple(
+                dataclasses.replace(layer, count=count)
+                for layer, count in zip(self.layers, counts, strict=True)
+            )
+        )
         self.mask_weights_and_state()
+
+    # --- the method's hooks -------------------------------------------------------------------
+    def _hook(self, hook: str, layers: tuple[SparseLayer, ...], *args: Any) -> Any:
+        """``method.<hook>(*args)``, refused if it wrote a mask or a weight of ``layers`` in place
+        (the tensors' version counters move on every in-place write)."""
+        with self._unwritten(hook, layers):
+            return getattr(self.method, hook)(*args)
+
+    @contextmanager
+    def _unwritten(self, hook: str, layers: tuple[SparseLayer, ...]) -> Iterator[None]:
+        """Refuse, naming the method and ``hook``, a mask or weight of ``layers`` written inside."""
+        tensors = [t for layer in layers for t in (layer.mask, layer.param)]
+        before = _compat.versions(tensors)
+        yield
+        after = _compat.versions(tensors)
+        if after != before:
+            k = next(i for i, (a, b) in enumerate(zip(after, before, strict=True)) if a != b)
+            what, layer = ("mask", "weights")[k % 2], layers[k // 2]
+            raise RuntimeError(
+                f"method {self.method.name!r} wrote the {what} of {layer.name} in place inside "
+                f"{hook}(): a method reads the layers and returns masks or scores; only the "
+                "optimizer writes masks and weights"
+            )
 
     # --- inside a step ------------------------------------------------------------------------
     def explore(self, rate: float) -> None:
@@ -349,7 +550,7 @@ class MaskEngine:
         if self.pending_exploration is not None:
             return self.pending_exploration, None
         if self.periodic_updates and self.method.is_update_step(step, self.context):
-            return self.schedule.rate(step), step
+            return self.settings.schedule.rate(step), step
         return None
 
     def grads_finite(self) -> bool:
@@ -369,12 +570,15 @@ class MaskEngine:
                     '"sparse": False, or build it with sparse=False'
                 )
 
-    def grow_scores(self) -> list[Tensor]:
-        """The method's growth scores of every layer, from the current dense gradients."""
-        return [
-            self.method.grow_scores(layer, layer.param.grad, self.generator)
-            for layer in self.layers
-        ]
+    def grow_scores(self) -> list[Tensor | None]:
+        """The method's growth scores of every layer, from the current dense gradients; ``None``
+        for a layer without a gradient, which the update skips."""
+        grow = self.method.grow_scores
+        with self._unwritten("grow_scores", self.layers):
+            return [
+                None if layer.param.grad is None else grow(layer, layer.param.grad, self.generator)
+                for layer in self.layers
+            ]
 
     @torch.compiler.disable
     def begin_step(self) -> None:
@@ -386,6 +590,7 @@ class MaskEngine:
         times slower (``benchmarks/compiled_step.py``), and a graph break in torch's own
         ``Optimizer.step`` keeps it from fusing into the update anyway.
         """
+        self.check_views()
         if not self.masks_applied:
             self.check_dense_grads()
             self.apply_masks()
@@ -398,11 +603,10 @@ class MaskEngine:
             if finite:
                 scores = self.grow_scores()
             else:
-                warnings.warn(
-                    f"non-finite gradients at step {step}: the topology update was skipped "
-                    "and the masks are unchanged",
-                    UserWarning,
-                    stacklevel=6,
+                self._once.warn(
+                    "non-finite",
+                    f"non-finite gradients at step {step}: the topology update was skipped and "
+                    "the masks are unchanged (warned once; update_stats.skipped counts them)",
                 )
                 self.stats.skipped += 1
         rate, scheduled = due if due is not None else (None, None)
@@ -415,7 +619,7 @@ class MaskEngine:
             if layer.param.grad is not None:
                 grads.append(layer.param.grad)
                 masks.append(layer.mask)
-        apply_masks_(grads, masks, nan_safe=not finite or self.remask == "always")
+        apply_masks_(grads, masks, nan_safe=not finite or self._always)
 
     @torch.compiler.disable
     def end_step(self) -> None:
@@ -428,47 +632,171 @@ class MaskEngine:
         self.step = pending.step
 
     def update_topology(
-        self, step: int, rate: float, scheduled: int | None, scores: list[Tensor]
+        self, step: int, rate: float, scheduled: int | None, scores: list[Tensor | None]
     ) -> None:
-        """Apply the method's new masks; zero weights and inner state wherever a mask changed."""
-        read_gradient = self.method.reads_gradient(scheduled, self.context)
-        new_masks = self.method.new_masks(self.context, rate, scores, scheduled)
-        if self.structure is not None:
-            self._check_structure(new_masks)
+        """Apply the method's new masks; zero weights and inner state wherever a mask changed.
+
+        A layer without a gradient is skipped: the method sees a context of the other layers
+        only, and its mask and weights stay as they are.
+        """
+        read_gradient = self._hook("reads_gradient", self.layers, scheduled, self.context)
+        updating = [i for i, layer in enumerate(self.layers) if layer.param.grad is not None]
+        layers = tuple(self.layers[i] for i in updating)
+        ctx = (
+            self.context
+            if len(layers) == len(self.layers)
+            else dataclasses.replace(self.context, layers=layers)
+        )
+        args = (ctx, rate, [scores[i] for i in updating], scheduled)
+        new_masks = self._hook("new_masks", layers, *args)
+        if self.settings.structure is not None:
+            self._check_structure(layers, new_masks)
         grown = []
-        for layer, new in zip(self.layers, new_masks, strict=True):
+        for layer, new in zip(layers, new_masks, strict=True):
             changed = layer.mask ^ new
             # on the local shards: mask, weight and state share one layout (check_placements)
             for t in (layer.param.detach(), *self.state_tensors(layer)):
                 _dtensor.local(t).masked_fill_(_dtensor.local(changed), 0)
             grown.append(new & ~layer.mask)
             layer.mask.copy_(new)
-        counts = count_active([layer.mask for layer in self.layers] + grown)
-        for layer, count in zip(self.layers, counts, strict=False):
-            layer.count = count
+        counts = count_active([layer.mask for layer in layers] + grown)
+        if any(count != layer.count for count, layer in zip(counts, layers, strict=False)):
+            new = list(self.layers)
+            for i, count in zip(updating, counts, strict=False):
+                if count != new[i].count:
+                    new[i] = dataclasses.replace(new[i], count=count)
+            self._set_layers(tuple(new))
         if scheduled is None:
             self.pending_exploration = None
-        self.stats.record(step, rate, sum(counts[len(self.layers) :]), read_gradient)
+        self.stats.record(step, rate, sum(counts[len(layers) :]), read_gradient)
+
+    def _check_structure(self, layers: tuple[SparseLayer, ...], masks: list[Tensor]) -> None:
+        """A method that returns masks outside the structure is a bug: fail loudly, change none."""
+        s = self.settings.structure
+        for layer, mask in zip(layers, masks, strict=True):
+            try:
+                s.check(mask, layer.target)
+            except ValueError as e:
+                raise RuntimeError(
+                    f"method {self.method.name!r} returned a mask for {layer.name} that breaks "
+                    f"structure='{s}': {e}"
+                ) from e
+
+    # --- the engine's state dict --------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """What a checkpoint must agree on to load here: the method and its options, the
+        sparsity and structure, the number of parameters and the sparse shapes by index."""
+        s = self.settings.structure
+        return {
+            "method": self.method.name,
+            "method_options": self.method.options(),
+            "sparsity": self.settings.sparsity,
+            "structure": None if s is None else str(s),
+            "num_params": self.num_params,
+            "shapes": {layer.index: list(layer.param.shape) for layer in self.layers},
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The engine's state as plain data (masks cloned, keyed by packing index), in torch's
+        style; :meth:`describe`'s entries included."""
+        self.check_views()
+        described = self.describe()
+        layers = self.layers
+        return {
+            "method": described["method"],
+            "method_options": described["method_options"],
+            "method_state": self.method.state_dict(),
+            "sparsity": described["sparsity"],
+            "structure": described["structure"],
+            "step": self.step,
+            "masks_applied": self.masks_applied,
+            "periodic_updates": self.periodic_updates,
+            "pending_exploration": self.pending_exploration,
+            "generator": self.generator.get_state(),
+            "num_params": self.num_params,
+            "names": {layer.index: layer.name for layer in layers},
+            "shapes": described["shapes"],
+            "counts": {layer.index: layer.count for layer in layers},
+            "targets": {layer.index: layer.target for layer in layers},
+            "masks": {layer.index: layer.mask.clone() for layer in layers},
+            "stats": self.stats.as_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], inner_state: Mapping[str, Any]) -> None:
+        """Load what :meth:`state_dict` returned, and ``inner_state`` into the inner optimizer.
+
+        All or nothing: every mask is checked against its parameter (and moved to its device and
+        shards) and every field read before anything is written; if the inner optimizer or the
+        method refuses its state, the method's state is put back and the error propagates.
+
+        Args:
+            state (Mapping): the engine's state dict.
+            inner_state (Mapping): the inner optimizer's state dict.
+
+        Raises:
+            ValueError: if the masks are not those of this engine's sparse parameters, or a mask
+                does not fit its parameter; whatever the inner optimizer raises.
+            KeyError: for a missing field.
+        """
+        by_index = {layer.index: layer for layer in self.layers}
+        keys = {int(k): k for k in state["masks"]}
+        if set(keys) != set(by_index):
+            raise ValueError(
+                f"Expected masks of the sparse parameters {sorted(by_index)}, but the state "
+                f"holds masks of {sorted(keys)}"
+            )
+        layers = []
+        for layer in self.layers:
+            key = keys[layer.index]
+            mask = state["masks"][key]
+            if tuple(mask.shape) != tuple(layer.param.shape):
+                raise ValueError(
+                    f"Expected the mask of {layer.name} to have the parameter's shape "
+                    f"{tuple(layer.param.shape)}, but the state holds one of {tuple(mask.shape)}"
+                )
+            layers.append(
+                dataclasses.replace(
+                    layer,
+                    mask=_dtensor.load_like(mask, layer.param, torch.bool),
+                    count=int(state["counts"][key]),
+                    target=int(state["targets"][key]),
+                )
+            )
+        # the generator is a CPU one; a state dict moved to another device (Accelerate's device
+        # placement moves every tensor) brings its state back
+        generator = torch.Generator(device="cpu")
+        generator.set_state(state["generator"].cpu())
+        stats = UpdateStats.from_dict(state["stats"])
+        step, applied = int(state["step"]), bool(state["masks_applied"])
+        periodic, pending = bool(state["periodic_updates"]), state["pending_exploration"]
+        method_before = self.method.state_dict()
+        self.method.load_state_dict(state["method_state"])
+        try:
+            self.optimizer.load_state_dict(inner_state)
+        except BaseException:
+            self.method.load_state_dict(method_before)
+            raise
+        self.generator = generator
+        self._set_layers(tuple(layers))
+        self.stats, self.step, self.masks_applied = stats, step, applied
+        self.periodic_updates, self.pending_exploration = periodic, pending
+        if self.masks_applied:
+            self.mask_weights_and_state()
+            _dtensor.reshard(self.model)
 
     # --- pickling (a torch.Generator does not pickle; its state does) ---------------------------
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "generator": self.generator.get_state()}
+        state = {**self.__dict__, "generator": self.generator.get_state()}
+        for key in ("_views", "_view_of", "_view_list"):  # rebuilt: aliases of the masks
+            del state[key]
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         generator = torch.Generator(device="cpu")
         generator.set_state(state.pop("generator"))
-        self.__dict__.update(state, generator=generator)
-
-    def _check_structure(self, masks: list[Tensor]) -> None:
-        """A method that returns masks outside the structure is a bug: fail loudly, change none."""
-        for layer, mask in zip(self.layers, masks, strict=True):
-            try:
-                self.structure.check(mask, layer.target)
-            except ValueError as e:
-                raise RuntimeError(
-                    f"method {self.method.name!r} returned a mask for {layer.name} that breaks "
-                    f"structure='{self.structure}': {e}"
-                ) from e
+        self.__dict__.update(state, generator=generator, _views={}, _view_of=(), _view_list=())
+        self._set_layers(self.layers)
+        self._claim()
 
     # --- reading ------------------------------------------------------------------------------
     @property
@@ -478,18 +806,28 @@ class MaskEngine:
         return sum(layer.count for layer in self.layers) / total if total else 1.0
 
     def report(self) -> SparsityReport:
-        """Per-layer counts and densities, totals, and the update statistics."""
+        """Per-layer counts (active and actually nonzero) and densities, totals, the layers left
+        dense or frozen, and the update statistics."""
+        self.check_views()
+        nonzero = count_active([layer.param.detach() != 0 for layer in self.layers])
         rows = [
             {
                 "name": layer.name,
                 "shape": tuple(layer.param.shape),
                 "numel": layer.numel,
                 "nnz": layer.count,
+                "active": layer.count,
+                "nonzero": nz,
                 "density": layer.count / layer.numel,
             }
-            for layer in self.layers
+            for layer, nz in zip(self.layers, nonzero, strict=True)
         ]
         updates = {**self.stats.as_dict(), "step": self.step}
-        if self.structure is None:
-            return SparsityReport(rows, updates)
-        return SparsityReport(rows, updates, structure=str(self.structure), dense=self.excluded)
+        s = self.settings.structure
+        return SparsityReport(
+            rows,
+            updates,
+            structure=None if s is None else str(s),
+            dense=self.dense,
+            frozen=self.frozen,
+        )

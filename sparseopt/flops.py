@@ -16,14 +16,13 @@ training costs ``3 * f_D`` per step.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-if TYPE_CHECKING:
-    from .optimizer import SparseOptimizer
+from .optimizer import SparseOptimizer
 
 __all__ = ["TrainingFlops", "layer_flops", "sparse_forward_flops"]
 
@@ -128,8 +127,6 @@ class TrainingFlops:
     """
 
     def __init__(self, opt: SparseOptimizer, model: nn.Module, *inputs: Any) -> None:
-        from .optimizer import SparseOptimizer  # at run time only: optimizer never imports flops
-
         if not isinstance(opt, SparseOptimizer):
             raise TypeError(f"Expected opt to be a SparseOptimizer, but got {type(opt).__name__}")
         self.per_layer, self.dense_forward = layer_flops(model, *inputs)

@@ -12,16 +12,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
 
 from .masks import count_active
+from .optimizer import SparseOptimizer
 from .report import SparsityReport  # noqa: F401  (its home until 0.1.0)
-
-if TYPE_CHECKING:
-    from .optimizer import SparseOptimizer
 
 __all__ = [
     "InTimeOverParameterization",
@@ -121,8 +119,6 @@ class InTimeOverParameterization:
     """
 
     def __init__(self, opt: SparseOptimizer) -> None:
-        from .optimizer import SparseOptimizer  # at run time only: optimizer never imports metrics
-
         if not isinstance(opt, SparseOptimizer):
             raise TypeError(f"Expected opt to be a SparseOptimizer, but got {type(opt).__name__}")
         self.opt = opt

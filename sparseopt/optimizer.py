@@ -1,5 +1,6 @@
 """``SparseOptimizer``: sparse training as a wrapper around any ``torch.optim.Optimizer``; a thin
-coordinator over ``engine.py`` (masks), ``superposition.py``, ``checkpoint.py``, ``distributed.py``.
+coordinator over ``settings.py`` (its arguments), ``engine.py`` (masks), ``superposition.py``,
+``checkpoint.py`` (the file format) and ``consistency.py`` (across ranks).
 """
 
 from __future__ import annotations
@@ -7,19 +8,21 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import _compat, _prologue, _validate, checkpoint, distributed
+from . import _compat, _prologue, _validate, checkpoint, consistency
+from .context import MethodContext, SparseLayer
 from .engine import MaskEngine
-from .methods import MethodContext, SparseLayer, SparsityMethod, get_method
+from .methods import SparsityMethod, get_method
 from .report import SparsityReport, UpdateStats
-from .schedules import TopologySchedule
+from .settings import SparseSettings
+from .structure import Structure
 from .superposition import BNUpdate, Select, SuperpositionView
 from .suptickets import NOT_GIVEN, SupTickets
+from .update_schedule import TopologySchedule
 
 __all__ = ["SparseOptimizer"]
 
@@ -35,7 +38,11 @@ class SparseOptimizer(torch.optim.Optimizer):
     assigns, and the total is ``round((1 - sparsity) * N)``.
 
     Which tensors are sparse: every parameter with ``ndim >= 2`` (conv and linear weights) in a
-    param group that does not say ``"sparse": False``. Biases and norm parameters stay dense.
+    param group that does not say ``"sparse": False``. Biases and norm parameters stay dense, and
+    so does a parameter with ``requires_grad=False`` when the optimizer is built (a frozen
+    backbone is left untouched; ``report()["frozen"]`` lists it). A parameter without a gradient
+    at a topology update (or exploration) is skipped by it: its mask and weights stay as they are.
+    A parameter is sparsified by one ``SparseOptimizer`` at a time.
 
     Args:
         optimizer (torch.optim.Optimizer): the inner optimizer (any, foreach or fused).
@@ -76,7 +83,9 @@ class SparseOptimizer(torch.optim.Optimizer):
         TypeError: for an argument of the wrong type (an ``optimizer`` that is not a plain
             ``torch.optim.Optimizer``, a string ``sparsity``, ...) or an unknown method option.
         ValueError: for a value out of range or an unknown name, ``prune_schedule="cosine"``
-            without ``total_steps``, or settings the method cannot run with.
+            without ``total_steps``, settings the method cannot run with, no parameter that
+            would be sparse (naming why), or a parameter that another live ``SparseOptimizer``
+            already sparsifies.
 
     Examples:
         >>> import torch
@@ -86,13 +95,16 @@ class SparseOptimizer(torch.optim.Optimizer):
         >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.9, seed=0)
         >>> loss = model(torch.randn(8, 32)).square().mean()
         >>> loss.backward(); opt.step(); opt.zero_grad()
-        >>> [int(m.sum()) for m in opt.masks.values()], round(opt.density, 4)
-        ([152, 117], 0.1001)
+        >>> [(name, int(m.sum())) for name, m in opt.named_masks()], round(opt.density, 4)
+        ([('param0', 152), ('param2', 117)], 0.1001)
 
     Note:
         The masks are drawn when the optimizer is built and applied to the weights at the first
         [`step`][] (or by [`apply_masks`][]). Building the optimizer never changes the model, so
         a checkpoint can be loaded into the model before or after the optimizer is built.
+
+        A weight is sparsified by one ``SparseOptimizer`` at a time (two would keep two masks
+        of it): to rebuild one over the same model, let the first go (``del opt``) before.
     """
 
     def __init__(
@@ -120,31 +132,72 @@ class SparseOptimizer(torch.optim.Optimizer):
             )
         if isinstance(optimizer, SparseOptimizer):
             raise TypeError("optimizer is already a SparseOptimizer; wrap the inner optimizer once")
+        settings = SparseSettings(  # the one check of these arguments
+            sparsity,
+            structure,
+            distribution,
+            update_every,
+            prune_rate,
+            prune_schedule,
+            stop_fraction,
+            total_steps,
+            seed,
+            remask,
+        )
+        if model is not None and not isinstance(model, nn.Module):
+            hint = " (a state dict? pass the module itself)" if isinstance(model, Mapping) else ""
+            raise TypeError(
+                f"Expected model to be an nn.Module or None, but got {type(model).__name__}{hint}"
+            )
         _compat.init_optimizer_hooks(self)
         self.optimizer = optimizer
-        self._engine = MaskEngine(  # checks the other arguments
-            optimizer,
-            sparsity,
-            distribution,
-            structure=structure,
-            update_every=update_every,
-            prune_rate=prune_rate,
-            prune_schedule=prune_schedule,
-            stop_fraction=stop_fraction,
-            total_steps=total_steps,
-            seed=seed,
-            remask=remask,
-            model=model,
-        )
-        self.method = self._engine.method = get_method(method, **method_options)
-        self.sparsity, self.structure = self._engine.sparsity, self._engine.structure
-        self.distribution, self.seed = self._engine.distribution, self._engine.seed
-        self.model, self.remask = model, remask
+        self._engine = MaskEngine(optimizer, settings, get_method(method, **method_options), model)
         self._suptickets = SupTickets(self._engine)
-        self._engine.register(self.optimizer.param_groups)
-        self._engine.check_method()
 
-    # --- views of the inner optimizer (live; never cached, see notes/style.md P3) -----------------
+    # --- the settings, read-only ----------------------------------------------------------------
+    @property
+    def settings(self) -> SparseSettings:
+        """The frozen, checked settings (``SparseSettings``); ``total_steps`` may change."""
+        return self._engine.settings
+
+    @property
+    def sparsity(self) -> float:
+        """The target sparsity over all sparse parameters (resolved: 0.9 or ``1 - N/M`` when
+        left out)."""
+        return self._engine.settings.sparsity  # type: ignore[return-value]
+
+    @property
+    def structure(self) -> Structure | None:
+        """The mask structure, parsed, or ``None``."""
+        return self._engine.settings.structure  # type: ignore[return-value]
+
+    @property
+    def distribution(self) -> str | Mapping[str, float]:
+        """The layer distribution: a name, or a read-only mapping name -> density."""
+        return self._engine.settings.distribution
+
+    @property
+    def seed(self) -> int:
+        """The seed of the optimizer's own generator (``torch.initial_seed()`` when left out)."""
+        return self._engine.settings.seed  # type: ignore[return-value]
+
+    @property
+    def remask(self) -> str:
+        """``"auto"`` or ``"always"``."""
+        return self._engine.settings.remask
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The ``model=`` given at construction, or ``None``."""
+        return self._engine.model
+
+    @property
+    def method(self) -> SparsityMethod:
+        """The method instance."""
+        return self._engine.method
+
+    # --- views of the inner optimizer (live, never cached: torch's load_state_dict and user code
+    # --- may replace the inner optimizer's lists, and schedulers must reach the live ones) -------
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
         """The inner optimizer's ``param_groups``: the same list, so schedulers reach it."""
@@ -175,9 +228,36 @@ class SparseOptimizer(torch.optim.Optimizer):
     # --- read-only views of the masks -----------------------------------------------------------
     @property
     def masks(self) -> Mapping[Tensor, Tensor]:
-        """Read-only mapping parameter -> bool mask (``True`` = active); under FSDP2 the mask is
-        a bool DTensor laid out like the parameter. Do not modify the masks."""
-        return MappingProxyType({layer.param: layer.mask for layer in self._engine.layers})
+        """Read-only mapping parameter -> bool mask (``True`` = active), keyed as torch keys
+        optimizer state; under FSDP2 the mask is a bool DTensor laid out like the parameter.
+
+        The masks share the optimizer's storage: a write through one of them is refused with a
+        ``RuntimeError`` at the next ``step()``, ``report()`` or ``state_dict()``.
+        [`named_masks`][] gives the same masks by name.
+        """
+        return self._engine.views
+
+    def named_masks(self) -> Iterator[tuple[str, Tensor]]:
+        """Iterate over ``(name, mask)`` of the sparse layers, like ``named_parameters()``.
+
+        Names come from ``model=`` (or the param groups' ``param_names``), else ``"param{i}"``
+        with ``i`` the packing index. The masks are those of [`masks`][] (read-only).
+
+        Yields:
+            ``(name, mask)`` per sparse layer, in packing order.
+
+        Examples:
+            >>> import torch
+            >>> from sparseopt import SparseOptimizer
+            >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+            >>> sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+            >>> opt = SparseOptimizer(sgd, "set", 0.5, model=net, seed=0)
+            >>> {name: int(mask.sum()) for name, mask in opt.named_masks()}
+            {'0.weight': 25, '1.weight': 15}
+        """
+        views = self._engine.views
+        for layer in self._engine.layers:
+            yield layer.name, views[layer.param]
 
     @property
     def density(self) -> float:
@@ -186,8 +266,8 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     @property
     def layers(self) -> tuple[SparseLayer, ...]:
-        """The sparse layers, in the optimizer's packing order."""
-        return tuple(self._engine.layers)
+        """The sparse layers (frozen ``SparseLayer``s), in the optimizer's packing order."""
+        return self._engine.layers
 
     @property
     def context(self) -> MethodContext:
@@ -211,17 +291,18 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     @property
     def schedule(self) -> TopologySchedule:
-        """The periodic topology-update schedule."""
-        return self._engine.schedule
+        """The periodic topology-update schedule (frozen; ``settings.schedule``)."""
+        return self._engine.settings.schedule
 
     @property
     def total_steps(self) -> int | None:
-        """Length of training in optimizer steps; setting it rebuilds the update schedule."""
-        return self._engine.total_steps
+        """Length of training in optimizer steps; setting it rebuilds the settings and the update
+        schedule (checked, and refused as a whole if the method cannot run with it)."""
+        return self._engine.settings.total_steps
 
     @total_steps.setter
     def total_steps(self, value: int | None) -> None:
-        self._engine.set_total_steps(value)
+        self._engine.retime(dataclasses.replace(self._engine.settings, total_steps=value))
 
     @property
     def periodic_updates(self) -> bool:
@@ -233,13 +314,14 @@ class SparseOptimizer(torch.optim.Optimizer):
         self._engine.periodic_updates = _validate.boolean("periodic_updates", value)
 
     def report(self) -> SparsityReport:
-        """Per-layer name, shape, numel, nnz (active connections) and density; totals; updates.
+        """Per-layer name, shape, numel, active connections, nonzero weights and density; totals;
+        the layers left dense or frozen; updates.
 
         Returns:
             A [`SparsityReport`][sparseopt.report.SparsityReport]: a ``dict`` with ``layers``,
-            ``total``, ``updates`` and ``suptickets`` (tickets so far, finalized or not, the kept
-            tickets, each candidate's score and the chosen one under ``select``), which prints
-            as a table.
+            ``total``, ``updates``, ``structure``, ``dense``, ``frozen`` and ``suptickets``
+            (tickets so far, finalized or not, the kept tickets, each candidate's score and the
+            chosen one under ``select``), which prints as a table.
         """
         report = self._engine.report()
         report["suptickets"] = self._suptickets.report()
@@ -290,6 +372,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         Raises:
             TypeError: for a sparse-layout gradient (``nn.Embedding(sparse=True)``).
             ValueError: for SNIP, if no sparse parameter has a gradient on the first step.
+            RuntimeError: if a mask was written through [`masks`][], or the method wrote a mask
+                or a weight in place.
         """
         if _prologue.before_step(self):  # a GradScaler found inf/NaN: skipped, and counted
             return None
@@ -429,7 +513,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         """Check that the ranks hold consistent masks, superposed copy and generator; raise if not.
 
         Compares one small fingerprint per layer and of the generator across ``group``
-        (``distributed.py`` says what must agree under DDP and FSDP2). Without an initialized
+        (``consistency.py`` says what must agree under DDP and FSDP2). Without an initialized
         process group it does nothing.
 
         Args:
@@ -439,7 +523,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         Raises:
             RuntimeError: naming the first layer and rank that differ.
         """
-        distributed.check_consistency(self._engine, self._suptickets.to_save(), group)
+        consistency.check_consistency(self._engine, self._suptickets.to_save(), group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forward to the inner optimizer's ``zero_grad``.
@@ -457,8 +541,12 @@ class SparseOptimizer(torch.optim.Optimizer):
         Args:
             param_group (dict): as for ``torch.optim.Optimizer.add_param_group``; ``"sparse":
                 False`` keeps the whole group dense.
+
+        Raises:
+            TypeError: if ``"sparse"`` is not a bool.
+            ValueError: if another live ``SparseOptimizer`` sparsifies a parameter of the group.
         """
-        self._engine.sparse_flag(param_group)  # checked before the inner optimizer takes the group
+        self._engine.check_group(param_group)  # before the inner optimizer takes the group
         self.optimizer.add_param_group(param_group)
         self._engine.register(self.optimizer.param_groups[-1:])
 
@@ -475,7 +563,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         for hook in _compat.hooks(self, "state_dict_pre"):
             hook(self)
         sd = self.optimizer.state_dict()
-        sd["sparseopt"] = checkpoint.pack(self._engine, self._suptickets.to_save())
+        sup = self._suptickets.to_save()
+        sd["sparseopt"] = checkpoint.pack(self._engine, None if sup is None else sup.state_dict())
         sd["sparseopt"]["skipped_steps"] = self._suptickets.skipped_steps
         for hook in _compat.hooks(self, "state_dict_post"):
             out = hook(self, sd)
@@ -503,8 +592,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             if out is not None:
                 state_dict = out
         self._suptickets.check_state(state_dict)
-        loaded = checkpoint.load(state_dict, self._engine, self._suptickets.params())
-        self._suptickets.load(loaded, state_dict)
+        self._suptickets.load(checkpoint.load(state_dict, self._engine), state_dict)
         for hook in _compat.hooks(self, "load_state_dict_post"):
             hook(self)
 
@@ -520,6 +608,6 @@ class SparseOptimizer(torch.optim.Optimizer):
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
         return (
             f"SparseOptimizer(method={self.method!r}, sparsity={self.sparsity}, "
-            f"density={self.density:.4f}, layers={len(self._engine.layers)}, "
+            f"density={self.density:.4f}, layers={len(self.layers)}, "
             f"{self.schedule!r})\n{inner}"
         )

@@ -76,25 +76,31 @@ class SparsityReport(dict):
     ``dict`` that prints as a table.
 
     Keys:
-        ``layers``: one dict per sparse layer with ``name``, ``shape``, ``numel``, ``nnz`` (active
-        connections: an active weight may be exactly 0) and ``density``.
-        ``total``: ``numel``, ``nnz``, ``density`` and ``sparsity`` over all sparse layers.
+        ``layers``: one dict per sparse layer with ``name``, ``shape``, ``numel``, ``active``
+        (the mask's count: active connections), ``nonzero`` (the weights that are not 0 right
+        now: a grown weight starts at 0, and a NaN counts as nonzero), ``nnz`` (the same as
+        ``active``, its name before ``active`` and ``nonzero`` existed) and ``density``
+        (``active / numel``).
+        ``total``: ``numel``, ``active``, ``nonzero``, ``nnz``, ``density`` and ``sparsity`` over
+        all sparse layers.
         ``updates``: topology-update statistics: ``updates`` done, ``skipped`` (non-finite
         gradients), ``last_update_step``, ``last_rate``, ``last_exchanged`` (connections grown in
         the last update), ``exchanged`` (in all updates), and the current ``step``.
-
+        ``structure``: the structure (``"2:4"``, ``"fan_in"``) or ``None``.
+        ``dense``: the layers the structure left dense (``name``, ``shape``, ``reason``; e.g. an
+        input dimension that is not a multiple of ``M``); empty without a structure.
+        ``frozen``: the layers left dense and untouched because they had ``requires_grad=False``
+        when the optimizer was built (``name``, ``shape``).
         ``suptickets``: ``tickets`` so far, ``finalized``, the kept ``candidates``, each one's
         ``scores`` and the ``chosen`` one (and the ``soup``'s members) under ``select=``,
         ``skipped_steps`` (``GradScaler``); ``configured`` is False before any superposition.
-        ``structure`` and ``dense`` (only under a ``structure``): the structure, and the layers
-        it left dense (``name``, ``shape``, ``reason``; e.g. an input dimension that is not a
-        multiple of ``M``).
 
     Args:
         layers (Sequence[dict]): the per-layer rows.
         updates (dict): the update statistics.
         structure (str | None): the optimizer's structure. Default: None.
         dense (Sequence[dict]): the layers the structure left dense. Default: ().
+        frozen (Sequence[dict]): the frozen layers. Default: ().
 
     Examples:
         >>> import torch
@@ -104,16 +110,19 @@ class SparsityReport(dict):
         >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.9,
         ...                       model=model, seed=0)
         >>> report = opt.report()
-        >>> report["total"]["nnz"], report["layers"][1]["nnz"]
-        (269, 117)
+        >>> report["total"]["active"], report["layers"][1]["active"], report["dense"]
+        (269, 117, [])
         >>> print(report)
-        layer     shape       numel         nnz  density
-        ------------------------------------------------
-        0.weight  64x32        2048         152   0.0742
-        2.weight  10x64         640         117   0.1828
-        ------------------------------------------------
-        total                  2688         269   0.1001
+        layer     shape       numel      active     nonzero  density
+        ------------------------------------------------------------
+        0.weight  64x32        2048         152        2048   0.0742
+        2.weight  10x64         640         117         640   0.1828
+        ------------------------------------------------------------
+        total                  2688         269        2688   0.1001
         step 0: 0 topology updates (0 skipped), 0 connections exchanged
+
+        The masks are applied at the first step (or by ``apply_masks()``); until then every
+        weight is still nonzero.
     """
 
     def __init__(
@@ -123,41 +132,72 @@ class SparsityReport(dict):
         *,
         structure: str | None = None,
         dense: Sequence[dict[str, Any]] = (),
+        frozen: Sequence[dict[str, Any]] = (),
     ) -> None:
-        numel = sum(r["numel"] for r in layers)
-        nnz = sum(r["nnz"] for r in layers)
-        density = nnz / numel if numel else 1.0
+        rows = [dict(r) for r in layers]
+        for r in rows:  # rows written before "active" and "nonzero": the mask's count
+            r.setdefault("active", r["nnz"])
+            r.setdefault("nonzero", r["active"])
+        numel = sum(r["numel"] for r in rows)
+        active = sum(r["active"] for r in rows)
+        density = active / numel if numel else 1.0
         super().__init__(
-            layers=list(layers),
-            total={"numel": numel, "nnz": nnz, "density": density, "sparsity": 1.0 - density},
+            layers=rows,
+            total={
+                "numel": numel,
+                "active": active,
+                "nonzero": sum(r["nonzero"] for r in rows),
+                "nnz": active,
+                "density": density,
+                "sparsity": 1.0 - density,
+            },
             updates=dict(updates),
+            structure=structure,
+            dense=[dict(d) for d in dense],
+            frozen=[dict(f) for f in frozen],
         )
-        if structure is not None:
-            self["structure"] = structure
-            self["dense"] = [dict(d) for d in dense]
 
     def __str__(self) -> str:
         rows = [
-            (r["name"], "x".join(map(str, r["shape"])), r["numel"], r["nnz"], r["density"])
+            (
+                r["name"],
+                "x".join(map(str, r["shape"])),
+                r["numel"],
+                r["active"],
+                r["nonzero"],
+                r["density"],
+            )
             for r in self["layers"]
         ]
         width = max([len("layer"), *(len(r[0]) for r in rows)])
         shape_w = max([len("shape"), *(len(r[1]) for r in rows)])
-        head = f"{'layer':<{width}}  {'shape':>{shape_w}}  {'numel':>10}  {'nnz':>10}  density"
+        head = (
+            f"{'layer':<{width}}  {'shape':>{shape_w}}  {'numel':>10}  {'active':>10}  "
+            f"{'nonzero':>10}  density"
+        )
         lines = [head, "-" * len(head)]
         lines += [
-            f"{n:<{width}}  {s:>{shape_w}}  {k:>10}  {z:>10}  {d:7.4f}" for n, s, k, z, d in rows
+            f"{n:<{width}}  {s:>{shape_w}}  {k:>10}  {a:>10}  {z:>10}  {d:7.4f}"
+            for n, s, k, a, z, d in rows
         ]
         t = self["total"]
         lines.append("-" * len(head))
-        total = f"{'total':<{width}}  {'':>{shape_w}}  {t['numel']:>10}  {t['nnz']:>10}"
+        total = (
+            f"{'total':<{width}}  {'':>{shape_w}}  {t['numel']:>10}  {t['active']:>10}  "
+            f"{t['nonzero']:>10}"
+        )
         lines.append(f"{total}  {t['density']:7.4f}")
-        if "structure" in self:
+        if self.get("structure") is not None:
             lines.append(f"structure {self['structure']}")
-            lines += [
-                f"  left dense: {d['name']} ({'x'.join(map(str, d['shape']))}): {d['reason']}"
-                for d in self["dense"]
-            ]
+        lines += [
+            f"  left dense: {d['name']} ({'x'.join(map(str, d['shape']))}): {d['reason']}"
+            for d in self.get("dense", ())
+        ]
+        lines += [
+            f"  frozen (requires_grad=False, left dense): {f['name']} "
+            f"({'x'.join(map(str, f['shape']))})"
+            for f in self.get("frozen", ())
+        ]
         u = self["updates"]
         lines.append(
             f"step {u['step']}: {u['updates']} topology updates ({u['skipped']} skipped), "

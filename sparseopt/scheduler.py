@@ -434,7 +434,7 @@ class SupTicketsScheduler(LRScheduler):
         )
         if optimizer.total_steps is None:
             optimizer.total_steps = total_steps
-        settled = optimizer.method.density_final_step(optimizer)
+        settled = optimizer.method.density_final_step(optimizer.context)
         if settled is not None and settled > phase1:
             raise ValueError(
                 f"method {optimizer.method.name!r} prunes until step {settled}, but phase 2 of "

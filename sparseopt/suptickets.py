@@ -64,7 +64,7 @@ class SupTickets:
     # --- the settings, fixed once -----------------------------------------------------------
     def build(self, **settings: Any) -> SuperpositionSettings:
         return SuperpositionSettings.build(
-            **settings, structure=self.engine.structure, model=self.engine.model
+            **settings, structure=self.engine.settings.structure, model=self.engine.model
         )
 
     def configure(self, settings: SuperpositionSettings, caller: str) -> None:
@@ -91,7 +91,7 @@ class SupTickets:
                 f"{caller}({settings.describe()}) differs from the superposition's settings "
                 f"({sup.settings.describe()}), fixed at its first ticket"
             )
-        self.superposition = Superposition(settings, self.engine.structure)
+        self.superposition = Superposition(settings, self.engine.settings.structure)
         self.restored = False
 
     def consolidate(self, averaging: Any, beta: Any, reprune: Any, bn_update: Any) -> None:
@@ -237,7 +237,7 @@ class SupTickets:
         if isinstance(loaded, Mapping):
             loaded = Superposition.from_state_dict(
                 loaded, self.params(), [layer.index for layer in self.engine.layers],
-                superposition.bn_buffers(self.engine.model), self.engine.structure,
+                superposition.bn_buffers(self.engine.model), self.engine.settings.structure,
             )  # fmt: skip
         if loaded is None:
             self.superposition = None if sup is None else Superposition(sup.settings, sup.structure)

@@ -112,11 +112,18 @@ def method_registry():
 
     A test that registers, overwrites or unregisters methods leaves the registry as it found it,
     so a failing test cannot leak a method into the next. Yields a copy of the snapshot (name ->
-    factory): what the test found.
+    factory): what the test found. Only the public API: ``unregister_method`` hands each factory
+    back, ``register_method`` puts it back.
     """
-    from sparseopt.methods import _REGISTRY
+    from sparseopt.methods import available_methods, register_method, unregister_method
 
-    saved = dict(_REGISTRY)
+    def restore(saved):
+        for name in available_methods():
+            unregister_method(name)
+        for name, factory in saved.items():
+            register_method(name, factory)
+
+    saved = {name: unregister_method(name) for name in available_methods()}
+    restore(saved)
     yield dict(saved)
-    _REGISTRY.clear()
-    _REGISTRY.update(saved)
+    restore(saved)

@@ -31,10 +31,10 @@ STEPS = 16
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    torch._dynamo.reset()
+    torch.compiler.reset()
     counters.clear()
     yield
-    torch._dynamo.reset()
+    torch.compiler.reset()
     assert not torch._dynamo.config.error_on_recompile  # the patch never outlives its run
 
 

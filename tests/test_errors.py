@@ -51,8 +51,9 @@ from sparseopt import export as X
 from sparseopt import flops as F
 from sparseopt import masks as M
 from sparseopt import metrics as MT
-from sparseopt import schedules as SC
+from sparseopt import settings as ST
 from sparseopt import structure as S
+from sparseopt import update_schedule as SC
 from sparseopt.integrations import hf
 from sparseopt.methods import GMP, SET, SNIP, GraNet, RigL, SparsityMethod, Static
 
@@ -145,8 +146,12 @@ SGD = Lazy(lambda e: e.sgd, "sgd")
 OPT = Lazy(lambda e: e.opt, "opt")
 MODEL = Lazy(lambda e: e.model, "model")
 NO_MODEL_OPT = Lazy(lambda e: _trained(), "opt without model=")
-GMP_OPT = Lazy(lambda e: _trained(e.model, "gmp", model=e.model, total_steps=100, update_every=5,
-                                  prune_end=0.95), "gmp pruning until step 95")  # fmt: skip
+GMP_OPT = Lazy(
+    lambda e: _trained(
+        net := make_mlp(), "gmp", model=net, total_steps=100, update_every=5, prune_end=0.95
+    ),
+    "gmp pruning until step 95",
+)  # fmt: skip  (its own model: one optimizer a weight)
 BATCHES = Lazy(lambda e: [torch.randn(4, 8) for _ in range(2)], "[batches]")
 ITERATOR = Lazy(lambda e: iter([torch.randn(4, 8)]), "iter([batch])")
 MASK = Lazy(lambda e: S.random_structured((4, 8), "2:4", torch.Generator().manual_seed(0)), "2:4")
@@ -256,6 +261,7 @@ TARGETS: dict[str, Target] = {
     "unregister_method": Target(unregister_method, lambda e, kw: unregister_method(**kw)),
     "get_method": Target(get_method, lambda e, kw: get_method(**kw)),
     "methods.MethodContext": Target(methods.MethodContext),
+    "SparseSettings": Target(ST.SparseSettings, rows_of="SparseOptimizer"),  # built from its args
     "methods.SparseLayer": Target(methods.SparseLayer),
     "SparsityReport": Target(sparseopt.SparsityReport),
     # Sup-tickets
@@ -389,11 +395,11 @@ EXEMPT: dict[tuple[str, str], str] = {
     ("SparseOptimizer.check_consistency", "group"): "a ProcessGroup; without an initialized "
         "process group the call does nothing (tests/test_distributed.py runs it)",
     **{("methods.MethodContext", p): "built by the engine; a method reads it"
-       for p in ("layers", "schedule", "total_steps", "sparsity", "structure")},
+       for p in ("layers", "settings")},
     **{("methods.SparseLayer", p): "built by the engine; a method reads it"
        for p in ("param", "name", "index", "mask", "count", "target")},
     **{("SparsityReport", p): "built by SparseOptimizer.report(); users read it"
-       for p in ("layers", "updates", "structure", "dense")},
+       for p in ("layers", "updates", "structure", "dense", "frozen")},
     **{("cubic_density", p): "a formula GMP evaluates on its own checked settings"
        for p in ("step", "start", "end", "initial_density", "final_density")},
     **{(name, "shapes"): _DATA for name in ("uniform", "erk", "er", "from_mapping",
@@ -576,7 +582,9 @@ ERRORS: list[Case] = [
     E(SO, "seed-float", {"seed": 1.5}, T, r"seed.*1\.5"),
     E(SO, "seed-beyond-torch", {"seed": 2**64}, Vx, r"seed in \[-9223372036854775808, "
       r"18446744073709551615\], but got 18446744073709551616"),
-    E(SO, "model-not-a-module", {"model": "mlp"}, T, r"model.*nn\.Module.*'mlp'"),
+    E(SO, "model-not-a-module", {"model": "mlp"}, T, r"model.*nn\.Module.*str"),
+    E(SO, "model-state-dict", {"model": Lazy(lambda e: e.model.state_dict(), "state_dict")}, T,
+      r"model.*nn\.Module.*but got OrderedDict \(a state dict\? pass the module itself\)$"),
     # method options: growth (every method), GMP/GraNet's window, SNIP's scope
     E(SO, "growth-type", {"growth": 3}, T, r"growth.*3 \(int\)"),
     E(SO, "growth-unknown", {"growth": "magic", "method": "rigl"}, Vx,
@@ -1480,7 +1488,7 @@ def test_rejected_setter_keeps_the_old_value():
 # --- the table covers every public argument -------------------------------------------------------
 # Every public callable: the top-level API, the public modules' __all__, and the public methods
 # and setters of SparseOptimizer and SupTicketsScheduler. A class stands for its constructor.
-_MODULES = (sparseopt, S, M, D, SC, X, hf, F, MT, methods)
+_MODULES = (sparseopt, S, M, D, SC, ST, X, hf, F, MT, methods)
 _CLASSES = (SparseOptimizer, SupTicketsScheduler)
 
 

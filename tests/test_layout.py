@@ -1,15 +1,19 @@
 """The house: no import circles in ``sparseopt/`` (``TYPE_CHECKING`` and function-level imports
-included), every module names its one job in its first line, and methods never see the
-optimizer. A small ``ast`` walk, no dependency."""
+included), every module names its one job in its first line, methods never import the optimizer
+or the engine, and tests reach no private name of another module. A small ``ast`` walk, no
+dependency. (What a method receives at run time is checked by ``test_method_contract.py``.)"""
 
 from __future__ import annotations
 
 import ast
+import importlib
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "sparseopt"
+TESTS = Path(__file__).resolve().parent
 
 
 def _module_name(path: Path) -> str:
@@ -94,9 +98,9 @@ def test_the_circle_finder_finds_circles():
 def test_the_walk_sees_relative_and_type_checking_imports():
     graph = import_graph()
     assert "sparseopt.engine" in graph["sparseopt.optimizer"]
-    assert "sparseopt.methods.context" in graph["sparseopt.methods.base"]
+    assert "sparseopt.context" in graph["sparseopt.methods.base"]
     assert "sparseopt._select" in graph["sparseopt._dtensor"]
-    assert "sparseopt.optimizer" in graph["sparseopt.flops"]  # under TYPE_CHECKING only
+    assert "sparseopt.engine" in graph["sparseopt.checkpoint"]  # under TYPE_CHECKING only
 
 
 def test_sparseopt_has_no_import_circles():
@@ -106,9 +110,10 @@ def test_sparseopt_has_no_import_circles():
 @pytest.mark.parametrize("name", sorted(n for n in _modules() if n.startswith("sparseopt.methods")))
 def test_methods_never_see_the_optimizer(name):
     """The method contract: a method reads a MethodContext, so no method module imports the
-    optimizer, the engine, checkpoints or the scheduler."""
+    optimizer, the engine, checkpoints, the scheduler, the superposition or the rank checks."""
     forbidden = {"sparseopt.optimizer", "sparseopt.engine", "sparseopt.checkpoint",
-                 "sparseopt.scheduler", "sparseopt.distributed"}  # fmt: skip
+                 "sparseopt.scheduler", "sparseopt.consistency", "sparseopt.distributed",
+                 "sparseopt.superposition"}  # fmt: skip
     assert not import_graph()[name] & forbidden
 
 
@@ -119,8 +124,148 @@ def test_every_module_names_its_job_in_its_first_line(name):
     assert len(doc.splitlines()[0]) > 20, f"{name}: the first line does not say what it is for"
 
 
-def test_the_optimizer_stays_a_thin_coordinator():
-    """The redesign's budget: ``optimizer.py`` delegates; if it grows past this, split it."""
-    # 500 before the superposition's configure_superposition and read-only view (issue 21): the
-    # Sup-tickets logic is in suptickets.py, the section keeps the public methods' docstrings
-    assert len((ROOT / "optimizer.py").read_text().splitlines()) < 540
+# --- tests use public names -----------------------------------------------------------------------
+# THE RULE. A test reaches no private name (one leading underscore, not a dunder) of another
+# module: no attribute ``x._name`` and no ``import``/``from m import`` of a private name, of
+# sparseopt or of any other library. Two exceptions, both visible in the code:
+#   1. a private MODULE of sparseopt may be imported, to unit-test its public functions
+#      (``from sparseopt import _compat``, ``sparseopt._select.largest``): the module is the unit;
+#   2. a third-party private name is allowed where no public replacement exists, listed in
+#      THIRD_PARTY with the reason; torch's go there too (prefer the public name where one exists:
+#      ``torch.compiler.reset()``, not ``torch._dynamo.reset()``).
+# A test's own objects (``self._x``, ``cls._x``) are its own business.
+THIRD_PARTY: dict[str, str] = {
+    "_dynamo": "torch.compile's test API (recompile counters, config.patch(error_on_recompile), "
+    "RecompileError), as torch's own tests use it; torch.compiler has no public equivalent",
+    "_reset_state": "accelerate's process-wide singletons are reset this way in accelerate's own "
+    "tests; there is no public reset",
+}
+# Files of other branches that still reach private names, each with its owner: delete the entry
+# when the owner's branch lands (the check then holds for that file, strictly).
+NOT_YET: dict[str, str] = {
+    "test_export.py": "structure (the position codec's private helpers in export/)",
+    "test_masks.py": "structure (_select._sample_stride)",
+    "test_scheduler.py": "booster (opt._superposition -> opt.superposition)",
+    "test_structured_training.py": "structure/booster (opt._superposition)",
+    "test_superposition.py": "booster (opt._superposition -> opt.superposition)",
+    "test_suptickets_official.py": "booster (opt._superposition -> opt.superposition)",
+    "test_suptickets_resume.py": "booster (opt._superposition, opt._engine)",
+}
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _dotted(node: ast.AST) -> str | None:
+    """``a.b.c`` for a chain of attributes on a name, else ``None``."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else None
+
+
+def _reaches(path: str) -> bool:
+    """Whether importing the dotted ``path`` reaches a private name under THE RULE."""
+    parts = path.split(".")
+    if (TESTS / f"{parts[0]}.py").exists():
+        return False  # the tests' own helper modules (``cases``, ``ranks``)
+    return any(
+        _private(part) and ".".join(parts[: i + 1]) not in _modules() and part not in THIRD_PARTY
+        for i, part in enumerate(parts)
+    )
+
+
+def private_uses(source: str) -> list[str]:
+    """The private names a test file reaches, as ``"line: what"``, under THE RULE above."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            base = _dotted(node.value)
+            if base in ("self", "cls") or f"{base}.{node.attr}" in _modules():
+                continue  # a test's own object, or a private module of sparseopt by its path
+            if node.attr in THIRD_PARTY and not (base or "").startswith("sparseopt"):
+                continue
+            found.append((node.lineno, f"{base or '(...)'}.{node.attr}"))
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, f"import {a.name}") for a in node.names if _reaches(a.name)]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found += [
+                (node.lineno, f"from {node.module} import {a.name}")
+                for a in node.names
+                if _reaches(f"{node.module}.{a.name}")
+            ]
+    return [f"{line}: {what}" for line, what in sorted(found)]
+
+
+def test_the_private_name_check_has_teeth():
+    """Negative control, one line per kind: each is found, and each allowed form is not."""
+    bad = (
+        "opt._engine.step\n"
+        "from sparseopt.methods import _REGISTRY\n"
+        "from sparseopt._select import _sample_stride\n"
+        "import torch._C\n"
+        "torch._foreach_mul_(a, b)\n"
+    )
+    assert [f.split(":")[0] for f in private_uses(bad)] == ["1", "2", "3", "4", "5"]
+    good = (
+        "from sparseopt import _compat\n"
+        "import sparseopt._select\n"
+        "sparseopt._select.largest(x, 1)\n"
+        "from sparseopt._select import largest\n"
+        "self._cache = 1\n"
+        "torch._dynamo.config.patch(error_on_recompile=True)\n"
+        "from cases import _helper\n"
+    )
+    assert private_uses(good) == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(
+            p,
+            id=p.name,
+            marks=[pytest.mark.xfail(strict=False, reason=f"owner: {NOT_YET[p.name]}")]
+            if p.name in NOT_YET
+            else [],
+        )
+        for p in sorted(TESTS.glob("*.py"))
+    ],
+)
+def test_tests_reach_no_private_name(path):
+    """THE RULE (above): tests use the public views (``opt.layers``, ``opt.masks``,
+    ``opt.settings``, ``opt.state_dict()``, ...), so that a change of private code breaks no test
+    that should not care."""
+    assert private_uses(path.read_text()) == []
+
+
+# --- names that moved -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("old", "new", "names"),
+    [
+        ("sparseopt.schedules", "sparseopt.update_schedule", ["TopologySchedule", "cubic_density"]),
+        ("sparseopt.distributed", "sparseopt.consistency", ["check_consistency", "digests"]),
+        ("sparseopt.methods.context", "sparseopt.context", ["SparseLayer", "MethodContext"]),
+    ],
+)
+def test_a_moved_module_still_imports_with_a_deprecation_warning(old, new, names):
+    """The old name imports with a warning and hands on the same objects."""
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=rf"{old} is deprecated.*{new.rpartition('.')[2]}"):
+        module = importlib.import_module(old)
+    current = importlib.import_module(new)
+    assert all(getattr(module, name) is getattr(current, name) for name in names)
+
+
+def test_moved_names_keep_their_public_homes():
+    import sparseopt.methods as methods
+    from sparseopt.context import MethodContext, SparseLayer
+    from sparseopt.methods.gmp import GMP
+    from sparseopt.methods.granet import GraNet
+
+    assert methods.SparseLayer is SparseLayer
+    assert methods.MethodContext is MethodContext
+    assert methods.GMP is GMP
+    assert issubclass(GraNet, GMP)

@@ -84,6 +84,7 @@ def test_gradient_growth_grows_the_largest_gradients_by_hand():
         layer.weight.grad = grad.clone().view(4, 4)
         opt.step()
         after[growth] = opt.layers[0].mask.view(-1).clone()
+        del opt  # one SparseOptimizer per parameter at a time
     active = before.nonzero().view(-1).tolist()
     dropped = sorted(active, key=lambda i: (abs(w[i].item()), i))[:2]
     kept = set(active) - set(dropped)

@@ -1,8 +1,8 @@
 """The registry of sparse-training methods, the base class, and the built-in methods.
 
-Layers: ``context`` (what a method sees) < ``base`` (``SparsityMethod``) < the methods
-(``static``, ``set``, ``rigl``, ``granet`` with GMP and GraNet, ``snip``) < this registry. No
-method imports the optimizer.
+Layers: ``sparseopt.context`` (what a method sees: ``SparseLayer``, ``MethodContext``, re-exported
+here) < ``base`` (``SparsityMethod``) < the methods (``static``, ``set``, ``rigl``, ``gmp``,
+``granet``, ``snip``) < this registry. No method imports the optimizer or the engine.
 
 Examples:
     >>> from sparseopt.methods import available_methods
@@ -12,14 +12,15 @@ Examples:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 from .. import _validate
+from .._warnings import warn
+from ..context import MethodContext, SparseLayer
 from .base import GROWTH, SparsityMethod
-from .context import MethodContext, SparseLayer
-from .granet import GMP, GraNet
+from .gmp import GMP
+from .granet import GraNet
 from .rigl import RigL
 from .set import SET
 from .snip import SNIP
@@ -84,7 +85,7 @@ def register_method(
             raise ValueError(
                 f"method {key!r} is already registered; pass overwrite=True to replace it"
             )
-        warnings.warn(f"replacing registered method {key!r}", UserWarning, stacklevel=2)
+        warn(f"replacing registered method {key!r}")
     _REGISTRY[key] = factory
 
 

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 import torch
 from torch import Tensor
 
 from .. import _validate
 from .._dtensor import shard_like
+from ..context import MethodContext, SparseLayer
 from ..masks import exchange
 from ..structure import Structure
-from .context import MethodContext, SparseLayer
 
-__all__ = ["GROWTH", "SparseLayer", "SparsityMethod"]
+__all__ = ["GROWTH", "Scores", "SparseLayer", "SparsityMethod"]
+
+Scores: TypeAlias = Sequence[Tensor | None]
+"""What [`SparsityMethod.new_masks`][sparseopt.methods.SparsityMethod.new_masks] receives: one
+growth-score tensor per layer of the context (``None`` where ``grow_scores`` returned none)."""
 
 GROWTH = ("random", "gradient")
 """How an update grows connections: uniformly at random (SET) or by the largest ``|grad|`` of the
@@ -81,9 +85,11 @@ class SparsityMethod:
         >>> opt.report()["updates"]["updates"], opt.layers[0].count
         (1, 26)
 
-        Every built-in method takes ``growth``: RigL's schedule with SET's random growth:
+        Every built-in method takes ``growth``: RigL's schedule with SET's random growth (on
+        another model: a parameter is sparsified by one optimizer at a time):
 
-        >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "rigl", 0.9,
+        >>> other = torch.nn.Linear(16, 16, bias=False)
+        >>> opt = SparseOptimizer(torch.optim.SGD(other.parameters(), lr=0.1), "rigl", 0.9,
         ...                       growth="random")
         >>> opt.method, opt.method.uses_gradient
         (RigL(growth='random'), False)
@@ -262,11 +268,7 @@ class SparsityMethod:
         return exchange(layer.mask, self.drop_scores(layer), grow_scores, k, structure)
 
     def new_masks(
-        self,
-        ctx: MethodContext,
-        rate: float,
-        grow_scores: Sequence[Tensor | None],
-        step: int | None,
+        self, ctx: MethodContext, rate: float, grow_scores: Scores, step: int | None
     ) -> list[Tensor]:
         """The masks after one topology update (the optimizer zeroes what changed).
 

@@ -30,8 +30,8 @@ class SET(SparsityMethod):
         >>> from sparseopt import SparseOptimizer
         >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Linear(16, 16, bias=False)
-        >>> opt = SparseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "set", 0.9,
-        ...                       update_every=1, prune_rate=0.5, seed=0)
+        >>> sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> opt = SparseOptimizer(sgd, "set", 0.9, update_every=1, prune_rate=0.5, seed=0)
         >>> def train_step():
         ...     model(torch.randn(4, 16)).square().sum().backward()
         ...     opt.step(); opt.zero_grad()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -10,9 +9,9 @@ from torch import Tensor
 
 from .. import _validate
 from .._compat import override
+from ..context import MethodContext, SparseLayer
 from ..masks import select_largest_across, select_largest_within
-from .base import SparsityMethod
-from .context import MethodContext, SparseLayer
+from .base import Scores, SparsityMethod
 
 __all__ = ["SNIP"]
 
@@ -105,11 +104,7 @@ class SNIP(SparsityMethod):
 
     @override
     def new_masks(
-        self,
-        ctx: MethodContext,
-        rate: float,
-        grow_scores: Sequence[Tensor | None],
-        step: int | None,
+        self, ctx: MethodContext, rate: float, grow_scores: Scores, step: int | None
     ) -> list[Tensor]:
         if self.initialized or step is None:
             return super().new_masks(ctx, rate, grow_scores, step)
