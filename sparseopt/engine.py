@@ -15,7 +15,6 @@ checkpoint is loaded: :meth:`MaskEngine.load_state_dict`), and it keeps the coun
 from __future__ import annotations
 
 import dataclasses
-import gc
 import operator
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import _compat, _dtensor, _validate
+from . import _compat, _dtensor, _validate, _warnings
 from ._warnings import Once
 from .context import MethodContext, SparseLayer
 from .distributions import exact_counts, layer_densities
@@ -136,8 +135,12 @@ class MaskEngine:
 
     Raises:
         TypeError: if ``settings`` is not a ``SparseSettings``.
-        ValueError: if nothing would be sparse (naming why), if a parameter already belongs to
-            another live engine, or if the method cannot run with the settings.
+        ValueError: if nothing would be sparse (naming why), or if the method cannot run with
+            the settings.
+
+    Warns:
+        UserWarning: if another live engine masks some of the parameters: this one takes them
+            over, and the other one refuses to step from then on.
 
     Examples:
         >>> import torch
@@ -185,6 +188,7 @@ class MaskEngine:
         self._view_list: tuple[Tensor, ...] = ()
         self._views_out = False
         self._once = Once()
+        self.superseded = False  # a newer engine took over the parameters (_claim)
         self._pending: PendingUpdate | None = None
         self.register(optimizer.param_groups, claim=False)
         if not self.layers:
@@ -287,24 +291,8 @@ class MaskEngine:
         return _validate.boolean('param group "sparse"', group.get("sparse", True))
 
     def check_group(self, group: Any) -> None:
-        """Check a param group before the inner optimizer takes it: its ``"sparse"`` flag, and
-        that no tensor of it belongs to another live engine."""
-        if not self.sparse_flag(group) or not isinstance(group, Mapping):
-            return
-        params = group.get("params", ())
-        if isinstance(params, Tensor):
-            params = [params]
-        elif isinstance(params, Iterator):  # used up once: keep its tensors for torch
-            params = group["params"] = list(params)
-        elif isinstance(params, Iterable):
-            params = list(params)
-        else:
-            return  # torch's add_param_group refuses it
-        names = self._param_names()
-        candidates = [p for p in params if isinstance(p, Tensor) and p.ndim >= 2]
-        self._check_unclaimed(
-            [(p, names.get(id(p), "a parameter")) for p in candidates if p.requires_grad]
-        )
+        """Check a param group before the inner optimizer takes it: its ``"sparse"`` flag."""
+        self.sparse_flag(group)
 
     def register(self, groups: Iterable[dict[str, Any]], *, claim: bool = True) -> None:
         """Give the sparse tensors of ``groups`` masks at the distribution's counts.
@@ -331,8 +319,7 @@ class MaskEngine:
                 else:
                     new.append((p, name, index - 1))
         new, dense = self._structurable(new)
-        layers = self._new_layers(new)  # a bad distribution is named before a clash below
-        self._check_unclaimed([(layer.param, layer.name) for layer in layers])
+        layers = self._new_layers(new)
         self.num_params = index
         self.frozen += frozen
         self.dense += dense
@@ -440,31 +427,27 @@ class MaskEngine:
         )
 
     # --- one SparseOptimizer per parameter ----------------------------------------------------
-    def _check_unclaimed(self, params: list[tuple[Tensor, str]]) -> None:
-        def taken() -> list[str]:
-            out = []
-            for p, name in params:
-                ref = _OWNERS.get(p)
-                owner = None if ref is None else ref()
-                if owner is not None and owner is not self:
-                    out.append(f"{name} {tuple(p.shape)}")
-            return out
-
-        if taken():
-            gc.collect()  # an optimizer in a reference cycle (an LRScheduler's) may be garbage
-            clash = taken()
-            if clash:
-                raise ValueError(
-                    "Expected parameters that no other SparseOptimizer masks, but "
-                    f"{', '.join(clash)} already belong to another SparseOptimizer that is still "
-                    "alive: two optimizers would keep two masks of one weight. Delete the other "
-                    'one first (del opt), or put these parameters in a group with "sparse": False'
-                )
-
     def _claim(self) -> None:
+        """Become the engine of these layers' parameters. An older engine that still masks some
+        of them (a notebook cell that built the optimizer again, two optimizers over one model)
+        is superseded: it refuses to step from now on, since two engines stepping one weight
+        would each keep a mask of their own."""
         ref = weakref.ref(self)
+        taken: list[str] = []
         for layer in self.layers:
+            old = _OWNERS.get(layer.param)
+            owner = None if old is None else old()
+            if owner is not None and owner is not self:
+                owner.superseded = True
+                taken.append(f"{layer.name} {tuple(layer.param.shape)}")
             _OWNERS[layer.param] = ref
+        if taken:
+            _warnings.warn(
+                f"{', '.join(taken)} were masked by another SparseOptimizer that is still alive: "
+                "this one takes them over, and the other one raises if it steps again (two "
+                "optimizers stepping one weight would each keep a mask of their own). Expected "
+                "when a notebook cell builds the optimizer again; otherwise delete the other one"
+            )
 
     # --- the masks on the weights -------------------------------------------------------------
     def state_tensors(self, layer: SparseLayer) -> list[Tensor]:
@@ -590,6 +573,12 @@ class MaskEngine:
         times slower (``benchmarks/compiled_step.py``), and a graph break in torch's own
         ``Optimizer.step`` keeps it from fusing into the update anyway.
         """
+        if self.superseded:
+            raise RuntimeError(
+                "this SparseOptimizer was superseded: a newer SparseOptimizer took over its "
+                "parameters, and stepping both would keep two masks of one weight; step the newer "
+                "one (or build this one again)"
+            )
         self.check_views()
         if not self.masks_applied:
             self.check_dense_grads()

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -74,19 +75,42 @@ def test_report_always_has_dense_and_frozen():
 
 
 # --- one SparseOptimizer per parameter ------------------------------------------------------------
-def test_a_second_optimizer_over_the_same_parameters_is_refused():
+def _step(model, opt):
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_a_second_optimizer_takes_the_parameters_over_and_the_first_stops():
+    """Re-running a notebook cell builds the optimizer again while the old one is still bound:
+    the new one takes the weights over (with a warning); the old one refuses to step, since two
+    optimizers stepping one weight would each keep their own mask."""
     model = mlp(8, 16, 4, seed=0)
     first = SparseOptimizer(_sgd(model.parameters()), "set", 0.9, model=model)
-    with pytest.raises(ValueError, match=r"0\.weight \(16, 8\), 2\.weight \(4, 16\) already"):
-        SparseOptimizer(_sgd(model.parameters()), "rigl", 0.5, model=model)
-    # the same weights in a dense group are no second mask: allowed
+    _step(model, first)
+    with pytest.warns(
+        UserWarning, match=r"0\.weight \(16, 8\), 2\.weight \(4, 16\) were masked by"
+    ):
+        second = SparseOptimizer(_sgd(model.parameters()), "rigl", 0.5, model=model)
+    with pytest.raises(RuntimeError, match="superseded"):
+        _step(model, first)
+    _step(model, second)  # the newer one steps, its counts hold
+    for layer in second.layers:
+        assert int(layer.mask.sum()) == layer.count
+        assert (layer.param[~layer.mask] == 0).all()
+
+
+def test_the_same_weights_in_a_dense_group_take_nothing_over():
+    model = mlp(8, 16, 4, seed=0)
+    first = SparseOptimizer(_sgd(model.parameters()), "set", 0.9, model=model)
     groups = [
         {"params": [model[0].weight, model[2].weight], "sparse": False},
         {"params": [nn.Parameter(torch.ones(4, 4))]},
     ]
-    SparseOptimizer(_sgd(groups), "set", 0.5)
-    assert first.masks  # the first is untouched and still works
-    first.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SparseOptimizer(_sgd(groups), "set", 0.5)
+    _step(model, first)  # the first is untouched and still steps
 
 
 def test_the_first_optimizer_gone_frees_its_parameters():
@@ -99,21 +123,25 @@ def test_the_first_optimizer_gone_frees_its_parameters():
     del first, sched
     gc.collect()
     assert gone() is None
-    SparseOptimizer(_sgd(model.parameters()), "set", 0.9, model=model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to take over
+        SparseOptimizer(_sgd(model.parameters()), "set", 0.9, model=model)
 
 
-def test_add_param_group_refuses_a_parameter_of_another_optimizer():
+def test_add_param_group_takes_a_parameter_of_another_optimizer_over():
     a, b = mlp(8, 16, 4, seed=0), mlp(8, 16, 4, seed=1)
     opt_a = SparseOptimizer(_sgd(a.parameters()), "set", 0.9, model=a)
     opt_b = SparseOptimizer(_sgd(b.parameters()), "set", 0.9, model=b)
-    groups = len(opt_b.param_groups)
-    with pytest.raises(ValueError, match=r"\(16, 8\).*already belong"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a weight of no other optimizer: nothing taken over
+        opt_b.add_param_group({"params": [nn.Parameter(torch.ones(4, 4))]})
+    with pytest.warns(UserWarning, match=r"\(16, 8\) were masked by another SparseOptimizer"):
         opt_b.add_param_group({"params": [a[0].weight]})
-    assert len(opt_b.param_groups) == groups  # refused before the inner optimizer took it
-    opt_b.add_param_group({"params": [a[0].weight], "sparse": False})  # dense: allowed
-    assert opt_a.masks
+    assert a[0].weight in opt_b.masks
+    with pytest.raises(RuntimeError, match="superseded"):
+        _step(a, opt_a)
     head = nn.Linear(4, 4)
-    opt_b.add_param_group({"params": head.parameters()})  # a generator is checked, not used up
+    opt_b.add_param_group({"params": head.parameters()})  # a generator is taken as torch takes it
     assert opt_b.param_groups[-1]["params"] == [head.weight, head.bias]
     assert head.weight in opt_b.masks
 

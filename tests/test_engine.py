@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import warnings
 
 import pytest
 import torch
@@ -157,16 +158,19 @@ def test_the_engine_checks_only_its_settings_type():
         MaskEngine(inner, {"sparsity": 0.9}, get_method("set"), model)
 
 
-def test_one_engine_per_parameter_until_the_first_is_gone():
+def test_a_newer_engine_supersedes_the_first_until_it_is_gone():
     model, _, engine = _engine()
     inner2 = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(
-        ValueError, match=r"0\.weight \(16, 8\), 2\.weight \(4, 16\) already belong"
-    ):
+    with pytest.warns(UserWarning, match=r"0\.weight \(16, 8\), 2\.weight \(4, 16\) were masked"):
         MaskEngine(inner2, SETTINGS, get_method("set"), model)
+    assert engine.superseded
+    with pytest.raises(RuntimeError, match="superseded"):
+        engine.begin_step()
     del engine
     gc.collect()
-    MaskEngine(inner2, SETTINGS, get_method("set"), model)  # the first one is gone
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MaskEngine(torch.optim.SGD(model.parameters(), lr=0.1), SETTINGS, get_method("set"), model)
 
 
 def test_settings_are_frozen_and_total_steps_retimes():

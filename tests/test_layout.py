@@ -142,15 +142,7 @@ THIRD_PARTY: dict[str, str] = {
 }
 # Files of other branches that still reach private names, each with its owner: delete the entry
 # when the owner's branch lands (the check then holds for that file, strictly).
-NOT_YET: dict[str, str] = {
-    "test_export.py": "structure (the position codec's private helpers in export/)",
-    "test_masks.py": "structure (_select._sample_stride)",
-    "test_scheduler.py": "booster (opt._superposition -> opt.superposition)",
-    "test_structured_training.py": "structure/booster (opt._superposition)",
-    "test_superposition.py": "booster (opt._superposition -> opt.superposition)",
-    "test_suptickets_official.py": "booster (opt._superposition -> opt.superposition)",
-    "test_suptickets_resume.py": "booster (opt._superposition, opt._engine)",
-}
+NOT_YET: dict[str, str] = {}
 
 
 def _private(name: str) -> bool:
