@@ -26,6 +26,7 @@ __all__ = [
     "hooks",
     "init_optimizer_hooks",
     "override",
+    "storage_use_count",
     "tensor_version",
 ]
 
@@ -116,3 +117,11 @@ def foreach_mul_(tensors: list[torch.Tensor], others: list[torch.Tensor]) -> Non
 def tensor_version(t: torch.Tensor) -> int:
     """The version counter of ``t`` (``t._version``): it moves on every in-place write."""
     return t._version
+
+
+def storage_use_count(t: torch.Tensor) -> int:
+    """How many tensors (and storage objects) share ``t``'s storage, ``t`` included.
+
+    ``torch._C._storage_Use_Count``; it counts one more for the temporary storage object it reads.
+    """
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)

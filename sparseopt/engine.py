@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from . import _dtensor, _validate
+from . import _dtensor, _premasked, _validate
 from .distributions import exact_counts, layer_densities
 from .masks import apply_masks_, count_active, random_mask
 from .methods import MethodContext, SparseLayer, SparsityMethod
@@ -361,6 +361,12 @@ class MaskEngine:
             return self.schedule.rate(step), step
         return None
 
+    def next_step_reads_gradient(self) -> bool:
+        """Whether the next step reads the dense gradient of the sparse layers: a due update or
+        pending exploration that grows by gradient, or SNIP's first step."""
+        due = self._due_update(self.step + 1)
+        return due is not None and self.method.reads_gradient(due[1], self.context)
+
     def grads_finite(self) -> bool:
         """Whether every gradient of every sparse layer is finite (on every shard)."""
         grads = [layer.param.grad for layer in self.layers if layer.param.grad is not None]
@@ -419,10 +425,12 @@ class MaskEngine:
             self.update_topology(step, rate, scheduled, scores)
             scores = None
         self._pending = PendingUpdate(step, rate, scheduled, scores)
+        premasked = _premasked.check(self.optimizer)  # sparse kernels: born 0 where inactive
         grads, masks = [], []
         for layer in self.layers:
-            if layer.param.grad is not None:
-                grads.append(layer.param.grad)
+            grad = layer.param.grad
+            if grad is not None and not (premasked and premasked(layer.param, layer.mask)):
+                grads.append(grad)
                 masks.append(layer.mask)
         apply_masks_(grads, masks, nan_safe=not finite or self.remask == "always")
 

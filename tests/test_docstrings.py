@@ -25,6 +25,7 @@ MODULES = [
     "sparseopt.report",
     "sparseopt.flops",
     "sparseopt.export",
+    "sparseopt.kernels",
     "sparseopt.integrations.hf",
 ]
 
