@@ -35,24 +35,27 @@ class _SparseMatmul(torch.autograd.Function):
     dense ``W`` (only its active entries, or all of them on a step that reads the gradient)."""
 
     @staticmethod
-    def forward(ctx: Any, cols: Tensor, weight: Tensor, layer: LayerKernel, struct, values):
+    def forward(ctx: Any, cols: Tensor, weight: Tensor, layer: LayerKernel, struct):
         cols = cols.contiguous()
-        ctx.save_for_backward(cols, values)
-        ctx.layer, ctx.struct, ctx.weight = layer, struct, weight
-        return struct.matmul(values, cols)
+        struct.load(weight)
+        # the weight is saved for autograd's version check only: an in-place change between
+        # forward and backward raises, as it does for a dense layer
+        ctx.save_for_backward(cols, weight)
+        ctx.layer, ctx.struct = layer, struct
+        return struct.matmul(cols)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor):
-        cols, values = ctx.saved_tensors
+        cols, weight = ctx.saved_tensors
         layer, struct = ctx.layer, ctx.struct
         grad = grad.contiguous()
         g_cols = g_weight = None
         if ctx.needs_input_grad[0]:
-            g_cols = struct.matmul_t(layer.values_t(values, struct), grad)
+            g_cols = struct.matmul_t(grad)
         if ctx.needs_input_grad[1]:
-            g_weight = layer.weight_grad(ctx.weight, struct, grad, cols)
-        return g_cols, g_weight, None, None, None
+            g_weight = layer.weight_grad(weight, struct, grad, cols)
+        return g_cols, g_weight, None, None
 
 
 class _SemiStructuredLinear(torch.autograd.Function):
@@ -119,9 +122,6 @@ class LayerKernel:
         self._struct_version = -1
         self._struct_dtype: torch.dtype | None = None
         self._struct_ok = False
-        self._values: Tensor | None = None
-        self._values_key: tuple[Any, ...] = ()
-        self._values_t: Tensor | None = None
         self._buf: Tensor | None = None
         self._buf_base = 0
         self._buf_state = _DIRTY
@@ -177,28 +177,7 @@ class LayerKernel:
                 self._struct_ok = self._rule(struct)
             self._struct, self._struct_mask = struct, mask
             self._struct_version, self._struct_dtype = version, weight.dtype
-            self._values_key = ()
         return self._struct if self._struct_ok else None
-
-    # --- the values ----------------------------------------------------------------------------
-    def values(self, weight: Tensor, struct: SparseStructure) -> Tensor:
-        """The active values of ``weight`` in row-major order, gathered again only when the
-        weight changed (its version counter or storage)."""
-        key = (id(struct), weight.data_ptr(), _compat.tensor_version(weight))
-        if key != self._values_key:
-            self._values = weight.detach().reshape(-1).index_select(0, struct.flat)
-            self._values_t = None
-            self._values_key = key
-        return self._values
-
-    def values_t(self, values: Tensor, struct: SparseStructure) -> Tensor:
-        """``values`` in the transposed structure's order."""
-        if values is self._values and self._values_t is not None:
-            return self._values_t
-        out = values.index_select(0, struct.perm)
-        if values is self._values:
-            self._values_t = out
-        return out
 
     # --- the weight gradient ----------------------------------------------------------------------
     def _buffer(self, weight: Tensor) -> Tensor | None:
@@ -274,6 +253,11 @@ class LayerKernel:
         return self.original.forward(module, x)
 
     @torch.compiler.disable
+    def forward_eager(self, module: nn.Module, x: Tensor) -> Tensor:
+        """:meth:`forward` kept out of ``torch.compile``'s graph (a graph break): the kernels
+        read and cache Python state, and no fake-tensor rule builds a CSR tensor."""
+        return self.forward(module, x)
+
     def forward(self, module: nn.Module, x: Tensor) -> Tensor:
         """The module's forward on the sparse kernels, or dense where they do not apply."""
         weight = module.weight
@@ -303,11 +287,11 @@ class LayerKernel:
         if struct is None or cols.shape[1] == 0:
             return self.dense(module, x)
         self.sparse_calls += 1
-        values = self.values(weight, struct)
         if torch.is_grad_enabled() and (weight.requires_grad or cols.requires_grad):
-            out = _SparseMatmul.apply(cols, weight, self, struct, values)
+            out = _SparseMatmul.apply(cols, weight, self, struct)
         else:
-            out = struct.matmul(values, cols.contiguous())
+            struct.load(weight)
+            out = struct.matmul(cols.contiguous())
         bias = module.bias
         if self.conv:
             o = out.shape[0]

@@ -1,4 +1,5 @@
-"""The active positions of one layer's mask, in the forms the training kernels read.
+"""The active positions of one layer's mask and its active values, in the forms the training
+kernels read.
 
 Built once per mask (a topology update, a loaded checkpoint, ``finalize()`` rebuild it) and
 shared by every step until the mask changes. With ``W`` the ``(out, in)`` weight and ``X`` the
@@ -20,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _compat
+
 __all__ = ["SparseStructure"]
 
 
@@ -30,11 +33,16 @@ def _pointers(counts: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 class SparseStructure:
-    """The CSR (and transposed CSR) form of a 2-D bool mask, for weights of one dtype and device.
+    """The CSR (and transposed CSR) form of a 2-D bool mask, and the active values of one weight
+    in it.
+
+    The values live in buffers of their own (``load`` gathers into them when the weight changed),
+    and the CSR tensors that MKL's ``mv`` and the SDDMM read are views of those buffers, built
+    once per mask: a training step builds no sparse tensor.
 
     Args:
         mask (Tensor): the ``(out, in)`` bool mask (a conv's ``(out, in, 1, 1)`` mask reshaped).
-        dtype (torch.dtype): the weight's dtype (for the zero values the SDDMM reads).
+        dtype (torch.dtype): the weight's dtype.
         condensed (bool): the mask has the same count in every row; ``matmul`` then reads the
             column indices as an ``(out, k)`` block.
     """
@@ -53,8 +61,20 @@ class SparseStructure:
         self.perm = torch.argsort(cols, stable=True)  # values[perm]: the transposed CSR's values
         self.crow_t = _pointers(mask.sum(0), index)
         self.col_t = rows[self.perm].to(index)
-        self.zeros = torch.zeros(self.nnz, dtype=dtype, device=mask.device)
         self.k = self.nnz // out_f if condensed and out_f and self.nnz % out_f == 0 else None
+        device = mask.device
+        self.values = torch.zeros(self.nnz, dtype=dtype, device=device)
+        self.values_t = torch.zeros(self.nnz, dtype=dtype, device=device)
+        zeros = torch.zeros(self.nnz, dtype=dtype, device=device)
+        self._csr = self._view(self.crow, self.col, self.values, self.shape)
+        self._csr_t = self._view(self.crow_t, self.col_t, self.values_t, self.shape[::-1])
+        self._csr_zero = self._view(self.crow, self.col, zeros, self.shape)
+        self._key: tuple[int, int] | None = None
+        self._t_fresh = False
+
+    @staticmethod
+    def _view(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
     @property
     def density(self) -> float:
@@ -62,16 +82,27 @@ class SparseStructure:
         numel = self.shape[0] * self.shape[1]
         return self.nnz / numel if numel else 1.0
 
-    def _csr(self, values: Tensor, transposed: bool = False) -> Tensor:
-        crow, col = (self.crow_t, self.col_t) if transposed else (self.crow, self.col)
-        size = self.shape[::-1] if transposed else self.shape
-        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+    def load(self, weight: Tensor) -> Tensor:
+        """Gather ``weight``'s active values into :attr:`values` unless they are there already
+        (same storage, same version counter); returns :attr:`values`."""
+        key = (weight.data_ptr(), _compat.tensor_version(weight))
+        if key != self._key:
+            torch.index_select(weight.detach().reshape(-1), 0, self.flat, out=self.values)
+            self._key, self._t_fresh = key, False
+        return self.values
 
-    def _apply(self, values: Tensor, x: Tensor, transposed: bool) -> Tensor:
+    def _transposed(self) -> Tensor:
+        if not self._t_fresh:
+            torch.index_select(self.values, 0, self.perm, out=self.values_t)
+            self._t_fresh = True
+        return self.values_t
+
+    def _apply(self, x: Tensor, transposed: bool) -> Tensor:
         """``W @ x`` (or ``W.T @ x``) for a contiguous ``x`` of shape ``(in, P)`` (``(out, P)``)."""
+        values = self._transposed() if transposed else self.values
         rows = self.shape[1] if transposed else self.shape[0]
-        if x.shape[1] == 1 and values.numel():
-            return torch.mv(self._csr(values, transposed), x[:, 0]).unsqueeze(1)
+        if x.shape[1] == 1 and self.nnz:
+            return torch.mv(self._csr_t if transposed else self._csr, x[:, 0]).unsqueeze(1)
         if not transposed and self.k:
             return F.embedding_bag(
                 self.col.view(rows, self.k),
@@ -84,18 +115,25 @@ class SparseStructure:
             col, x, crow, per_sample_weights=values, mode="sum", include_last_offset=True
         )
 
-    def matmul(self, values: Tensor, x: Tensor) -> Tensor:
-        """``W @ x``: ``(out, P)`` from the row-major active ``values`` and ``x`` ``(in, P)``."""
-        return self._apply(values, x, transposed=False)
+    def matmul(self, x: Tensor) -> Tensor:
+        """``W @ x``: ``(out, P)`` from the loaded values and a contiguous ``x`` ``(in, P)``."""
+        return self._apply(x, transposed=False)
 
-    def matmul_t(self, values_t: Tensor, g: Tensor) -> Tensor:
-        """``W.T @ g``: ``(in, P)`` from the transposed values (``values[perm]``) and ``g``."""
-        return self._apply(values_t, g, transposed=True)
+    def matmul_t(self, g: Tensor) -> Tensor:
+        """``W.T @ g``: ``(in, P)`` from the loaded values and a contiguous ``g`` ``(out, P)``."""
+        return self._apply(g, transposed=True)
 
     def sddmm(self, g: Tensor, x: Tensor) -> Tensor:
         """``(g @ x.T)`` at the active positions, in row-major order: the weight gradient's
-        active values, for ``g`` ``(out, P)`` and ``x`` ``(in, P)``."""
+        active values, for ``g`` ``(out, P)`` and ``x`` ``(in, P)``.
+
+        ``sampled_addmm`` on CPU runs 10-40x slower for 2 to 7 columns than for 8 (and somewhat
+        slower off a multiple of 8), so the columns are padded with zeros to a multiple of 8.
+        """
         if not self.nnz:
-            return self.zeros
-        out = torch.sparse.sampled_addmm(self._csr(self.zeros), g, x.t(), beta=0.0)
-        return out.values()
+            return self._csr_zero.values()
+        p = g.shape[1]
+        if p > 1 and p % 8:
+            g = F.pad(g, (0, 8 - p % 8))
+            x = F.pad(x, (0, 8 - p % 8))
+        return torch.sparse.sampled_addmm(self._csr_zero, g, x.t(), beta=0.0).values()

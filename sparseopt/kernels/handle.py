@@ -42,6 +42,8 @@ def _swapped_class(cls: type[nn.Module]) -> type[nn.Module]:
         kernel = self.__dict__.get(_ATTR)
         if kernel is None:
             return cls.forward(self, input)
+        if torch.compiler.is_compiling():
+            return kernel.forward_eager(self, input)
         return kernel.forward(self, input)
 
     def __reduce_ex__(self: nn.Module, protocol: Any) -> Any:
