@@ -17,6 +17,10 @@ SET-MLP 784-1000-1000-1000-10 (Mocanu et al. 2018). ``dense share`` is the share
 step's CPU time outside the sparse kernels (torch profiler, self time): the optimizer step with
 its mask pass, and everything else (unconverted layers, activations, loss, autograd).
 
+Table 5, the mask pass of masked-dense training on ResNet-50's weights: the steady-state step
+against the inner SGD step (with and without weight decay), the mask pass on bool masks (as the
+engine runs it) and on float masks, and its bandwidth floor.
+
 Table 4, masks: RigL in float32 with and without the kernels from the same seed, over several
 seeds; how often a topology update picks a different mask because the sparse kernels sum in
 another order (a near-tie of two scores flips).
@@ -300,6 +304,56 @@ def bench_model(
     }
 
 
+# --- table 5: the mask pass of masked-dense training -------------------------------------------
+def bench_mask_pass(set_name: str, repeats: int) -> list[dict[str, Any]]:
+    """The steady-state step (``"set"``, no update due) against the inner SGD step on the same
+    tensors, with the mask pass on bool masks (``uint8`` views, as the engine runs it) and on
+    float masks of the gradients' dtype, and the mask pass's bandwidth floor (9 bytes a weight
+    at the bandwidth of a large in-place ``torch.add``)."""
+    from sparseopt.masks import apply_masks_
+
+    params = C.make_params(C.param_set(set_name))
+    bw = C.bandwidth(1 << 22 if set_name == "tiny" else 1 << 25)
+    rows = []
+    for name, wd in (("sgd-foreach", 5e-4), ("sgd-foreach-nowd", 0.0)):
+        kw = {"lr": 0.1, "momentum": 0.9, "weight_decay": wd, "foreach": True}
+        inner = torch.optim.SGD(params, **kw)
+        wrapped = SparseOptimizer(torch.optim.SGD(params, **kw), "set", 0.9, update_every=10**9,
+                                  seed=0)  # fmt: skip
+        grads = [p.grad for p in params if p.ndim >= 2]
+        masks = list(wrapped.masks.values())
+        floats = [m.to(g.dtype) for g, m in zip(grads, masks, strict=True)]
+        times = C.time_interleaved(
+            {
+                "inner": inner.step,
+                "wrapped": wrapped.step,
+                "bool": lambda g=grads, m=masks: apply_masks_(g, m),
+                "float": lambda g=grads, m=floats: apply_masks_(g, m),
+            },
+            repeats,
+            warmup=3,
+        )
+        t = {k: C.median(v) for k, v in times.items()}
+        n = sum(g.numel() for g in grads)
+        floor = 9 * n / bw
+        rows.append(
+            {
+                "params": set_name,
+                "optimizer": name,
+                "inner ms": 1e3 * t["inner"],
+                "wrapped ms": 1e3 * t["wrapped"],
+                "ratio": _paired(times, "wrapped", "inner")[0],
+                "mask (bool) ms": 1e3 * t["bool"],
+                "mask (float) ms": 1e3 * t["float"],
+                "floor ms": 1e3 * floor,
+                "bool/floor": t["bool"] / floor,
+                "float/floor": t["float"] / floor,
+                "ratio with float masks": (t["wrapped"] - t["bool"] + t["float"]) / t["inner"],
+            }
+        )
+    return rows
+
+
 # --- table 4: do the masks flip? -----------------------------------------------------------------
 def bench_flips(seeds: int, steps: int, quick: bool) -> list[dict[str, Any]]:
     rows = []
@@ -371,7 +425,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--model-repeats", type=int, default=15)
     ap.add_argument("--flip-seeds", type=int, default=5)
     ap.add_argument("--flip-steps", type=int, default=60)
-    ap.add_argument("--skip", default="", help="tables to skip: layers,parts,models,flips")
+    ap.add_argument("--skip", default="", help="tables to skip: layers,parts,models,mask,flips")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (smoke test)")
     ap.add_argument("--json", default=None, help="write the results to this JSON file")
     C.add_device_arg(ap)
@@ -400,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     threads = [int(t) for t in args.threads.split(",")]
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",") if s.strip()]
     before = torch.get_num_threads()
-    out: dict[str, Any] = {"layers": [], "parts": [], "models": [], "flips": []}
+    out: dict[str, Any] = {"layers": [], "parts": [], "models": [], "flips": [], "mask": []}
     try:
         for nt in threads:
             torch.set_num_threads(nt)
@@ -428,6 +482,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         out["models"].append(row)
                         print(row, file=sys.stderr, flush=True)
                         gc.collect()
+            if "mask" not in skip:
+                for row in bench_mask_pass("tiny" if args.quick else "resnet50", args.repeats):
+                    row["threads"] = nt
+                    out["mask"].append(row)
         torch.set_num_threads(threads[0])
         if "flips" not in skip:
             out["flips"] = bench_flips(args.flip_seeds, args.flip_steps, args.quick)
@@ -450,6 +508,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             ["threads", "model", "sparsity", "batch", "dense ms", "masked ms", "kernels ms",
              "masked/kernels", "IQR", "dense/kernels", "masked fwd/bwd/step ms",
              "kernels fwd/bwd/step ms", "sparse layers", "dense share"],
+        )  # fmt: skip
+    if out["mask"]:
+        text += "\n\n### The mask pass of masked-dense training\n\n" + C.markdown_table(
+            out["mask"],
+            ["threads", "params", "optimizer", "inner ms", "wrapped ms", "ratio",
+             "mask (bool) ms", "mask (float) ms", "floor ms", "bool/floor", "float/floor",
+             "ratio with float masks"],
         )  # fmt: skip
     if out["flips"]:
         text += "\n\n### Masks with and without the kernels (RigL, float32)\n\n"

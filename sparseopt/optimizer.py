@@ -267,7 +267,7 @@ class SparseOptimizer(torch.optim.Optimizer):
     def next_step_reads_gradient(self) -> bool:
         """Whether the next [`step`][] reads the dense gradient of the sparse layers (a due update
         or pending exploration that grows by gradient, SNIP's first step): the steps on which
-        [`sparse_kernels`][sparseopt.sparse_kernels] computes the dense weight gradient."""
+        [`sparse_kernels`][sparseopt.kernels.sparse_kernels] computes the dense weight gradient."""
         return self._engine.next_step_reads_gradient()
 
     @torch.no_grad()

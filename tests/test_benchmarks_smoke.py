@@ -45,7 +45,7 @@ def _keep_threads():
         ("structured_inference", ("rows",), ("| threads | shape | sparsity | k |", "2:4")),
         (
             "sparse_training",
-            ("layers", "parts", "models", "flips"),
+            ("layers", "parts", "models", "mask", "flips"),
             ("| threads | shape | sparsity | batch |", "Whole training steps", "| seed |"),
         ),
     ],

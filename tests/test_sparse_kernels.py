@@ -25,6 +25,7 @@ from torch import nn
 from sparseopt import SparseOptimizer, SupTicketsScheduler, sparse_kernels
 from sparseopt import engine as engine_module
 from sparseopt.kernels import KernelReport, training_min_sparsity_rule
+from sparseopt.masks import apply_masks_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -472,3 +473,19 @@ def test_two_four_runs_semi_structured_on_cuda(device):
         y = model(x)
         assert handle.report()[0]["layout"] == "2:4"
     torch.testing.assert_close(y, model(x), rtol=1e-2, atol=1e-2)
+
+
+# --- the mask pass ------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_apply_masks_with_a_float_mask_is_the_bool_product_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(5, 7, generator=g, dtype=dtype)
+    values[0, :3] = torch.tensor([float("nan"), float("inf"), -0.0])
+    keep = torch.rand(5, 7, generator=g) > 0.5
+    keep[0, :3] = False
+    for nan_safe in (False, True):
+        a, b = values.clone(), values.clone()
+        apply_masks_([a], [keep], nan_safe=nan_safe)
+        apply_masks_([b], [keep.to(dtype)], nan_safe=nan_safe)
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))  # the bits, NaNs included
+        assert nan_safe == bool(torch.isfinite(b).all())

@@ -17,13 +17,26 @@ shared by every step until the mask changes. With ``W`` the ``(out, in)`` weight
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _compat
 
-__all__ = ["SparseStructure"]
+__all__ = ["SparseStructure", "quiet_beta_warning"]
+
+
+def quiet_beta_warning() -> None:
+    """Build one CSR tensor with torch's once-per-process "CSR support is in beta" warning
+    silenced, so that it never reaches the user from a training step."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+        index = torch.zeros(0, dtype=torch.int64)
+        torch.sparse_csr_tensor(
+            torch.zeros(2, dtype=torch.int64), index, index.float(), (1, 1), check_invariants=True
+        )
 
 
 def _pointers(counts: Tensor, dtype: torch.dtype) -> Tensor:
@@ -66,6 +79,7 @@ class SparseStructure:
         self.values = torch.zeros(self.nnz, dtype=dtype, device=device)
         self.values_t = torch.zeros(self.nnz, dtype=dtype, device=device)
         zeros = torch.zeros(self.nnz, dtype=dtype, device=device)
+        quiet_beta_warning()
         self._csr = self._view(self.crow, self.col, self.values, self.shape)
         self._csr_t = self._view(self.crow_t, self.col_t, self.values_t, self.shape[::-1])
         self._csr_zero = self._view(self.crow, self.col, zeros, self.shape)

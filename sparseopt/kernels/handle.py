@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,6 +13,7 @@ from .._warnings import Once
 from ..export.modules import _conv_unsupported, semi_structured_unsupported
 from ..optimizer import SparseOptimizer
 from ._layer import LayerKernel
+from ._structure import quiet_beta_warning
 
 __all__ = ["LAYOUTS", "KernelReport", "SparseKernels", "sparse_kernels"]
 
@@ -71,19 +71,9 @@ def _new_plain(cls: type[nn.Module]) -> nn.Module:
     return cls.__new__(cls)
 
 
-def _quiet_beta_warning() -> None:
-    """Build one CSR tensor with torch's once-per-process "CSR support is in beta" warning
-    silenced, so that it never reaches the user from a training step."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
-        index = torch.zeros(0, dtype=torch.int64)
-        torch.sparse_csr_tensor(
-            torch.zeros(2, dtype=torch.int64), index, index.float(), (1, 1), check_invariants=True
-        )
-
-
 class KernelReport(list):
-    """What [`sparse_kernels`][sparseopt.sparse_kernels] runs sparse, what stays dense, and why.
+    """What [`sparse_kernels`][sparseopt.kernels.sparse_kernels] runs sparse, what stays dense,
+    and why.
 
     A ``list`` of dicts, one per ``nn.Linear``, ``nn.Conv2d`` and other module holding a sparse
     layer of the optimizer: ``name``, ``type``, ``shape``, ``sparsity`` (of the optimizer's mask
@@ -132,7 +122,7 @@ class KernelReport(list):
 
 
 class SparseKernels:
-    """The handle that [`sparse_kernels`][sparseopt.sparse_kernels] returns.
+    """The handle that [`sparse_kernels`][sparseopt.kernels.sparse_kernels] returns.
 
     While it is active, the model's converted layers compute on the sparse kernels. Use
     [`report`][] to see which, and [`remove`][] (or leave a ``with`` block) to restore the dense
@@ -141,7 +131,7 @@ class SparseKernels:
     Args:
         model (nn.Module): the model whose layers are swapped.
         opt (SparseOptimizer): the optimizer that holds their masks.
-        layout (str): see [`sparse_kernels`][sparseopt.sparse_kernels]. Default: ``"auto"``.
+        layout (str): see [`sparse_kernels`][sparseopt.kernels.sparse_kernels]. Default: ``"auto"``.
 
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``, ``opt`` not a ``SparseOptimizer`` or
@@ -214,7 +204,7 @@ class SparseKernels:
             module.__class__ = _swapped_class(type(module))
             self._rows.append((name, module, kernel, ""))
             self._by_param.setdefault(id(weight), []).append(kernel)
-        _quiet_beta_warning()
+        quiet_beta_warning()
         self._inner = opt.optimizer
         _premasked.register(self._inner, self._premasked)
         self._hook = opt.register_step_pre_hook(self._before_step)
