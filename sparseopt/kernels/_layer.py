@@ -114,7 +114,7 @@ class LayerKernel:
         self.wanted = layout
         self.forced = forced
         self.batch: int | None = None  # GEMM rows at the first sparse-eligible call
-        self.reason = "not called yet: decided at the first forward after the first step"
+        self.reason = "not decided yet: at the first training forward after the first step"
         self.sparse_calls = 0
         self.dense_calls = 0
         self._struct: SparseStructure | None = None
@@ -275,6 +275,8 @@ class LayerKernel:
             x2d = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
             cols = x2d.t()
         if self.batch is None:
+            if not torch.is_grad_enabled():  # an evaluation batch does not decide
+                return self.dense(module, x)
             self.batch = int(cols.shape[1])
         if self.wanted == "2:4":
             out2d = self._semi_structured(x2d if not self.conv else None, weight, mask)
