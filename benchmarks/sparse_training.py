@@ -184,11 +184,20 @@ def mlp(widths: Sequence[int]) -> nn.Module:
 
 
 def _lm(width: int, quick: bool) -> tuple[nn.Module, Callable[[int], tuple]]:
-    sys.path.insert(0, EXAMPLES)
+    """The character-level GPT of the LM demo (``CharGPT``, ``Config``): in
+    ``examples/research/demo_lm.py`` since the examples moved, in ``examples/lm.py`` before."""
+    research = os.path.join(EXAMPLES, "research")
+    where, name = (
+        (research, "demo_lm")
+        if os.path.exists(os.path.join(research, "demo_lm.py"))
+        else (EXAMPLES, "lm")
+    )
+    sys.path.insert(0, where)
     try:
-        from lm import VOCAB, CharGPT, Config
+        module = __import__(name)
     finally:
-        sys.path.remove(EXAMPLES)
+        sys.path.remove(where)
+    VOCAB, CharGPT, Config = module.VOCAB, module.CharGPT, module.Config
     cfg = Config(width=width, heads=max(1, width // 64), layers=1 if quick else 2, context=64)
     model = CharGPT(cfg)
 

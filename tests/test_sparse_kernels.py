@@ -130,6 +130,9 @@ def test_the_rule_decides_per_layer_and_the_report_says_why():
         x = torch.randn(64, 2048)
         model[:3](x).sum().backward()  # first step: masks not applied yet, so dense
         opt.step()
+        with torch.no_grad():  # an evaluation batch runs dense and does not decide
+            model[:3](x[:1])
+        assert handle.report()[0]["batch"] is None
         model[:3](x)
         report = {r["name"]: r for r in handle.report()}
     assert isinstance(handle.report(), KernelReport)
@@ -137,7 +140,7 @@ def test_the_rule_decides_per_layer_and_the_report_says_why():
     assert big["layout"] == "csr"
     assert big["batch"] == 64
     assert "reaches" in big["reason"]
-    assert (big["sparse_calls"], big["dense_calls"]) == (1, 1)
+    assert (big["sparse_calls"], big["dense_calls"]) == (1, 2)
     assert training_min_sparsity_rule(1024 * 16, 64) > 0.98
     assert small["layout"] is None
     assert "rule" in small["reason"]
