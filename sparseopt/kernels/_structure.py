@@ -33,10 +33,9 @@ def quiet_beta_warning() -> None:
     silenced, so that it never reaches the user from a training step."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
-        index = torch.zeros(0, dtype=torch.int64)
-        torch.sparse_csr_tensor(
-            torch.zeros(2, dtype=torch.int64), index, index.float(), (1, 1), check_invariants=True
-        )
+        index = torch.zeros(0, dtype=torch.int64, device="cpu")  # a CPU dummy, on purpose
+        crow = torch.zeros(2, dtype=torch.int64, device="cpu")
+        torch.sparse_csr_tensor(crow, index, index.float(), (1, 1), check_invariants=True)
 
 
 def _pointers(counts: Tensor, dtype: torch.dtype) -> Tensor:
