@@ -236,7 +236,7 @@ class SparseKernels:
             return None, "non-contiguous weight"
         structure = self.optimizer.structure
         two_four = structure is not None and str(structure) == "2:4"
-        fan_in = structure is not None and structure.kind == "fan_in"
+        fan_in = structure is not None and str(structure) == "fan_in"
         if self.layout in ("auto", "2:4") and two_four and not conv:
             why = semi_structured_unsupported(weight.detach())
             if not why:
