@@ -12,6 +12,7 @@ Examples:
 
 from . import _compat  # noqa: F401  (first: a too-old torch fails here with a clear message)
 from .export import load_sparse, save_sparse, to_sparse_inference
+from .kernels import sparse_kernels
 from .methods import (
     SparsityMethod,
     available_methods,
@@ -38,6 +39,7 @@ __all__ = [
     "load_sparse",
     "register_method",
     "save_sparse",
+    "sparse_kernels",
     "to_sparse_inference",
     "unregister_method",
 ]

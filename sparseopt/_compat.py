@@ -28,6 +28,7 @@ __all__ = [
     "init_optimizer_hooks",
     "override",
     "semi_structured_tile",
+    "storage_use_count",
     "tensor_version",
     "versions",
 ]
@@ -157,3 +158,11 @@ def any_written(tensors: tuple[torch.Tensor, ...]) -> bool:
 def versions(tensors: list[torch.Tensor]) -> list[int]:
     """The version counters of ``tensors``, in one pass."""
     return [t._version for t in tensors]
+
+
+def storage_use_count(t: torch.Tensor) -> int:
+    """How many tensors (and storage objects) share ``t``'s storage, ``t`` included.
+
+    ``torch._C._storage_Use_Count``; it counts one more for the temporary storage object it reads.
+    """
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)

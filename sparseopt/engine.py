@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import _compat, _dtensor, _validate, _warnings
+from . import _compat, _dtensor, _premasked, _validate, _warnings
 from ._warnings import Once
 from .context import MethodContext, SparseLayer
 from .distributions import exact_counts, layer_densities
@@ -536,6 +536,12 @@ class MaskEngine:
             return self.settings.schedule.rate(step), step
         return None
 
+    def next_step_reads_gradient(self) -> bool:
+        """Whether the next step reads the dense gradient of the sparse layers: a due update or
+        pending exploration that grows by gradient, or SNIP's first step."""
+        due = self._due_update(self.step + 1)
+        return due is not None and self.method.reads_gradient(due[1], self.context)
+
     def grads_finite(self) -> bool:
         """Whether every gradient of every sparse layer is finite (on every shard)."""
         grads = [layer.param.grad for layer in self.layers if layer.param.grad is not None]
@@ -603,10 +609,12 @@ class MaskEngine:
             self.update_topology(step, rate, scheduled, scores)
             scores = None
         self._pending = PendingUpdate(step, rate, scheduled, scores)
+        premasked = _premasked.check(self.optimizer)  # sparse kernels: born 0 where inactive
         grads, masks = [], []
         for layer in self.layers:
-            if layer.param.grad is not None:
-                grads.append(layer.param.grad)
+            grad = layer.param.grad
+            if grad is not None and not (premasked and premasked(layer.param, layer.mask)):
+                grads.append(grad)
                 masks.append(layer.mask)
         apply_masks_(grads, masks, nan_safe=not finite or self._always)
 

@@ -351,6 +351,12 @@ class SparseOptimizer(torch.optim.Optimizer):
         """
         self._engine.explore(_validate.real("rate", rate, 0, 1))
 
+    def next_step_reads_gradient(self) -> bool:
+        """Whether the next [`step`][] reads the dense gradient of the sparse layers (a due update
+        or pending exploration that grows by gradient, SNIP's first step): the steps on which
+        [`sparse_kernels`][sparseopt.kernels.sparse_kernels] computes the dense weight gradient."""
+        return self._engine.next_step_reads_gradient()
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Mask gradients, run the inner step, keep masked positions at 0, update the topology.

@@ -43,6 +43,11 @@ def _keep_threads():
         ("inference", ("grid", "rows"), ("| threads | shape |", "| threads | model |")),
         ("export_size", ("rows",), ("| model | params (M) |",)),
         ("structured_inference", ("rows",), ("| threads | shape | sparsity | k |", "2:4")),
+        (
+            "sparse_training",
+            ("layers", "parts", "models", "mask", "flips"),
+            ("| threads | shape | sparsity | batch |", "Whole training steps", "| seed |"),
+        ),
     ],
 )
 @pytest.mark.filterwarnings("ignore::UserWarning")

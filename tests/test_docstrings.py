@@ -26,6 +26,7 @@ MODULES = [
     "sparseopt.report",
     "sparseopt.flops",
     "sparseopt.export",
+    "sparseopt.kernels",
     "sparseopt.integrations.hf",
 ]
 

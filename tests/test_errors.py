@@ -43,12 +43,14 @@ from sparseopt import (
     methods,
     register_method,
     save_sparse,
+    sparse_kernels,
     to_sparse_inference,
     unregister_method,
 )
 from sparseopt import distributions as D
 from sparseopt import export as X
 from sparseopt import flops as F
+from sparseopt import kernels as K
 from sparseopt import masks as M
 from sparseopt import metrics as MT
 from sparseopt import settings as ST
@@ -367,6 +369,13 @@ TARGETS: dict[str, Target] = {
     "semi_structured_unsupported": Target(X.semi_structured_unsupported,
                                           lambda e, kw: X.semi_structured_unsupported(**kw)),
     "InferenceReport": Target(X.InferenceReport),
+    # sparse kernels for training
+    "sparse_kernels": Target(sparse_kernels, _with(lambda e: {"model": e.model, "opt": e.opt},
+                                                   sparse_kernels)),
+    "SparseKernels": Target(K.SparseKernels, rows_of="sparse_kernels"),
+    "KernelReport": Target(K.KernelReport),
+    "training_min_sparsity_rule": Target(K.training_min_sparsity_rule, _with(
+        lambda e: {"numel": 1 << 20, "batch_size": 1}, K.training_min_sparsity_rule)),
     # Hugging Face
     "param_groups": Target(hf.param_groups, _with(lambda e: {"model": e.model}, hf.param_groups)),
     "SparseTrainerCallback": Target(hf.SparseTrainerCallback,
@@ -420,6 +429,7 @@ EXEMPT: dict[tuple[str, str], str] = {
     ("apply_masks_", "tensors"): _DATA + " (every step)",
     ("apply_masks_", "masks"): _DATA + " (every step)",
     ("InferenceReport", "iterable"): "a list's rows, built by to_sparse_inference",
+    ("KernelReport", "iterable"): "a list's rows, built by SparseKernels.report()",
     ("layer_flops", "inputs"): "forwarded to the model's forward",
     ("layer_flops", "kwargs"): "forwarded to the model's forward",
     ("TrainingFlops", "inputs"): "forwarded to the model's forward",
@@ -454,6 +464,7 @@ NO_VALUE_ROW: dict[tuple[str, str], str] = {
     ("save_sparse", "path"): "any path (an unwritable one is the OS's error)",
     ("save_sparse", "zero_signs"): _BOOL,
     ("to_sparse_inference", "model"): _NO_RANGE,
+    ("sparse_kernels", "opt"): _NO_RANGE + " (a SparseOptimizer)",
     ("SparseLinear", "linear"): _NO_RANGE + " (any nn.Linear converts)",
     ("CondensedLinear", "compile"): _BOOL,
     ("CondensedConv1x1", "compile"): _BOOL,
@@ -1049,6 +1060,25 @@ ERRORS: list[Case] = [
       r"blocksize to be an int.*True"),
     E("to_sparse_inference", "blocksize-negative", {"blocksize": -4, "layout": "bsr"}, Vx,
       r"blocksize to be a positive int.*-4"),
+    # sparse kernels
+    E("sparse_kernels", "model-str", {"model": "mlp"}, T, r"model to be an nn\.Module.*str"),
+    E("sparse_kernels", "model-not-in-opt", {"model": Lazy(lambda e: nn.Linear(4, 4),
+                                                           "Linear(4, 4)")}, Vx,
+      r"model to hold sparse layers of opt, but none of its parameters is one"),
+    E("sparse_kernels", "model-twice", {"model": MODEL}, Vx,
+      r"model without sparse kernels, but got '0' already running on them",
+      setup=lambda e: sparse_kernels(e.model, e.opt)),
+    E("sparse_kernels", "opt-inner", {"opt": SGD}, T, r"opt to be a SparseOptimizer.*SGD"),
+    E("sparse_kernels", "layout-int", {"layout": 2}, T, r"layout to be one of .*2 \(int\)"),
+    E("sparse_kernels", "layout-unknown", {"layout": "coo"}, Vx, r"layout in \('auto'.*'coo'"),
+    E("training_min_sparsity_rule", "numel-float", {"numel": 65536.0}, T,
+      r"numel to be an int.*65536\.0"),
+    E("training_min_sparsity_rule", "numel-negative", {"numel": -1}, Vx,
+      r"numel in \[0, inf\).*-1"),
+    E("training_min_sparsity_rule", "batch_size-bool", {"batch_size": True}, T,
+      r"batch_size to be an int.*True"),
+    E("training_min_sparsity_rule", "batch_size-0", {"batch_size": 0}, Vx,
+      r"batch_size to be a positive int.*0"),
     E("min_sparsity_rule", "numel-str", {"numel": "x"}, T, r"numel to be an int.*'x'"),
     E("min_sparsity_rule", "numel-negative", {"numel": -1}, Vx, r"numel in \[0, inf\).*-1"),
     E("min_sparsity_rule", "batch_size-float", {"batch_size": 8.0}, T, r"batch_size.*8\.0"),
@@ -1371,6 +1401,11 @@ VALID: list[Case] = [
                                        "layout": "bsr", "blocksize": i64(2)}),
     V("to_sparse_inference", "min_sparsity-edges", {"min_sparsity": 0, "layout": "csr"}),
     V("to_sparse_inference", "min_sparsity-1", {"min_sparsity": 1.0}),
+    V("sparse_kernels", "layouts", {"layout": "csr"}),
+    V("sparse_kernels", "layout-condensed-on-unstructured", {"layout": "condensed"}),
+    V("sparse_kernels", "a-submodule", {"model": Lazy(lambda e: e.model[2], "model[2]")}),
+    V("training_min_sparsity_rule", "numpy", {"numel": i64(1 << 17), "batch_size": i32(64)}),
+    V("training_min_sparsity_rule", "edges", {"numel": 0, "batch_size": 1}),
     V("min_sparsity_rule", "numpy", {"numel": i64(1 << 17), "batch_size": i32(64)}),
     V("min_sparsity_rule", "numel-0", {"numel": 0}),
     *[V(name, "blocksize-numpy", {"blocksize": i64(2), "layout": "bsr"})
@@ -1488,7 +1523,7 @@ def test_rejected_setter_keeps_the_old_value():
 # --- the table covers every public argument -------------------------------------------------------
 # Every public callable: the top-level API, the public modules' __all__, and the public methods
 # and setters of SparseOptimizer and SupTicketsScheduler. A class stands for its constructor.
-_MODULES = (sparseopt, S, M, D, SC, ST, X, hf, F, MT, methods)
+_MODULES = (sparseopt, S, M, D, SC, ST, X, K, hf, F, MT, methods)
 _CLASSES = (SparseOptimizer, SupTicketsScheduler)
 
 
