@@ -119,9 +119,10 @@ class Structure:
     [`parse_structure`][sparseopt.structure.parse_structure] builds them from ``"N:M"`` and
     ``"fan_in"``).
 
-    Its arguments: ``kind``, ``"nm"`` or ``"fan_in"``; ``n``, the active weights per group
-    (``"nm"``; ``None`` for ``"fan_in"``); ``m``, the group size (``"nm"``; ``None`` for
-    ``"fan_in"``).
+    Args:
+        kind (str): ``"nm"`` or ``"fan_in"``.
+        n (int | None): active weights per group (``"nm"``); ``None`` for ``"fan_in"``.
+        m (int | None): the group size (``"nm"``); ``None`` for ``"fan_in"``.
 
     Attributes:
         kind (str): the structure's kind: ``"nm"``, ``"fan_in"``, or a subclass's own.
@@ -511,7 +512,9 @@ class NM(_Frozen):
     A weight fits when its fan-in (``prod(shape[1:])``) is a multiple of ``m``; the groups never
     straddle two rows.
 
-    ``NM(n, m)``: ``n`` active weights per group of ``m``.
+    Args:
+        n (int): active weights per group.
+        m (int): the group size.
 
     Attributes:
         kind (str): ``"nm"``.

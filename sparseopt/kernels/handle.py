@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from .. import _dtensor, _premasked, _validate
 from .._warnings import Once
-from ..export.modules import _conv_unsupported, semi_structured_unsupported
+from ..export._common import conv1x1_unsupported
+from ..export.modules import semi_structured_unsupported
 from ..optimizer import SparseOptimizer
 from ._layer import LayerKernel
 from ._structure import quiet_beta_warning
@@ -229,7 +230,7 @@ class SparseKernels:
         if _dtensor.is_dtensor(weight):
             return None, "DTensor (FSDP2) parameter: the sparse kernels do not run on shards"
         if conv:
-            why = _conv_unsupported(module)
+            why = conv1x1_unsupported(module)
             if why:
                 return None, f"not a 1x1, stride-1, unpadded, ungrouped conv: {why}"
         if not weight.is_contiguous():
