@@ -262,13 +262,25 @@ ARMS: dict[str, dict[str, Any]] = {
     # the remedy
     "rigl-scale": {"method": "rigl-scale"},
     "rigl-scale-direction": {"method": "rigl-scale", "opt": {"grow": "direction"}},
+    # no channel can die: every output channel keeps the same number of connections
+    "rigl-fan-in": {"method": "rigl", "opt": {"structure": "fan_in"}},
+    "set-fan-in": {"method": "set", "opt": {"structure": "fan_in"}},
+    "set-bn-eps1e-1": {"method": "set", "bn_eps": 0.1},
+    # the remedies together, and what the model-side one costs the dense model
+    "set-scale": {"method": "rigl-scale", "opt": {"growth": "random"}},
+    "rigl-scale-bn-eps1e-1": {"method": "rigl-scale", "bn_eps": 0.1},
+    "dense-bn-eps1e-1": {"method": "dense", "bn_eps": 0.1},
 }
 EXPERIMENTS = {
     "cause": [
         "dense", "set", "rigl", "rigl-random-growth", "set-gradient-growth", "rigl-wd0",
         "rigl-bn-eps1e-1", "rigl-no-bn", "dense-no-bn", "rigl-no-momentum",
     ],
-    "scale": ["rigl", "rigl-scale", "rigl-scale-direction", "set"],
+    "scale": [
+        "dense", "rigl", "rigl-scale", "rigl-scale-direction", "rigl-fan-in", "rigl-bn-eps1e-1",
+        "set", "set-fan-in", "set-bn-eps1e-1",
+    ],
+    "combo": ["dense-bn-eps1e-1", "set-scale", "rigl-scale-bn-eps1e-1"],
 }  # fmt: skip
 
 
@@ -409,7 +421,7 @@ def _conv_summary(r: dict[str, Any]) -> tuple[float, float, float]:
 
 def report(out: str) -> str:
     lines = []
-    for experiment in ("cause", "scale"):
+    for experiment in ("cause", "scale", "combo"):
         path = os.path.join(out, f"{experiment}.jsonl")
         if not os.path.exists(path):
             continue
