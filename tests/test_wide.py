@@ -8,7 +8,8 @@ SET-MLP, the weight-scale diagnostic and the GPU study's CPU smoke path:
 - health.py: the diagnostic computes what it claims on hand-built weights (norms, alive channels,
   max/median ratio, masks counted), the trace records what an update grew, and the scale-aware
   drop ranks each weight within its channel where RigL's ranks across channels.
-- gpu_study.py: ``--quick`` runs on the CPU and writes its tables and ``summary.json``.
+- gpu_study.py: ``--quick`` runs on the CPU (the paper's default and the recommended preset
+  with ``select=``) and writes its tables and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -185,19 +186,18 @@ def test_scale_aware_drop_ranks_within_each_channel(method_registry):
 def test_gpu_study_quick_writes_its_tables(tmp_path):
     import gpu_study
 
-    gpu_study.main(
-        ["--quick", "--seeds", "0", "1", "--variants", "default", "--out", str(tmp_path)]
-    )
+    args = ["--quick", "--seeds", "0", "1", "--variants", "default", "recommended"]
+    gpu_study.main([*args, "--out", str(tmp_path)])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["device"] == "cpu"
     assert summary["seeds"] == [0, 1]
     plan = summary["plan"]
     assert plan["tickets"] == 2
     assert plan["phase1_steps"] + 2 * plan["cycle_steps"] == plan["total_steps"]
-    assert set(summary["arms"]) == {"phase1", "base", "default"}
+    assert set(summary["arms"]) == {"phase1", "base", "default", "recommended"}
     assert len(summary["arms"]["default"]["minus_base_test_per_seed"]) == 2
     records = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert sorted((r["seed"], r["arm"]) for r in records) == sorted(
-        (s, a) for s in (0, 1) for a in ("phase1", "base", "default")
+        (s, a) for s in (0, 1) for a in ("phase1", "base", "default", "recommended")
     )
     assert "| default | test |" in (tmp_path / "table.md").read_text()
