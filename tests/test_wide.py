@@ -78,11 +78,13 @@ def test_set_mlp_loader_keeps_test_untouched_and_a_tiny_run_resumes(tmp_path):
     assert split.sizes() == (50000, 10000, 10000)
     assert split.x_train.shape[1] == 784
     assert 0.0 <= split.x_train.min() <= split.x_train.max() <= 1.0
-    args = ["--tiny", "--epochs", "1", "--seeds", "0", "--methods", "dense", "set"]
+    args = ["--tiny", "--epochs", "1", "--seeds", "0", "--methods", "dense", "set", "--kernels"]
     set_mlp.main([*args, "--out", str(tmp_path)])
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [r["method"] for r in records] == ["dense", "set"]
     assert all(len(r["val_curve"]) == 1 and 0 <= r["test"] <= 1 for r in records)
+    # the sparse arm ran under sparse_kernels (its rule keeps these tiny layers dense)
+    assert [k["name"] for k in records[1]["kernels"]][:3] == ["hidden.0", "hidden.1", "hidden.2"]
     set_mlp.main([*args, "--out", str(tmp_path)])  # everything done: nothing is added
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2
 
