@@ -26,11 +26,12 @@ if [[ ${GPU_CHECK_CPU:-0} != 1 ]] &&
   # name  limit(s)  command
   STEPS=(
     "tests-sup 100 -m pytest -q -p no:cacheprovider --device cuda --junitxml $OUT/tests-sup.xml tests/test_devices.py tests/test_superposition.py tests/test_suptickets_resume.py tests/test_resume.py tests/test_amp.py tests/test_scheduler.py"
-    "tests-contract 120 -m pytest -q -p no:cacheprovider --device cuda --junitxml $OUT/tests-contract.xml tests/test_contract.py tests/test_invariants.py"
+    "tests-contract 100 -m pytest -q -p no:cacheprovider --device cuda --junitxml $OUT/tests-contract.xml tests/test_contract.py tests/test_invariants.py"
+    "tests-kernels 30 -m pytest -q -p no:cacheprovider --device cuda --junitxml $OUT/tests-kernels.xml tests/test_sparse_kernels.py"
     "tests-export 35 -m pytest -q -p no:cacheprovider --device cuda --junitxml $OUT/tests-export.xml -m cuda tests/test_export.py"
     "step_overhead 55 benchmarks/step_overhead.py --device cuda --threads 1 --repeats 20 --big-repeats 10 --iter-repeats 30 --json $OUT/step_overhead.json"
     "update_cost 60 benchmarks/update_cost.py --device cuda --threads 1 --sizes 1,16,64 --repeats 3 --big-repeats 2 --via-step 16 --json $OUT/update_cost.json"
-    "compiled_step 75 benchmarks/compiled_step.py --device cuda --threads 1 --sizes resnet50 --repeats 20 --json $OUT/compiled_step.json"
+    "compiled_step 65 benchmarks/compiled_step.py --device cuda --threads 1 --sizes resnet50 --repeats 20 --json $OUT/compiled_step.json"
     "structured_inference 35 benchmarks/structured_inference.py --shapes 1024x1024 --sparsities 0.9 --batches 1 --threads 1 --repeats 5 --gpu-shapes 4096x4096,8192x8192 --gpu-batches 1,256 --json $OUT/structured_inference.json"
   )
 else
@@ -38,6 +39,7 @@ else
   DEV=cpu
   STEPS=(
     "tests-sup 300 -m pytest -q -p no:cacheprovider --device cpu --junitxml $OUT/tests-sup.xml tests/test_devices.py -k seed_gives_the_same_masks"
+    "tests-kernels 300 -m pytest -q -p no:cacheprovider --device cpu --junitxml $OUT/tests-kernels.xml tests/test_sparse_kernels.py -k semi_structured_on_cuda"
     "step_overhead 300 benchmarks/step_overhead.py --device cpu --quick --json $OUT/step_overhead.json"
     "update_cost 300 benchmarks/update_cost.py --device cpu --quick --json $OUT/update_cost.json"
     "compiled_step 300 benchmarks/compiled_step.py --device cpu --quick --json $OUT/compiled_step.json"
