@@ -212,8 +212,10 @@ def test_demo_select_scores_on_validation_carved_from_train():
 
     model = DigitsCNN(width=16)
     model.load_state_dict(sup["state"])
-    on_val = demo._accuracy(model, data["x_val"], data["y_val"])
-    on_test = demo._accuracy(model, data["x_eval"], data["y_eval"])
+    model.eval()
+    with torch.no_grad():
+        on_val = (model(data["x_val"]).argmax(-1) == data["y_val"]).double().mean().item()
+        on_test = (model(data["x_eval"]).argmax(-1) == data["y_eval"]).double().mean().item()
     assert sup["val_scores"][sup["chosen"]] == on_val
     assert (sup["logits"].argmax(-1) == data["y_eval"]).double().mean().item() == on_test
     # without select=, the digits train on their whole training part and nothing is carved
