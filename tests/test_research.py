@@ -93,6 +93,7 @@ def test_demo_grid_writes_every_row_and_column(quick_demo):
 
 def test_demo_table_prints_every_configuration(quick_demo, capsys):
     _, result = quick_demo
+    assert result["cpu_seconds"] > 0  # the demo's own CPU time (resource.getrusage)
     table = demo.format_table(result["rows"])
     for label in ("Dense", "RigL 90%", "RigL 90% + Sup-tickets"):
         assert label in table
