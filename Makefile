@@ -41,10 +41,12 @@ demo-fashion: $(STAMP) fashion-data
 
 # Structured sparsity on MNIST-1D: unstructured, 2:4, 1:4 and constant fan-in RigL at equal
 # density (50% and 75% sparsity, uniform per layer), with and without Sup-tickets, 5 seeds
-# (60 runs; docs/reproducing.md).
+# (60 runs; docs/reproducing.md). The table's setting: the earlier demo's width-32 network and
+# Sup-tickets without select= (lr_high 0.05, the paper's phase 1).
 demo-structured: $(STAMP)
 	$(PY) examples/research/demo.py --methods rigl --structures none 2:4 1:4 fan_in --sparsities 0.5 0.75 \
-		--distribution uniform --seeds 0 1 2 3 4 --out runs/demo-structured
+		--distribution uniform --seeds 0 1 2 3 4 --width 32 --select none --phase1 paper --lr-high 0.05 \
+		--out runs/demo-structured
 
 # A character-level GPT on the standard library's own source: dense, RigL and SET at 80% and 90%,
 # with and without Sup-tickets, 3 seeds (27 runs, 2 workers; docs/reproducing.md).

@@ -73,7 +73,13 @@ def test_demo_grid_writes_every_row_and_column(quick_demo):
     assert run["ticket_steps"] == [114, 120]  # 120 steps, 6-step cycles, 10%: two tickets
     assert [t["step"] for t in run["tickets"]] == run["ticket_steps"]
     assert all(t["superposed"] is not None for t in run["tickets"])
+    # the recommended preset: lr_low 1/100 of the peak, lr_high a fifth, select= on validation
     assert data["schedules"]["sup_tickets"]["lr"][-1] == pytest.approx(0.001)
+    assert max(data["schedules"]["sup_tickets"]["lr"][108:]) == pytest.approx(0.02)
+    assert set(run["val_scores"]) == {"phase 1", "ticket 1", "ticket 2", "superposition", "soup"}
+    assert run["chosen"] in run["val_scores"]
+    assert run["val_scores"][run["chosen"]] == max(run["val_scores"].values())
+    assert data["config"]["select"] == "val"
 
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
@@ -87,6 +93,7 @@ def test_demo_grid_writes_every_row_and_column(quick_demo):
 
 def test_demo_table_prints_every_configuration(quick_demo, capsys):
     _, result = quick_demo
+    assert result["cpu_seconds"] > 0  # the demo's own CPU time (resource.getrusage)
     table = demo.format_table(result["rows"])
     for label in ("Dense", "RigL 90%", "RigL 90% + Sup-tickets"):
         assert label in table
@@ -117,7 +124,18 @@ def test_demo_grid_flags():
     assert {j["steps"] for j in jobs} == {3000}  # the same budget for every run
     assert {j["data"] for j in jobs} == {"mnist1d"}  # the main table
     full = demo.make_jobs(demo.parse_args([]))
-    assert len(full) == 39  # 1 dense + 3 methods x 2 arms x 2 sparsities, x 3 seeds
+    assert len(full) == 21  # 1 dense + 3 methods x 2 arms at 90%, x 3 seeds
+    assert {(j["width"], j["select"], j["phase1"]) for j in full} == {(96, "val", "shared")}
+    # phase 1 shared: one task per dense run, one pair per sparse configuration and seed
+    tasks = demo.make_tasks(full, share=True)
+    assert sorted(len(t) for t in tasks) == [1] * 3 + [2] * 9
+    for task in tasks:
+        assert len({(j["method"], j["seed"]) for j in task}) == 1
+        assert [j["sup"] for j in task] == ([False] if len(task) == 1 else [False, True])
+    assert demo.task_steps(tasks[0]) == 3300  # 3,000 steps + the 300 of phase 2
+    assert [len(t) for t in demo.make_tasks(full, share=False)] == [1] * 21
+    paper = demo.make_jobs(demo.parse_args(["--phase1", "paper"]))
+    assert [len(t) for t in demo.make_tasks(paper, share=True)] == [1] * 21
     digits = demo.make_jobs(demo.parse_args(["--data", "digits"]))
     assert {(j["steps"], j["batch_size"], j["cycle_steps"]) for j in digits} == {(600, 64, 20)}
     quick = demo.make_jobs(demo.parse_args(["--quick"]))
@@ -131,8 +149,8 @@ def test_demo_mnist1d_grid_at_a_tiny_size(tmp_path):
     pytest.importorskip("mnist1d")
     argv = [
         "--methods", "rigl", "--sparsities", "0.9", "--seeds", "0", "1", "--steps", "200",
-        "--cycle-steps", "10", "--eval-every", "50", "--workers", "1", "--no-progress",
-        "--out", str(tmp_path),
+        "--cycle-steps", "10", "--eval-every", "50", "--width", "32", "--workers", "1",
+        "--no-progress", "--out", str(tmp_path),
     ]  # fmt: skip
     result = demo.main(argv)
     (row,) = result["paired"]
@@ -145,7 +163,69 @@ def test_demo_mnist1d_grid_at_a_tiny_size(tmp_path):
     assert saved["paired"][0]["diffs"] == pytest.approx(expected)
     assert saved["config"]["data"] == "mnist1d"
     assert (tmp_path / "paired.png").stat().st_size > 1000
-    assert "superposed - live" in demo.format_paired(result["paired"])
+    printed = demo.format_paired(result["paired"])
+    assert "ultimate - live" in printed
+    assert "(chosen on val)" in printed
+    assert row["chosen"] == [runs[(s, True)]["chosen"] for s in (0, 1)]
+
+
+def _quick_jobs(*flags):
+    args = demo.parse_args(["--quick", "--methods", "rigl", "--sparsities", "0.9", *flags])
+    jobs = [j for j in demo.make_jobs(args) if j["seed"] == 0]
+    return jobs, demo.load_data(jobs[0])
+
+
+def test_demo_shared_phase1_is_two_separate_runs_bit_for_bit():
+    """The pair (phase 1 once, the run without Sup-tickets continued from its checkpoint) gives
+    what two runs from scratch give: weights, metrics, curves, rates, FLOPs, ITOP."""
+    jobs, data = _quick_jobs()
+    base_job, sup_job = jobs
+    paired = demo.run_pair(jobs, data)
+    separate = [demo.run_one(base_job, data), demo.run_one(sup_job, data)]
+    for a, b in zip(paired, separate, strict=True):
+        assert a["state"].keys() == b["state"].keys()
+        for key in a["state"]:
+            assert torch.equal(a["state"][key], b["state"][key]), (a["label"], key)
+        assert torch.equal(a["logits"], b["logits"])
+        for key in ("curve", "lr", "train_flops", "itop", "tickets", "val_scores", "chosen"):
+            assert a[key] == b[key], (a["label"], key)
+    base, sup = separate
+    assert sup["val_scores"] is not None
+    assert base["val_scores"] is None
+    assert base["curve"]["step"] == list(range(20, 121, 20))  # its own evaluation steps
+    assert base["lr"][:108] == sup["lr"][:108]  # phase 1: the same rates
+    assert base["lr"][108:] != sup["lr"][108:]
+    # negative control: with the paper's phase 1 the runs differ from step 55 on (x0.1 at 54)
+    paper_jobs, _ = _quick_jobs("--phase1", "paper")
+    paper = demo.run_one(paper_jobs[1], data)
+    assert paper["lr"][:54] == sup["lr"][:54]
+    assert paper["lr"][54] != sup["lr"][54]
+    assert not torch.equal(paper["state"]["classifier.weight"], sup["state"]["classifier.weight"])
+
+
+def test_demo_select_scores_on_validation_carved_from_train():
+    """select= sees the validation split (carved from the training data), the table the test
+    split: the chosen candidate's recorded score is the final model's validation accuracy."""
+    jobs, data = _quick_jobs()
+    assert (len(data["x"]), len(data["x_val"]), len(data["x_eval"])) == (1077, 270, 450)
+    sup = demo.run_one(jobs[1], data)
+    from models import DigitsCNN
+
+    model = DigitsCNN(width=16)
+    model.load_state_dict(sup["state"])
+    model.eval()
+    with torch.no_grad():
+        on_val = (model(data["x_val"]).argmax(-1) == data["y_val"]).double().mean().item()
+        on_test = (model(data["x_eval"]).argmax(-1) == data["y_eval"]).double().mean().item()
+    assert sup["val_scores"][sup["chosen"]] == on_val
+    assert (sup["logits"].argmax(-1) == data["y_eval"]).double().mean().item() == on_test
+    # without select=, the digits train on their whole training part and nothing is carved
+    _, plain_data = _quick_jobs("--select", "none")
+    assert (len(plain_data["x"]), len(plain_data["x_eval"])) == (1347, 450)
+    assert "x_val" not in plain_data
+    # tuning on val: the reported split is val, select= scores on a second carve of train
+    _, tuning = _quick_jobs("--eval-on", "val")
+    assert (len(tuning["x"]), len(tuning["x_val"]), len(tuning["x_eval"])) == (862, 215, 270)
 
 
 SMOKE = [

@@ -1,17 +1,29 @@
 """The sparseopt demo: sparse training with and without Sup-tickets on MNIST-1D, on CPU.
 
-A small 1-D CNN with BatchNorm (``models.py: SignalCNN``) trains on MNIST-1D (Greydanus
-2020; 5,000 signals generated offline by the ``mnist1d`` package, split 3,200 train / 800 val /
-1,000 test) as a grid: dense, and each of SET, RigL and GraNet with and without Sup-tickets, at
-90% and 95% sparsity, over 3 seeds. Every run takes the same number of optimizer steps. The test
-split is held out; no run selects anything on it (there is no early stopping and no best-epoch
-pick: the last model is the result). ``--data digits`` (and ``--quick``) runs the UCI digits,
-``--data fashion`` the real Fashion-MNIST (``make demo-fashion``).
+A 1-D CNN with BatchNorm (``models.py: SignalCNN``, width 96: 65k weights) trains on MNIST-1D
+(Greydanus 2020; 5,000 signals generated offline by the ``mnist1d`` package, split 3,200 train /
+800 val / 1,000 test) as a grid: dense, and each of SET, RigL and GraNet at 90% sparsity with and
+without Sup-tickets, over 3 seeds. The width is where sparse training is worth using: at 90% the
+sparse methods come within about 2 points of dense (the pilot over widths in
+docs/reproducing.md). Every run takes the same number of optimizer steps.
+
+Sup-tickets is the recommended preset, ``SupTicketsScheduler.recommended(opt, T, C,
+select=val_accuracy, bn_update=train_batches)``: ``select`` scores every candidate (the phase-1
+model, the tickets, their greedy soup, the superposition) by its accuracy on the validation split,
+carved from the training data, and the best one is the ultimate ticket. The table reports the test
+split, on which no run selects anything (no early stopping, no best-epoch pick: the last model is
+the result). ``--data digits`` (and ``--quick``) runs the UCI digits, ``--data fashion`` the real
+Fashion-MNIST (``make demo-fashion``).
+
+The preset's phase 1 keeps the run's own schedule (``base="shared"``), so a Sup-tickets run is,
+for its first ``P`` steps, bit for bit the run without it: the demo trains that phase 1 once per
+method and seed and continues the run without Sup-tickets from its checkpoint (``run_pair``;
+``--no-share-phase1`` trains both from scratch, with the same results).
 
 It prints one table (mean ± std over seeds of test accuracy, NLL and ECE; the final density; the
 training and inference FLOPs relative to dense), the paired per-seed differences of Sup-tickets
-minus the same method without it, and writes ``results.json``, ``results.csv``, ``runs.csv`` and
-four plots into ``--out``:
+minus the same method without it (and the candidate chosen in each seed), and writes
+``results.json``, ``results.csv``, ``runs.csv`` and four plots into ``--out``:
 
 - ``lr.png``: the learning rate over steps, with and without Sup-tickets, with the ticket points;
 - ``accuracy.png``: test accuracy over steps: the live ticket, the superposed ticket (evaluated
@@ -19,26 +31,27 @@ four plots into ``--out``:
 - ``paired.png``: Sup-tickets minus base, per seed and mean ± std, per configuration;
 - ``density.png``: the per-layer density of the final models.
 
-    python examples/research/demo.py                  # the full grid (make demo)
-    python examples/research/demo.py --methods dense rigl --sparsities 0.9 --seeds 0 --out runs/one
+    python examples/research/demo.py                  # the grid (make demo)
+    python examples/research/demo.py --methods dense rigl --sparsities 0.9 0.95 --out runs/two
     python examples/research/demo.py --quick          # a reduced digits grid, for tests
     python examples/research/demo.py --eval-on val    # tune on the validation split
 
 Hyper-parameters (defaults, MNIST-1D): 3,000 SGD steps of batch 128 (120 epochs) at lr 0.1
-(momentum 0.9, weight decay 5e-4), x0.1 at 1/2 and 3/4 of training (of phase 1 with
-Sup-tickets, as in the paper); ERK; topology updates every 50 steps, drop fraction 0.5 decayed by
-cosine to 0 at 75% of training, the same for both arms; GraNet starts at density 0.5 and reaches
-the target at 50% of training. Sup-tickets: 3 cycles of 100 steps in the last 10%, CIA averaging,
-layer-wise re-pruning, and the setting that ``study.py`` chose on the validation split
-(never on test): no exploration at the cycle starts, a peak rate of 0.05 (half the phase-1 peak)
-instead of the paper's 0.005, and the BatchNorm statistics of the superposed ticket recomputed over
-the training data. The paper's setting (``--explore-rate 0.5 --lr-high 0.005 --bn average``) cost
-about 10 points of validation accuracy there; see docs/reproducing.md.
+(momentum 0.9, weight decay 5e-4), x0.1 at 1/2 and 3/4 of training, for both arms; ERK; topology
+updates every 50 steps, drop fraction 0.5 decayed by cosine to 0 at 75% of training; GraNet
+starts at density 0.5 and reaches the target at 50% of training. Sup-tickets: 3 cycles of 100
+steps in the last 10%, and the preset's setting, which the study chose on the validation split
+(never on test): no exploration at the cycle starts, rates 0.001 -> 0.02 -> 0.001 (a fifth of
+the peak instead of the paper's 1/20), CIA averaging, layer-wise re-pruning, and the BatchNorm
+statistics recomputed over the training data. Each flag overrides one setting; the paper's
+(``--explore-rate 0.5 --lr-high 0.005 --bn average --phase1 paper --select none``) cost about 10
+points in the study; see docs/sup-tickets.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -82,7 +95,7 @@ NUM_CLASSES = 10
 DATA_DEFAULTS: dict[str, dict[str, Any]] = {
     "mnist1d": {
         "steps": 3000, "batch_size": 128, "update_every": 50, "cycle_steps": 100,
-        "eval_every": 100, "width": 32, "superpose_fraction": 0.1,
+        "eval_every": 100, "width": 96, "superpose_fraction": 0.1,
     },
     "digits": {
         "steps": 600, "batch_size": 64, "update_every": 50, "cycle_steps": 20, "eval_every": 25,
@@ -114,30 +127,295 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
     return (logits.argmax(-1) == labels).double().mean().item()
 
 
+def _carve(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int) -> tuple:
+    """``(x_train, y_train, x_val, y_val)``: a fixed random ``fraction`` of ``(x, y)`` held out."""
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_val = round(fraction * len(y))
+    val, train = order[:n_val].sort().values, order[n_val:].sort().values
+    return x[train], y[train], x[val], y[val]
+
+
 def load_data(job: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The split of ``job``: train, and the held-out part it reports on (test or val)."""
+    """The split of ``job``: train, the held-out part it reports on (test, or val with
+    ``--eval-on val``), and the validation part that ``select=`` scores on.
+
+    The validation part is always carved from the training data, never the reported split:
+    MNIST-1D's and Fashion-MNIST's own val split (800 of MNIST-1D's 4,000 training signals), the
+    digits' ``val_fraction`` of train; with ``--eval-on val`` it is carved once more from what is
+    left for training. Without ``select=`` (``--select none``, or a grid without Sup-tickets) the
+    digits train on their whole training part, and no validation part is returned.
+    """
+    select = job["select"] == "val"  # the grid's, the same data for every run of it
     if job["data"] in ("mnist1d", "fashion"):
         split = mnist1d_split() if job["data"] == "mnist1d" else fashion_mnist_split()
+        x, y, x_val, y_val = split.x_train, split.y_train, split.x_val, split.y_val
+        x_eval, y_eval = split.x_test, split.y_test
         if job["eval_on"] == "val":
-            return {"x": split.x_train, "y": split.y_train, "x_eval": split.x_val,
-                    "y_eval": split.y_val}  # fmt: skip
-        return {"x": split.x_train, "y": split.y_train, "x_eval": split.x_test,
-                "y_eval": split.y_test}  # fmt: skip
-    data = digits_split(
-        seed=job["split_seed"],
-        test_fraction=job["test_fraction"],
-        val_fraction=job["val_fraction"] if job["eval_on"] == "val" else 0.0,
-    )
-    if job["eval_on"] == "val":
-        return {"x": data.x_train, "y": data.y_train, "x_eval": data.x_val, "y_eval": data.y_val}
-    return {"x": data.x_train, "y": data.y_train, "x_eval": data.x_test, "y_eval": data.y_test}
+            x_eval, y_eval = x_val, y_val
+            x, y, x_val, y_val = _carve(x, y, job["val_fraction"], job["split_seed"])
+    else:
+        held_out = select or job["eval_on"] == "val"
+        data = digits_split(
+            seed=job["split_seed"],
+            test_fraction=job["test_fraction"],
+            val_fraction=job["val_fraction"] if held_out else 0.0,
+        )
+        x, y, x_val, y_val = data.x_train, data.y_train, data.x_val, data.y_val
+        x_eval, y_eval = data.x_test, data.y_test
+        if job["eval_on"] == "val":
+            x_eval, y_eval = x_val, y_val
+            if select:
+                x, y, x_val, y_val = _carve(x, y, job["val_fraction"], job["split_seed"])
+    out = {"x": x, "y": y, "x_eval": x_eval, "y_eval": y_eval}
+    if select:
+        out.update(x_val=x_val, y_val=y_val)
+    return out
 
 
-def paper_phase1(opt: Any, phase1_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """The paper's phase 1 (Sup-tickets' ``base=``): x0.1 at 1/2 and 3/4 of it, 0.1 -> 0.001."""
-    return torch.optim.lr_scheduler.MultiStepLR(
-        opt, milestones=[phase1_steps // 2, 3 * phase1_steps // 4], gamma=0.1
-    )
+def make_model(job: dict[str, Any]) -> torch.nn.Module:
+    torch.manual_seed(job["seed"])  # the same initial weights for every method at a given seed
+    if job["data"] == "mnist1d":
+        return SignalCNN(width=job["width"])
+    return DigitsCNN(width=job["width"])
+
+
+def sup_tickets(
+    job: dict[str, Any], opt: SparseOptimizer, data: dict[str, torch.Tensor]
+) -> SupTicketsScheduler:
+    """``SupTicketsScheduler.recommended(opt, T, C, select=val_accuracy, bn_update=batches)``.
+
+    ``select`` scores a candidate by its accuracy on the validation split (carved from the
+    training data; never the test split). ``bn_update`` is one pass over the training data in
+    batches of 128. The flags given on the command line override the preset's settings;
+    ``--select none`` builds the same setting without ``select`` (the superposition is then the
+    ultimate ticket).
+    """
+    x_tr = data["x"]
+    bn = [x_tr[i : i + 128] for i in range(0, len(x_tr), 128)] if job["bn"] == "recompute" else None
+    given = ("lr_low", "lr_high", "explore_rate", "averaging", "reprune", "include_phase1")
+    options: dict[str, Any] = {
+        "superpose_fraction": job["superpose_fraction"],
+        "base": job["phase1"],
+        **{k: job[k] for k in given if job[k] is not None},
+    }
+    total, cycle = job["steps"], job["cycle_steps"]
+    if job["select"] == "val":
+        x_val, y_val = data["x_val"], data["y_val"]
+
+        def val_accuracy(net: torch.nn.Module) -> float:
+            return _accuracy(net, x_val, y_val)
+
+        return SupTicketsScheduler.recommended(
+            opt, total, cycle, select=val_accuracy, bn_update=bn, **options
+        )
+    # the preset's own settings (no exploration, lr_high a fifth of the peak), without select
+    options = {"explore_rate": 0.0, "lr_high": job["lr"] / 5, **options}
+    return SupTicketsScheduler(opt, total, cycle, bn_update=bn, **options)
+
+
+class Run:
+    """One run of a job, step by step: the model, the optimizer, the scheduler, the batches (the
+    same at every step for every run of a seed) and what the run measures."""
+
+    def __init__(self, job: dict[str, Any], data: dict[str, torch.Tensor]) -> None:
+        self.job, self.data = job, data
+        self.started = time.perf_counter()
+        seed, total, method = job["seed"], job["steps"], job["method"]
+        self.model = model = make_model(job)
+        inner = torch.optim.SGD(
+            model.parameters(), lr=job["lr"], momentum=0.9, weight_decay=job["weight_decay"]
+        )
+        self.sparse = method != "dense"
+        self.opt: Any = inner
+        self.flops = self.itop = None
+        if self.sparse:
+            options: dict[str, Any] = {}
+            if method in ("granet", "gmp"):
+                options["prune_end"] = job["prune_end"]
+            self.opt = SparseOptimizer(
+                inner,
+                method=method,
+                sparsity=job["sparsity"],
+                structure=job.get("structure"),
+                distribution=job["distribution"],
+                update_every=job["update_every"],
+                prune_rate=job["prune_rate"],
+                prune_schedule=job["prune_schedule"],
+                stop_fraction=job["stop_fraction"],
+                total_steps=total,
+                model=model,
+                seed=seed,
+                **options,
+            )
+            self.flops = TrainingFlops(self.opt, model, data["x"][:1])
+            self.itop = InTimeOverParameterization(self.opt)
+        self.ticket_steps: list[int] = []
+        self.phase1 = total
+        if job["sup"]:
+            self.sched: Any = sup_tickets(job, self.opt, data)
+            self.phase1, self.ticket_steps = self.sched.phase1_steps, self.sched.ticket_steps
+        else:
+            self.sched = torch.optim.lr_scheduler.MultiStepLR(
+                self.opt, milestones=[total // 2, 3 * total // 4], gamma=0.1
+            )
+        every = job["eval_every"]
+        self.eval_steps = set(range(every, total + 1, every)) | set(self.ticket_steps) | {total}
+        if job["sup"]:  # denser in phase 2, so that the superposed ticket has a curve
+            cycle = max(1, job["cycle_steps"] // 2)
+            self.eval_steps |= set(range(self.phase1, total + 1, cycle))
+        self.curve: dict[str, list] = {"step": [], "live": [], "superposed": []}
+        self.tickets: list[dict[str, Any]] = []
+        self.lrs: list[float] = []
+        # full batches only (BatchNorm never sees a batch of 1), a new order every epoch
+        self.per_epoch = len(data["x"]) // job["batch_size"]
+        generator = torch.Generator().manual_seed(seed)
+        epochs = -(-total // self.per_epoch)
+        self.orders = [torch.randperm(len(data["x"]), generator=generator) for _ in range(epochs)]
+        self.step = 0
+        self.live_logits: torch.Tensor | None = None
+
+    def train(
+        self,
+        stop: int,
+        progress: Callable[[int], None] | None = None,
+        before_sched: Callable[[Run, float | None], None] | None = None,
+    ) -> None:
+        """Optimizer steps up to ``stop``; ``before_sched(run, live_accuracy)`` runs after each
+        ``opt.step()`` and its evaluation, before ``sched.step()``."""
+        x_tr, y_tr, x_ev, y_ev = (self.data[k] for k in ("x", "y", "x_eval", "y_eval"))
+        opt, sched, model, batch = self.opt, self.sched, self.model, self.job["batch_size"]
+        total, sup = self.job["steps"], self.job["sup"]
+        while self.step < stop:
+            epoch, i = divmod(self.step, self.per_epoch)
+            idx = self.orders[epoch][i * batch : (i + 1) * batch]
+            self.lrs.append(opt.param_groups[0]["lr"])
+            loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            self.step = step = self.step + 1
+            live_acc = sup_acc = None
+            if step == total:
+                self.live_logits = predict(model, [(x_ev, y_ev)])[0]  # the last live ticket
+                live_acc = (self.live_logits.argmax(-1) == y_ev).double().mean().item()
+            elif step in self.eval_steps:
+                live_acc = _accuracy(model, x_ev, y_ev)
+            if before_sched is not None:
+                before_sched(self, live_acc)
+            sched.step()  # Sup-tickets consolidates at cycle ends and finalizes after the last
+            if sup and step in self.eval_steps and opt.tickets > 0:
+                if step == total:  # the model now holds the ultimate ticket
+                    sup_acc = _accuracy(model, x_ev, y_ev)
+                else:
+                    with opt.superposed():
+                        sup_acc = _accuracy(model, x_ev, y_ev)
+            if live_acc is not None:
+                self.curve["step"].append(step)
+                self.curve["live"].append(live_acc)
+                self.curve["superposed"].append(sup_acc)
+            if step in self.ticket_steps:
+                self.tickets.append({"step": step, "live": live_acc, "superposed": sup_acc})
+            if progress is not None and (step % 10 == 0 or step == stop):
+                progress(step)
+
+    def checkpoint(self, live_acc: float | None) -> dict[str, Any]:
+        """What a run without Sup-tickets continues from: this run right after ``opt.step()``
+        of the last step of phase 1, before ``sched.step()`` ends it (deep copies)."""
+        return copy.deepcopy(
+            {
+                "step": self.step,
+                "model": self.model.state_dict(),
+                "opt": self.opt.state_dict(),
+                "base": self.sched.base.state_dict(),
+                "curve": self.curve,
+                "live_acc": live_acc,
+                "lrs": self.lrs,
+                "flops": (self.flops.steps, self.flops.sparse_total, self.flops.dense_total),
+                "itop": self.itop.ever,
+                "seconds": time.perf_counter() - self.started,
+            }
+        )
+
+    def continue_from(self, ckpt: dict[str, Any]) -> None:
+        """Continue this run (without Sup-tickets) from a Sup-tickets run's :meth:`checkpoint`.
+
+        With ``base="shared"`` the phase-1 rate of a Sup-tickets run is this run's own schedule,
+        so its phase 1 is this run's first ``phase1_steps`` steps bit for bit; what this run
+        measured until then is taken over (the curve at its own evaluation steps).
+        """
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["opt"])
+        self.sched.load_state_dict(ckpt["base"])
+        self.step = ckpt["step"]
+        self.lrs = list(ckpt["lrs"])
+        self.flops.steps, self.flops.sparse_total, self.flops.dense_total = ckpt["flops"]
+        self.itop.ever = ckpt["itop"]
+        points = zip(ckpt["curve"]["step"], ckpt["curve"]["live"], strict=True)
+        points = [(s, v) for s, v in points if s in self.eval_steps]
+        if self.step in self.eval_steps:
+            points.append((self.step, ckpt["live_acc"]))
+        self.curve = {"step": [s for s, _ in points], "live": [v for _, v in points]}
+        self.curve["superposed"] = [None] * len(points)
+        self.started = time.perf_counter() - ckpt["seconds"]
+        self.sched.step()  # what the Sup-tickets run's sched.step() did to its base
+
+    def result(self) -> dict[str, Any]:
+        """Measurements and the held-out logits of the final model (and of the last live ticket
+        with Sup-tickets); :func:`add_metrics` turns those into accuracy, NLL and ECE."""
+        job, opt, model = self.job, self.opt, self.model
+        sparse, method = self.sparse, job["method"]
+        suptickets = opt.report()["suptickets"] if job["sup"] else {}
+        return {
+            # a structured run is its own configuration: "rigl 2:4"
+            "method": f"{method} {job['structure']}" if job.get("structure") else method,
+            "structure": job.get("structure"),
+            "sup_tickets": job["sup"],
+            "sparsity": job["sparsity"] if sparse else 0.0,
+            "seed": job["seed"],
+            "label": label(job),
+            "density": opt.density if sparse else 1.0,
+            "train_flops": self.flops.ratio if self.flops is not None else 1.0,
+            "inference_flops": self.flops.inference_ratio() if self.flops is not None else 1.0,
+            "itop": self.itop.rate if self.itop is not None else 1.0,
+            "steps": job["steps"],
+            "phase1_steps": self.phase1,
+            "ticket_steps": self.ticket_steps,
+            "tickets": self.tickets,
+            # select=: each candidate's validation score and the one chosen
+            "val_scores": suptickets.get("scores") or None,
+            "chosen": suptickets.get("chosen") if suptickets.get("scores") else None,
+            "curve": self.curve,
+            "layers": (
+                [
+                    {
+                        "name": r["name"],
+                        "shape": list(r["shape"]),
+                        "numel": r["numel"],
+                        "nnz": r["nnz"],
+                        "density": r["density"],
+                    }
+                    for r in opt.report()["layers"]
+                ]
+                if sparse
+                else [
+                    {
+                        "name": n,
+                        "shape": list(p.shape),
+                        "numel": p.numel(),
+                        "nnz": p.numel(),
+                        "density": 1.0,
+                    }
+                    for n, p in model.named_parameters()
+                    if p.ndim >= 2
+                ]
+            ),
+            "lr": self.lrs,
+            "logits": predict(model, [(self.data["x_eval"], self.data["y_eval"])])[0],
+            "live_logits": self.live_logits if job["sup"] else None,
+            "seconds": time.perf_counter() - self.started,
+            # the final weights of sparse runs, for the deployed ticket (dropped before writing)
+            "state": {k: v.clone() for k, v in model.state_dict().items()} if sparse else None,
+        }
 
 
 def run_one(
@@ -145,168 +423,39 @@ def run_one(
     data: dict[str, torch.Tensor],
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Train one configuration for ``job["steps"]`` optimizer steps.
+    """Train one configuration for ``job["steps"]`` optimizer steps; :meth:`Run.result`."""
+    run = Run(job, data)
+    run.train(job["steps"], progress)
+    return run.result()
 
-    Returns measurements and the held-out logits of the final model (and of the last live ticket
-    with Sup-tickets); :func:`add_metrics` turns those into accuracy, NLL and ECE.
+
+def run_pair(
+    jobs: list[dict[str, Any]],
+    data: dict[str, torch.Tensor],
+    progress: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """The runs without and with Sup-tickets of one seed, phase 1 trained once.
+
+    The Sup-tickets run trains from the start; the run without continues from its checkpoint
+    at the end of phase 1 (:meth:`Run.checkpoint`). Both are bit for bit what two separate runs
+    give (``base="shared"``; ``tests/test_research.py`` checks it), at ``T + (T - P)`` steps
+    instead of ``2 T``. ``progress(n)`` counts the steps of both.
     """
-    start = time.perf_counter()
-    x_tr, y_tr, x_ev, y_ev = data["x"], data["y"], data["x_eval"], data["y_eval"]
+    base_job, sup_job = sorted(jobs, key=lambda j: j["sup"])
+    sup = Run(sup_job, data)
+    saved: dict[str, Any] = {}
 
-    seed, total, method, sup = job["seed"], job["steps"], job["method"], job["sup"]
-    torch.manual_seed(seed)  # the same initial weights for every method at a given seed
-    model = (
-        SignalCNN(width=job["width"]) if job["data"] == "mnist1d" else DigitsCNN(width=job["width"])
-    )
-    inner = torch.optim.SGD(
-        model.parameters(), lr=job["lr"], momentum=0.9, weight_decay=job["weight_decay"]
-    )
-    sparse = method != "dense"
-    opt: torch.optim.Optimizer = inner
-    flops = itop = None
-    if sparse:
-        options: dict[str, Any] = {}
-        if method in ("granet", "gmp"):
-            options["prune_end"] = job["prune_end"]
-        opt = SparseOptimizer(
-            inner,
-            method=method,
-            sparsity=job["sparsity"],
-            structure=job.get("structure"),
-            distribution=job["distribution"],
-            update_every=job["update_every"],
-            prune_rate=job["prune_rate"],
-            prune_schedule=job["prune_schedule"],
-            stop_fraction=job["stop_fraction"],
-            total_steps=total,
-            model=model,
-            seed=seed,
-            **options,
-        )
-        flops = TrainingFlops(opt, model, x_tr[:1])
-        itop = InTimeOverParameterization(opt)
+    def keep(run: Run, live_acc: float | None) -> None:
+        if run.step == run.phase1:
+            saved.update(run.checkpoint(live_acc))
 
-    ticket_steps: list[int] = []
-    phase1 = total
-    if sup:
-        sched = SupTicketsScheduler(
-            opt,
-            total_steps=total,
-            cycle_steps=job["cycle_steps"],
-            base=paper_phase1,
-            superpose_fraction=job["superpose_fraction"],
-            lr_low=job["lr_low"],
-            lr_high=job["lr_high"],
-            explore_rate=job["explore_rate"],
-            averaging=job["averaging"],
-            reprune=job["reprune"],
-            include_phase1=job["include_phase1"],
-            bn_update=[x_tr[i : i + 128] for i in range(0, len(x_tr), 128)]
-            if job["bn"] == "recompute"
-            else None,
-        )
-        phase1, ticket_steps = sched.phase1_steps, sched.ticket_steps
-    else:
-        sched = torch.optim.lr_scheduler.MultiStepLR(
-            opt, milestones=[total // 2, 3 * total // 4], gamma=0.1
-        )
-
-    every = job["eval_every"]
-    eval_steps = set(range(every, total + 1, every)) | set(ticket_steps) | {total}
-    if sup:  # denser in phase 2, so that the superposed ticket has a curve
-        eval_steps |= set(range(phase1, total + 1, max(1, job["cycle_steps"] // 2)))
-    curve: dict[str, list] = {"step": [], "live": [], "superposed": []}
-    tickets: list[dict[str, Any]] = []
-    lrs: list[float] = []
-
-    generator = torch.Generator().manual_seed(seed)
-    batch = job["batch_size"]
-    per_epoch = len(x_tr) // batch  # full batches only: BatchNorm never sees a batch of 1
-    step = 0
-    live_logits = None
-    while step < total:
-        order = torch.randperm(len(x_tr), generator=generator)
-        for i in range(per_epoch):
-            idx = order[i * batch : (i + 1) * batch]
-            lrs.append(opt.param_groups[0]["lr"])
-            loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-            live_acc = sup_acc = None
-            if step == total:
-                live_logits = predict(model, [(x_ev, y_ev)])[0]  # the last live ticket
-                live_acc = (live_logits.argmax(-1) == y_ev).double().mean().item()
-            elif step in eval_steps:
-                live_acc = _accuracy(model, x_ev, y_ev)
-            sched.step()  # Sup-tickets consolidates at cycle ends and finalizes after the last
-            if sup and step in eval_steps and opt.tickets > 0:
-                if step == total:  # the model now holds the ultimate ticket
-                    sup_acc = _accuracy(model, x_ev, y_ev)
-                else:
-                    with opt.superposed():
-                        sup_acc = _accuracy(model, x_ev, y_ev)
-            if live_acc is not None:
-                curve["step"].append(step)
-                curve["live"].append(live_acc)
-                curve["superposed"].append(sup_acc)
-            if step in ticket_steps:
-                tickets.append({"step": step, "live": live_acc, "superposed": sup_acc})
-            if progress is not None and (step % 10 == 0 or step == total):
-                progress(step)
-            if step == total:
-                break
-
-    result: dict[str, Any] = {
-        # a structured run is its own configuration: "rigl 2:4"
-        "method": f"{method} {job['structure']}" if job.get("structure") else method,
-        "structure": job.get("structure"),
-        "sup_tickets": sup,
-        "sparsity": job["sparsity"] if sparse else 0.0,
-        "seed": seed,
-        "label": label(job),
-        "density": opt.density if sparse else 1.0,
-        "train_flops": flops.ratio if flops is not None else 1.0,
-        "inference_flops": flops.inference_ratio() if flops is not None else 1.0,
-        "itop": itop.rate if itop is not None else 1.0,
-        "steps": total,
-        "phase1_steps": phase1,
-        "ticket_steps": ticket_steps,
-        "tickets": tickets,
-        "curve": curve,
-        "layers": (
-            [
-                {
-                    "name": r["name"],
-                    "shape": list(r["shape"]),
-                    "numel": r["numel"],
-                    "nnz": r["nnz"],
-                    "density": r["density"],
-                }
-                for r in opt.report()["layers"]
-            ]
-            if sparse
-            else [
-                {
-                    "name": n,
-                    "shape": list(p.shape),
-                    "numel": p.numel(),
-                    "nnz": p.numel(),
-                    "density": 1.0,
-                }
-                for n, p in model.named_parameters()
-                if p.ndim >= 2
-            ]
-        ),
-        "lr": lrs,
-        "logits": predict(model, [(x_ev, y_ev)])[0],
-        "live_logits": live_logits if sup else None,
-        "seconds": time.perf_counter() - start,
-        # the final weights of sparse runs, for the deployed ticket (dropped before writing)
-        "state": {k: v.clone() for k, v in model.state_dict().items()} if sparse else None,
-    }
-    return result
+    sup.train(sup_job["steps"], progress, keep)
+    sup_result = sup.result()
+    base = Run(base_job, data)
+    base.continue_from(saved)
+    offset = sup_job["steps"] - base.step
+    base.train(base_job["steps"], None if progress is None else (lambda n: progress(n + offset)))
+    return [base.result(), sup_result]
 
 
 def add_metrics(result: dict[str, Any], labels: torch.Tensor) -> dict[str, Any]:
@@ -339,15 +488,60 @@ def _worker_init(queue: Any, threads: int) -> None:
 _DATA: dict[str, Any] = {}
 
 
-def _worker_run(job: dict[str, Any], data: dict[str, torch.Tensor] | None) -> dict[str, Any]:
-    """One run in a worker; ``data`` None: the worker loads it once (Fashion-MNIST is large)."""
+def _worker_run(
+    task: list[dict[str, Any]], data: dict[str, torch.Tensor] | None
+) -> list[dict[str, Any]]:
+    """One task in a worker (:func:`run_task`); ``data`` None: the worker loads it once
+    (Fashion-MNIST is large)."""
     if data is None:
+        job = task[0]
         if job["data"] not in _DATA:
             _DATA[job["data"]] = load_data(job)
         data = _DATA[job["data"]]
-    key = job["index"]
+    key = task[0]["index"]
     _QUEUE.put((key, 0))
-    return run_one(job, data, lambda n: _QUEUE.put((key, n)))
+    return run_task(task, data, lambda n: _QUEUE.put((key, n)))
+
+
+def run_task(
+    task: list[dict[str, Any]],
+    data: dict[str, torch.Tensor],
+    progress: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """One run (:func:`run_one`), or the two runs of a pair (:func:`run_pair`)."""
+    if len(task) == 1:
+        return [run_one(task[0], data, progress)]
+    return run_pair(task, data, progress)
+
+
+def task_steps(task: list[dict[str, Any]]) -> int:
+    """Optimizer steps of a task: ``T``, or ``T + (T - P)`` for a pair."""
+    job = task[0]
+    if len(task) == 1:
+        return job["steps"]
+    plan = SupTicketsScheduler.plan(job["steps"], job["cycle_steps"], job["superpose_fraction"])
+    return 2 * job["steps"] - plan.phase1_steps
+
+
+def make_tasks(jobs: list[dict[str, Any]], share: bool) -> list[list[dict[str, Any]]]:
+    """The jobs as tasks: with ``share``, the runs without and with Sup-tickets of one
+    configuration and seed become one pair (:func:`run_pair`), where phase 1 is shared
+    (``--phase1 shared``); every other job is a task of its own. Longest first."""
+    pairs: dict[tuple, list[dict[str, Any]]] = {}
+    tasks = []
+    for job in jobs:
+        if share and job["method"] != "dense" and job["phase1"] == "shared":
+            key = (job["method"], job["sparsity"], job.get("structure"), job["seed"])
+            if key not in pairs:
+                pairs[key] = []
+                tasks.append(pairs[key])
+            pairs[key].append(job)
+        else:
+            tasks.append([job])
+    split = []
+    for task in tasks:  # a configuration run with one arm only stays single
+        split += [task] if len(task) == 2 else [[job] for job in task]
+    return sorted(split, key=task_steps, reverse=True)
 
 
 def _summary(done: int, total: int, r: dict[str, Any]) -> str:
@@ -357,12 +551,23 @@ def _summary(done: int, total: int, r: dict[str, Any]) -> str:
         f"density {r['density']:.4f}"
     )
     if r["sup_tickets"]:
-        line += f"  (live ticket {100 * r['live_accuracy']:.2f}%)"
+        line += f"  (live ticket {100 * r['live_accuracy']:.2f}%"
+        line += f", chose {r['chosen']})" if r.get("chosen") else ")"
     return line + f"  {r['seconds']:.1f} s"
 
 
-def run_grid(jobs: list[dict[str, Any]], workers: int, threads: int, bars: bool) -> list[dict]:
-    """Run every job (in ``workers`` processes), with a progress bar per run and a summary line.
+def _task_label(task: list[dict[str, Any]]) -> str:
+    if len(task) == 1:
+        return label(task[0])
+    return label({**task[0], "sup": False}) + " ± Sup-tickets"
+
+
+def run_grid(
+    jobs: list[dict[str, Any]], workers: int, threads: int, bars: bool, share: bool = True
+) -> list[dict]:
+    """Run every job (in ``workers`` processes), with a progress bar per task and a summary line
+    per run; with ``share``, the two arms of a configuration and seed as one pair
+    (:func:`make_tasks`).
 
     The data are loaded once here and sent to the workers, and the metrics (torchmetrics' ECE)
     are computed here from the logits the workers return, so that the workers import only torch.
@@ -370,26 +575,34 @@ def run_grid(jobs: list[dict[str, Any]], workers: int, threads: int, bars: bool)
     from tqdm.auto import tqdm
 
     data = load_data(jobs[0])
+    tasks = make_tasks(jobs, share)
     results: list[dict[str, Any] | None] = [None] * len(jobs)
     done = 0
 
-    def finish(result: dict[str, Any], index: int) -> None:
+    def finish(task: list[dict[str, Any]], runs: list[dict[str, Any]]) -> None:
         nonlocal done
-        done += 1
-        results[index] = add_metrics(result, data["y_eval"])
-        tqdm.write(_summary(done, len(jobs), result))
+        for job, result in zip(sorted(task, key=lambda j: j["sup"]), runs, strict=True):
+            done += 1
+            results[job["index"]] = add_metrics(result, data["y_eval"])
+            tqdm.write(_summary(done, len(jobs), result))
+
+    def new_bar(task: list[dict[str, Any]]) -> Any:
+        return tqdm(
+            total=task_steps(task),
+            desc=_task_label(task),
+            leave=False,
+            disable=None if bars else True,
+        )
 
     if workers <= 1:
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            for job in jobs:
-                bar = tqdm(
-                    total=job["steps"], desc=label(job), leave=False, disable=None if bars else True
-                )
-                r = run_one(job, data, lambda n, bar=bar: bar.update(n - bar.n))
+            for task in tasks:
+                bar = new_bar(task)
+                runs = run_task(task, data, lambda n, bar=bar: bar.update(n - bar.n))
                 bar.close()
-                finish(r, job["index"])
+                finish(task, runs)
         finally:
             torch.set_num_threads(before)
         return results  # type: ignore[return-value]
@@ -397,11 +610,12 @@ def run_grid(jobs: list[dict[str, Any]], workers: int, threads: int, bars: bool)
     ctx = mp.get_context("spawn")  # no fork after torch is loaded
     progress_queue = ctx.Queue()
     open_bars: dict[int, Any] = {}
+    by_key = {task[0]["index"]: task for task in tasks}
     with ProcessPoolExecutor(
         workers, mp_context=ctx, initializer=_worker_init, initargs=(progress_queue, threads)
     ) as pool:
         shipped = None if jobs[0]["data"] == "fashion" else data
-        pending = {pool.submit(_worker_run, job, shipped): job for job in jobs}
+        pending = {pool.submit(_worker_run, task, shipped): task for task in tasks}
         while pending:
             finished, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
             while True:
@@ -410,21 +624,15 @@ def run_grid(jobs: list[dict[str, Any]], workers: int, threads: int, bars: bool)
                 except queue_module.Empty:
                     break
                 if key not in open_bars and results[key] is None:
-                    job = jobs[key]
-                    open_bars[key] = tqdm(
-                        total=job["steps"],
-                        desc=label(job),
-                        leave=False,
-                        disable=None if bars else True,
-                    )
+                    open_bars[key] = new_bar(by_key[key])
                 if key in open_bars:
                     open_bars[key].update(n - open_bars[key].n)
             for future in finished:
-                job = pending.pop(future)
-                bar = open_bars.pop(job["index"], None)
+                task = pending.pop(future)
+                bar = open_bars.pop(task[0]["index"], None)
                 if bar is not None:
                     bar.close()
-                finish(future.result(), job["index"])
+                finish(task, future.result())
     return results  # type: ignore[return-value]
 
 
@@ -510,6 +718,7 @@ RUN_COLUMNS = [
     "live_accuracy",
     "live_vs_ultimate_disagreement",
     "live_vs_ultimate_kl",
+    "chosen",
     "seconds",
 ]
 
@@ -524,30 +733,34 @@ def paired_differences(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per sparse configuration: Sup-tickets minus the same method without it, seed by seed.
 
     Both runs of a seed start from the same weights and see the same batches until phase 2, so
-    the difference of a seed is a paired measurement. Also the superposed minus the last live
-    ticket of the same run (what the averaging itself gives).
+    the difference of a seed is a paired measurement. Also the ultimate minus the last live
+    ticket of the same run (what the averaging and the choice give), and the candidate that
+    ``select=`` chose in each seed.
     """
     base = {(r["method"], r["sparsity"], r["seed"]): r for r in results if not r["sup_tickets"]}
-    groups: dict[tuple, list[tuple[int, float, float]]] = {}
+    groups: dict[tuple, list[tuple[int, float, float, str | None]]] = {}
     for r in results:
         b = base.get((r["method"], r["sparsity"], r["seed"]))
         if r["sup_tickets"] and b is not None:
             diff = 100 * (r["accuracy"] - b["accuracy"])
             vs_live = 100 * (r["accuracy"] - r["live_accuracy"])
-            groups.setdefault((r["method"], r["sparsity"]), []).append((r["seed"], diff, vs_live))
+            groups.setdefault((r["method"], r["sparsity"]), []).append(
+                (r["seed"], diff, vs_live, r.get("chosen"))
+            )
     rows = []
     for (method, sparsity), values in groups.items():
-        diffs = [d for _, d, _ in values]
+        diffs = [d for _, d, _, _ in values]
         mean, std = mean_std(diffs)
         rows.append(
             {
                 "label": f"{_name(method)} {100 * sparsity:g}%",
-                "seeds": [s for s, _, _ in values],
+                "seeds": [s for s, _, _, _ in values],
                 "diffs": diffs,
                 "mean": mean,
                 "std": std,
                 "wins": sum(d > 0 for d in diffs),
-                "vs_live": mean_std([v for _, _, v in values])[0],
+                "vs_live": mean_std([v for _, _, v, _ in values])[0],
+                "chosen": [c for _, _, _, c in values],
             }
         )
     return rows
@@ -584,16 +797,22 @@ def format_paired(rows: list[dict[str, Any]]) -> str:
     w = max([14, *(len(r["label"]) for r in rows)])
     head = (
         f"{'configuration':<{w}}  {'Sup-tickets - base (points)':>28}  {'wins':>5}  "
-        f"{'superposed - live':>17}  per-seed differences"
+        f"{'ultimate - live':>15}  per-seed differences"
     )
+    chosen = any(any(r.get("chosen") or []) for r in rows)
+    if chosen:
+        head += "  (chosen on val)"
     lines = [head, "-" * len(head)]
     for r in rows:
         diff = f"{r['mean']:+.2f} ± {r['std']:.2f}"
         seeds = " ".join(f"{d:+.2f}" for d in r["diffs"])
-        lines.append(
+        line = (
             f"{r['label']:<{w}}  {diff:>28}  {r['wins']}/{len(r['diffs']):<3}  "
-            f"{r['vs_live']:>+17.2f}  {seeds}"
+            f"{r['vs_live']:>+15.2f}  {seeds}"
         )
+        if chosen:
+            line += "  (" + ", ".join(str(c) for c in r.get("chosen") or []) + ")"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -822,7 +1041,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=METHODS,
         help="'dense' runs once, without sparsity or Sup-tickets",
     )
-    p.add_argument("--sparsities", nargs="+", type=float, default=[0.9, 0.95])
+    p.add_argument("--sparsities", nargs="+", type=float, default=[0.9])
     p.add_argument(
         "--structures",
         nargs="+",
@@ -864,23 +1083,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prune-end", type=float, default=0.5, help="GraNet: target reached here")
     p.add_argument("--cycle-steps", type=int, help="Sup-tickets cycle length (default: per --data)")
     p.add_argument("--superpose-fraction", type=float, help="default: per --data")
-    p.add_argument("--lr-low", type=float, default=0.001)
-    p.add_argument("--lr-high", type=float, default=0.05, help="0.05, chosen on val (paper: 0.005)")
-    p.add_argument("--explore-rate", type=float, default=0.0, help="0, chosen on val (paper: 0.5)")
-    p.add_argument("--averaging", default="cia", choices=["cia", "caa", "cima"])
-    p.add_argument("--reprune", default="layer", choices=["layer", "global"])
+    p.add_argument(
+        "--select",
+        choices=["val", "none"],
+        default="val",
+        help="'val': SupTicketsScheduler.recommended(..., select=) scores every candidate ticket "
+        "on the validation split (carved from the training data) and keeps the best; 'none': the "
+        "same setting without select (the superposition is the ultimate ticket)",
+    )
+    p.add_argument(
+        "--phase1",
+        choices=["shared", "paper"],
+        default="shared",
+        help="Sup-tickets' base=: 'shared' (the preset's) keeps the run's own milestones at 1/2 "
+        "and 3/4 of all steps, so phase 1 is the first steps of the run without Sup-tickets; "
+        "'paper' puts them at 1/2 and 3/4 of phase 1",
+    )
+    p.add_argument(
+        "--share-phase1",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --phase1 shared, train the shared phase 1 once per configuration and seed and "
+        "continue the run without Sup-tickets from it (bit for bit the same results)",
+    )
+    preset = "default: the recommended preset's"
+    p.add_argument("--lr-low", type=float, help=f"{preset} (1/100 of --lr)")
+    p.add_argument("--lr-high", type=float, help=f"{preset} (a fifth of --lr; paper: 1/20)")
+    p.add_argument("--explore-rate", type=float, help=f"{preset} (0; paper: 0.5)")
+    p.add_argument("--averaging", choices=["cia", "caa", "cima"], help=f"{preset} ('cia')")
+    p.add_argument("--reprune", choices=["layer", "global"], help=f"{preset} ('layer')")
     p.add_argument(
         "--include-phase1",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="the phase-1 model as ticket 0 (the official code)",
+        help="the phase-1 model as ticket 0 (the official code); default: the preset's (no)",
     )
     p.add_argument(
         "--bn",
         choices=["average", "recompute"],
         default="recompute",
         help="BatchNorm statistics of the superposed ticket: averaged, or recomputed over the "
-        "training data after each consolidate (the official code)",
+        "training data after each consolidate (the preset's bn_update=; the official code)",
     )
     p.add_argument(
         "--eval-every", type=int, help="steps between curve points (default: per --data)"
@@ -923,9 +1165,11 @@ def make_jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
             "prune_rate", "prune_schedule", "stop_fraction", "prune_end", "cycle_steps",
             "superpose_fraction", "lr_low", "lr_high", "explore_rate", "averaging", "eval_every",
             "eval_on", "test_fraction", "val_fraction", "split_seed", "data", "reprune",
-            "include_phase1", "bn",
+            "include_phase1", "bn", "select", "phase1",
         )
     }  # fmt: skip
+    if args.sup_tickets == "off":  # nothing to select: the digits keep their whole training part
+        common["select"] = "none"
     arms = {"both": [False, True], "on": [True], "off": [False]}[args.sup_tickets]
     configs = []
     if "dense" in args.methods:
@@ -1015,9 +1259,21 @@ def deploy_best(
     return {"label": run["label"], "seed": run["seed"], "path": path, **info}
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its finished workers, or NaN where the
+    ``resource`` module is missing (Windows): on a shared machine it measures the demo's own work
+    where the wall time also measures everyone else's."""
+    try:
+        import resource
+    except ImportError:
+        return math.nan
+    usage = (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     jobs = make_jobs(args)
     what = "validation" if args.eval_on == "val" else "test"
     what_data = {
@@ -1029,7 +1285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"sparseopt demo: {what_data}, {len(jobs)} runs of {args.steps} steps "
         f"(batch {args.batch_size}), {what} split held out; {args.workers} worker(s)"
     )
-    results = run_grid(jobs, args.workers, args.threads, args.progress)
+    results = run_grid(jobs, args.workers, args.threads, args.progress, args.share_phase1)
     rows = aggregate(results)
     print()
     print(f"{what} metrics, mean ± std over seeds {args.seeds}; FLOPs relative to dense")
@@ -1054,11 +1310,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_files(args.out, config, rows, results)
     split = "val" if args.eval_on == "val" else "test"
     written = plot(args.out, results, split) if args.plots else []
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     print(
         "\nwrote results.json, results.csv, runs.csv"
         + (", " + ", ".join(os.path.basename(w) for w in written) if written else "")
-        + f" to {args.out}/ in {elapsed:.1f} s"
+        + f" to {args.out}/ in {elapsed:.1f} s ({cpu:.0f} CPU-seconds, workers included)"
     )
     return {
         "rows": rows,
@@ -1068,6 +1324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "deployed": deployed,
         "out": args.out,
         "seconds": elapsed,
+        "cpu_seconds": cpu,
     }
 
 
