@@ -346,8 +346,8 @@ def test_the_recommended_preset_is_the_studied_setting_and_validates():
                           model=model, update_every=5, seed=0)  # fmt: skip
     sched = SupTicketsScheduler.recommended(opt, T, C, select=val_score, bn_update=BN_BATCHES,
                                             superpose_fraction=FRACTION)  # fmt: skip
-    assert sched.explore_rate == 0.0
-    assert sched.lr_high == [0.1 / 5]
+    assert sched.explore_rate == 0.1
+    assert sched.lr_high == [0.1 / 2]
     assert sched.lr_low is None  # relative: 0.1 / 100
     assert sorted(sched.base.milestones) == [T // 2, 3 * T // 4]
     assert sched.select is val_score
