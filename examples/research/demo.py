@@ -41,9 +41,9 @@ Hyper-parameters (defaults, MNIST-1D): 3,000 SGD steps of batch 128 (120 epochs)
 updates every 50 steps, drop fraction 0.5 decayed by cosine to 0 at 75% of training; GraNet
 starts at density 0.5 and reaches the target at 50% of training. Sup-tickets: 3 cycles of 100
 steps in the last 10%, and the preset's setting, which the study chose on the validation split
-(never on test): an exploration at rate 0.1 at each cycle start (the paper's: 0.5), rates 0.001
--> 0.05 -> 0.001 (half the peak instead of the paper's 1/20), CIA averaging, layer-wise re-pruning, and the BatchNorm
-statistics recomputed over the training data. Each flag overrides one setting; the paper's
+(never on test): an exploration at rate 0.1 at each cycle start (the paper's: 0.5), rates
+0.001 -> 0.05 -> 0.001 (half the peak instead of the paper's 1/20), CIA averaging, layer-wise
+re-pruning, and the BatchNorm statistics recomputed over the training data. Each flag overrides one setting; the paper's
 (``--explore-rate 0.5 --lr-high 0.005 --bn average --phase1 paper --select none``) cost about 10
 points in the study; see docs/sup-tickets.md.
 """
