@@ -43,9 +43,9 @@ starts at density 0.5 and reaches the target at 50% of training. Sup-tickets: 3 
 steps in the last 10%, and the preset's setting, which the study chose on the validation split
 (never on test): an exploration at rate 0.1 at each cycle start (the paper's: 0.5), rates
 0.001 -> 0.05 -> 0.001 (half the peak instead of the paper's 1/20), CIA averaging, layer-wise
-re-pruning, and the BatchNorm statistics recomputed over the training data. Each flag overrides one setting; the paper's
-(``--explore-rate 0.5 --lr-high 0.005 --bn average --phase1 paper --select none``) cost about 10
-points in the study; see docs/sup-tickets.md.
+re-pruning, and the BatchNorm statistics recomputed over the training data. Each flag overrides
+one setting; the paper's (``--explore-rate 0.5 --lr-high 0.005 --bn average --phase1 paper
+--select none``) cost about 10 points in the study; see docs/sup-tickets.md.
 """
 
 from __future__ import annotations
