@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--workers", type=int, default=1, help="cells in parallel, one thread each")
-    demo = "make demo-wide: RigL at 95%%, base vs recommended, 3 seeds, 2 workers"
+    demo = "make demo-wide: RigL at 95%%, base vs recommended, 4 seeds, 2 workers"
     p.add_argument("--demo", action="store_true", help=demo)
     p.add_argument("--quick", action="store_true", help="a tiny grid, seconds (tests)")
     p.add_argument("--time", action="store_true", help="ms per training step, one thread")
@@ -548,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.demo:
         given = set(argv if argv is not None else sys.argv[1:])
         args.methods = args.methods if "--methods" in given else ["rigl"]
-        args.seeds = args.seeds if "--seeds" in given else [0, 1, 2]
+        args.seeds = args.seeds if "--seeds" in given else [0, 1, 2, 3]
         args.variants = args.variants if "--variants" in given else ["recommended"]
         args.workers = args.workers if "--workers" in given else 2
     os.makedirs(args.out, exist_ok=True)
