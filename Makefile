@@ -98,3 +98,11 @@ clean:
 .PHONY: gpu-study
 gpu-study: $(STAMP) fashion-data
 	$(PY) examples/research/gpu_study.py --out runs/gpu_study
+
+# The booster in the wide-sparse regime, small enough to watch (examples/research/wide_study.py
+# --demo): SET-MLP 784-1000-1000-1000-10 at 95% on Fashion-MNIST, RigL on the sparse kernels,
+# the base run against SupTicketsScheduler.recommended (select= on validation), 4 paired seeds on
+# 2 worker processes; about 5 minutes on 2 idle cores. Tables in runs/demo-wide/results.md.
+.PHONY: demo-wide
+demo-wide: $(STAMP) fashion-data
+	$(PY) examples/research/wide_study.py --demo --out runs/demo-wide

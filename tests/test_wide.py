@@ -1,6 +1,7 @@
 """The wide-sparse study's scripts (examples/research/), each at a tiny size.
 
-SET-MLP, the weight-scale diagnostic and the GPU study's CPU smoke path:
+SET-MLP, the weight-scale diagnostic, the GPU study's CPU smoke path, the booster in the
+wide-sparse regime and the wide LM:
 
 - set_mlp.py: the SET paper's ε maps onto our ER distribution exactly (each hidden layer gets
   ``ε (n_in + n_out) / (n_in n_out)``, the classifier stays dense), and a tiny run writes its
@@ -10,6 +11,12 @@ SET-MLP, the weight-scale diagnostic and the GPU study's CPU smoke path:
   drop ranks each weight within its channel where RigL's ranks across channels.
 - gpu_study.py: ``--quick`` runs on the CPU (the paper's default and the recommended preset
   with ``select=``) and writes its tables and ``summary.json``.
+- wide_study.py: the sparse init is Glorot / sqrt(density) per layer; the base run continued
+  from the shared phase-1 checkpoint equals the uninterrupted run bit for bit on the sparse
+  kernels (twice from one checkpoint: the deep copy); ``--demo --quick`` pairs base and the
+  recommended preset, whose ultimate ticket is the best-scoring candidate on validation.
+- wide_lm.py: a tiny grid runs every projection on the kernels, reports test, resumes; the base
+  continues from the shared phase 1 bit for bit.
 """
 
 from __future__ import annotations
@@ -203,3 +210,129 @@ def test_gpu_study_quick_writes_its_tables(tmp_path):
         (s, a) for s in (0, 1) for a in ("phase1", "base", "default", "recommended")
     )
     assert "| default | test |" in (tmp_path / "table.md").read_text()
+
+
+# --- the booster in the wide-sparse regime (wide_study.py) and the wide LM (wide_lm.py) ----------
+def random_split(n_train: int = 320, n_eval: int = 64):
+    from data import Split
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n_train + 2 * n_eval, 784, generator=g)
+    y = torch.randint(0, 10, (len(x),), generator=g)
+    a, b = n_train, n_train + n_eval
+    return Split(x[:a], y[:a], x[a:b], y[a:b], x[b:], y[b:])
+
+
+def test_wide_study_sparse_init_scales_each_layer_by_its_density():
+    import wide_study
+
+    job = {"method": "rigl", "sparsity": 0.9, "seed": 4}
+    plain, _, _ = wide_study.build(
+        {**job, "config": {**wide_study.QUICK, "sparse_init": False}}, 50
+    )
+    scaled, opt, handle = wide_study.build({**job, "config": wide_study.QUICK}, 50)
+    for a, b, mask in zip(plain.hidden, scaled.hidden, opt.masks.values(), strict=True):
+        density = mask.sum().item() / mask.numel()  # by hand, not the script's expression
+        assert 0 < density < 1
+        torch.testing.assert_close(b.weight, a.weight / math.sqrt(density), rtol=1e-6, atol=0)
+    assert torch.equal(plain.classifier.weight, scaled.classifier.weight)  # dense: untouched
+    handle.remove()
+
+
+def test_wide_study_branches_continue_the_base_run_bit_for_bit_on_the_kernels():
+    import wide_study
+
+    job = {"method": "rigl", "sparsity": 0.9, "seed": 2, "config": wide_study.QUICK}
+    cell = wide_study.WideCell(job, random_split())
+    model, opt, base, handle = cell.build(None)
+    cell.train(model, opt, base, 1, cell.total)
+    uninterrupted = wide_study.state_of(model)
+    layouts = {row["name"]: row["layout"] for row in handle.report()}
+    assert layouts == {
+        "hidden.0": "csr",
+        "hidden.1": "csr",
+        "hidden.2": "csr",
+        "classifier": None,  # not a sparse layer: never converted
+    }
+    handle.remove()
+
+    ckpt, _, _ = cell.checkpoint("shared")
+    before = {k: v.clone() for k, v in ckpt["model"].items()}
+    for _ in range(2):  # twice from the same checkpoint: the deep copy keeps it intact
+        model, opt, base, handle = cell.load(ckpt, None, None)
+        base.step()
+        cell.train(model, opt, base, cell.phase1 + 1, cell.total)
+        for name, value in wide_study.state_of(model).items():
+            assert torch.equal(value, uninterrupted[name]), name
+        handle.remove()
+    assert all(torch.equal(v, before[k]) for k, v in ckpt["model"].items())
+    # negative control: the paper's phase 1 (milestones of phase 1, not of the run) differs
+    paper, _, _ = cell.checkpoint("paper")
+    assert not torch.equal(paper["model"]["hidden.1.weight"], ckpt["model"]["hidden.1.weight"])
+
+
+@needs_fashion
+def test_wide_study_demo_quick_pairs_base_and_recommended(tmp_path):
+    import wide_study
+
+    wide_study.main(["--demo", "--quick", "--workers", "1", "--seeds", "0", "1", "--out",
+                     str(tmp_path)])  # fmt: skip
+    records = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    arms = sorted((r["seed"], r["variant"]) for r in records)
+    assert arms == sorted((s, v) for s in (0, 1) for v in ("phase1-shared", "base", "recommended"))
+    for r in records:
+        if r["variant"] == "recommended":
+            # select= wrote the best-scoring candidate: its validation accuracy is the max score
+            assert r["scores"][r["chosen"]] == max(r["scores"].values())
+            assert r["acc"]["val"] == pytest.approx(max(r["scores"].values()), abs=1e-12)
+            assert r["acc"]["val"] >= r["scores"]["phase 1"]
+            assert r["tickets"] == 2
+            assert r["base"]["val"] > 0
+    text = (tmp_path / "results.md").read_text()
+    assert "| rigl | 95% | recommended (chosen) |" in text
+    assert "`select=` chose (recommended, 2 runs)" in text
+
+
+# the recommended arm's phase 1 is the base run's cosine ("shared"), which ends far above lr_low:
+# the scheduler says so, as it should
+@pytest.mark.filterwarnings("ignore:the learning rate at the end of phase 1")
+def test_wide_lm_tiny_grid_runs_its_projections_on_the_kernels(tmp_path):
+    import wide_lm
+
+    args = ["--tiny", "--methods", "dense", "rigl", "--sparsities", "0.9", "--seeds", "0"]
+    wide_lm.main([*args, "--out", str(tmp_path)])
+    records = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["arm"] for r in records) == ["base", "dense", "recommended", "sup"]
+    for r in records:
+        assert 0 < r["bpb"]["val"] < 8
+        assert 0 < r["bpb"]["test"] < 8
+        if r["arm"] != "dense":
+            projections = {k: v for k, v in r["kernels"].items() if k.startswith("blocks.")}
+            assert set(projections) == {f"blocks.0.{n}" for n in ("qkv", "proj", "fc", "out")}
+            assert set(projections.values()) == {"csr"}
+        if r["arm"] == "recommended":  # minus the validation loss, in bits per byte
+            assert -max(r["scores"].values()) == pytest.approx(r["bpb"]["val"], abs=1e-12)
+    assert "Test (reported once)" in (tmp_path / "results.md").read_text()
+    # a second call finds every cell done
+    wide_lm.main([*args, "--out", str(tmp_path)])
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(records)
+
+
+def test_wide_lm_base_continues_from_the_shared_phase1_bit_for_bit():
+    import wide_lm
+    from demo_lm import TRAIN_FILES, VAL_FILES, read_corpus
+
+    data = {"train": read_corpus(TRAIN_FILES), "val": read_corpus(VAL_FILES),
+            "test": read_corpus(wide_lm.TEST_FILES)}  # fmt: skip
+    grid = wide_lm.Grid(wide_lm.TINY, {"method": "set", "sparsity": 0.9, "seed": 1}, data)
+    model, opt, sched, _ = grid.build("base")
+    grid.train(model, opt, sched, 1, wide_lm.TINY.steps)
+    reference = wide_lm.state_of(model)
+    model, opt, sched, _ = grid.build("phase1-shared")
+    grid.train(model, opt, sched, 1, grid.phase1 - 1)
+    grid.train(model, opt, None, grid.phase1, grid.phase1)
+    ckpt = {"model": wide_lm.state_of(model), "opt": opt.state_dict(), "sched": sched.state_dict()}
+    model, opt, base, _ = grid.load(ckpt, "base")
+    base.step()
+    grid.train(model, opt, base, grid.phase1 + 1, wide_lm.TINY.steps)
+    assert all(torch.equal(v, reference[k]) for k, v in wide_lm.state_of(model).items())
