@@ -15,8 +15,8 @@ For every cell (method, sparsity, seed; paired: the same initial weights, masks 
 - **sup**: ``SupTicketsScheduler`` with the paper's defaults and relative rates (1/100 and 1/20
   of AdamW's peak: 3e-5 -> 1.5e-4; exploration 0.5), phase 1 the warm-up and cosine compressed
   into phase 1, ending at ``lr_low`` (the paper's protocol: phase 2 continues phase 1);
-- **recommended**: ``SupTicketsScheduler.recommended`` (no exploration, ``lr_high`` a fifth of
-  the peak) with ``select=`` minus the validation loss (the greedy soup), phase 1 the base run's
+- **recommended**: ``SupTicketsScheduler.recommended`` (exploration 0.1, ``lr_high`` half the
+  peak) with ``select=`` minus the validation loss (the greedy soup), phase 1 the base run's
   own schedule (``base=`` the whole run's warm-up and cosine: "shared").
 
 The shared phase 1 is run once and checkpointed; the base run and the recommended variant each
