@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "resea
 import health
 import set_mlp
 
-from sparseopt import SparseOptimizer
+from sparseopt import SparseOptimizer, SupTicketsScheduler
 from sparseopt.distributions import layer_densities
 from sparseopt.methods import SparseLayer
 
@@ -269,6 +269,22 @@ def test_wide_study_branches_continue_the_base_run_bit_for_bit_on_the_kernels():
     # negative control: the paper's phase 1 (milestones of phase 1, not of the run) differs
     paper, _, _ = cell.checkpoint("paper")
     assert not torch.equal(paper["model"]["hidden.1.weight"], ckpt["model"]["hidden.1.weight"])
+
+
+@pytest.mark.parametrize("name", ["PROTOCOL", "DEMO"])
+def test_wide_study_shared_phase1_ends_at_lr_low(name):
+    """The grid's and the demo's split: the shared phase 1 (the base run's own x0.1 at 1/2 and
+    3/4 of the run) ends after the second decay, so phase 2 starts at lr_low with no jump (the
+    scheduler warns otherwise; a demo of 20 epochs with 2 cycles of 1,040 steps did)."""
+    import wide_study
+
+    c = getattr(wide_study, name)
+    total = c["epochs"] * (50_000 // c["batch"])
+    fraction = c["tickets"] * c["cycle_steps"] / total
+    plan = SupTicketsScheduler.plan(total, c["cycle_steps"], fraction)
+    assert plan.tickets == c["tickets"]
+    assert plan.phase1_steps > 3 * total // 4
+    assert c["cycle_steps"] >= 1000
 
 
 @needs_fashion
