@@ -87,6 +87,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "explore0.1": ("paper", {"explore_rate": 0.1}),
     "explore0.25": ("paper", {"explore_rate": 0.25}),
     "recommended": ("shared", {"preset": "recommended"}),
+    # the preset before the study's branching fix changed it (docs/study/wide-mlp.md ran both)
+    "recommended-explore0-high0.02": (
+        "shared",
+        {"preset": "recommended", "explore_rate": 0.0, "lr_high": 0.02},
+    ),
 }
 
 
