@@ -597,7 +597,9 @@ class SupTicketsScheduler(LRScheduler):
         regimes: +0.40 (95% CI [-0.00, +0.81]) and +0.41 ([-0.42, +1.24]) points over the base
         method where phase 1 keeps its schedule, -0.38 where the paper compresses it; on test
         +0.20, +0.24 and -0.30. ``select`` is what keeps a bad cell from ending below its own
-        candidates.
+        candidates. On the SET paper's wide MLP (``docs/study/wide-mlp.md``) validation chose
+        ``explore_rate=0.0`` with ``lr_high`` a fifth of the peak instead (+0.10 on test, this
+        preset -0.12).
 
         Args:
             optimizer (SparseOptimizer): the sparse optimizer, with ``model=``.
