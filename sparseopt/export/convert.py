@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _validate, _warnings
+from .._rules import Rule, lookup
 from ..structure import NM, Structure, parse_structure
 from . import modules
 from ._common import LAYOUTS, conv1x1_unsupported, resolve_masks
@@ -33,26 +34,16 @@ __all__ = [
 ]
 
 # (most weights, ((from batch size, minimum sparsity), ...)), first match wins; None: any size
-_Rule = tuple[tuple[int | None, tuple[tuple[int, float], ...]], ...]
-_CSR_RULE: _Rule = (
+_CSR_RULE: Rule = (
     (1 << 16, ((1, 1.0),)),
     (1 << 18, ((64, 0.9), (1, 0.99))),
     (None, ((8, 0.9), (1, 0.95))),
 )
-_CONDENSED_RULE: _Rule = (
+_CONDENSED_RULE: Rule = (
     (1 << 16, ((1, 1.0),)),
     (1 << 18, ((64, 0.9), (1, 1.0))),
     (None, ((64, 0.8), (1, 0.9))),
 )
-
-
-def _measured(numel: Any, batch_size: Any, rule: _Rule) -> float:
-    numel = _validate.integer("numel", numel, 0)
-    batch_size = _validate.integer("batch_size", batch_size, 1)
-    for most, by_batch in rule:
-        if most is None or numel <= most:
-            return next(t for smallest, t in by_batch if batch_size >= smallest)
-    raise AssertionError("unreachable: the last row of a rule takes any size")
 
 
 def min_sparsity_rule(numel: int, batch_size: int) -> float:
@@ -82,7 +73,7 @@ def min_sparsity_rule(numel: int, batch_size: int) -> float:
         >>> min_sparsity_rule(512 * 512, 8), min_sparsity_rule(512 * 512, 64)
         (0.99, 0.9)
     """
-    return _measured(numel, batch_size, _CSR_RULE)
+    return lookup(numel, batch_size, _CSR_RULE)
 
 
 def fan_in_min_sparsity_rule(numel: int, batch_size: int) -> float:
@@ -113,7 +104,7 @@ def fan_in_min_sparsity_rule(numel: int, batch_size: int) -> float:
         >>> fan_in_min_sparsity_rule(256 * 256, 64)
         1.0
     """
-    return _measured(numel, batch_size, _CONDENSED_RULE)
+    return lookup(numel, batch_size, _CONDENSED_RULE)
 
 
 class InferenceReport(list):

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from .. import _validate
+from .._rules import Rule, lookup
 
 __all__ = ["training_min_sparsity_rule"]
+
+# numel at most / (rows at least, sparsity): the measurement in the docstring below
+_TRAINING_RULE: Rule = (
+    ((1 << 16) - 1, ((1, 1.0),)),
+    (1 << 16, ((64, 0.8), (1, 1.0))),
+    (1 << 18, ((64, 0.8), (16, 0.9), (1, 1.0))),
+    ((1 << 22) - 1, ((16, 0.8), (1, 1.0))),
+    ((1 << 24) - 1, ((16, 0.8), (1, 0.98))),
+    (None, ((1, 0.8),)),
+)
 
 
 def training_min_sparsity_rule(numel: int, batch_size: int) -> float:
@@ -41,16 +51,4 @@ def training_min_sparsity_rule(numel: int, batch_size: int) -> float:
         >>> training_min_sparsity_rule(128 * 128, 256)
         1.0
     """
-    numel = _validate.integer("numel", numel, 0)
-    batch_size = _validate.integer("batch_size", batch_size, 1)
-    if numel < 1 << 16:
-        return 1.0
-    if batch_size < 16:
-        if numel >= 1 << 24:
-            return 0.8
-        return 0.98 if numel >= 1 << 22 else 1.0
-    if batch_size < 64:
-        if numel <= 1 << 16:
-            return 1.0
-        return 0.9 if numel <= 1 << 18 else 0.8
-    return 0.8
+    return lookup(numel, batch_size, _TRAINING_RULE)
