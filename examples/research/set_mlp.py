@@ -229,17 +229,23 @@ def time_steps(threads: int, steps: int = 40, hidden=HIDDEN) -> dict[str, float]
         model, opt = build(method.split("-")[0], 0, config, steps_per_epoch=10**6, hidden=hidden)
         if method == "set-kernels":
             sparse_kernels(model, opt)
-        times = []
-        for i in range(steps + 5):
-            t0 = time.perf_counter()
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if i >= 5:
-                times.append(time.perf_counter() - t0)
-        out[method] = statistics.median(times)
+        out[method] = median_step_seconds(model, opt, x, y, steps)
     return out
+
+
+def median_step_seconds(model, opt, x: Tensor, y: Tensor, steps: int, warmup: int = 5) -> float:
+    """Median seconds of one training step (forward, cross-entropy, backward, ``opt.step()``)
+    over ``steps`` steps after ``warmup`` untimed ones."""
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 # --- report ---------------------------------------------------------------------------------------

@@ -472,6 +472,20 @@ def _seeds(d: list[float]) -> str:
     return " ".join(f"{x:+.1f}" for x in d)
 
 
+def decomposition(d: dict[str, list[float]], overlap: str = "{:.2f}") -> list[str]:
+    """The cells of a "where the difference comes from" row from pooled per-pair lists: Sup −
+    base, phase-1 model − base (the rest of the difference), live − phase-1 model, superposed −
+    live, ticket disagreement, mask overlap (``overlap`` formats it), midpoint − best end."""
+
+    def mean(name: str, fmt: str = "{:+.2f}") -> str:
+        return fmt.format(statistics.fmean(d[name])) if d[name] else "–"
+
+    phase1 = statistics.fmean(d["diff"]) - statistics.fmean(d["vs_live"])
+    phase1 -= statistics.fmean(d["vs_phase1"])
+    return [mean("diff"), f"{phase1:+.2f}", mean("vs_phase1"), mean("vs_live"),
+            mean("disagreement", "{:.3f}"), mean("overlap", overlap), mean("line_mid")]  # fmt: skip
+
+
 def print_report(path: str, out: str | None = None) -> str:
     """The tables of a study, as Markdown: validation, the choice on it, then test."""
     with open(path) as f:
@@ -513,17 +527,7 @@ def print_report(path: str, out: str | None = None) -> str:
     for (regime, variant), d in sorted(
         pooled.items(), key=lambda kv: -statistics.fmean(kv[1]["diff"])
     ):
-
-        def mean(name: str, fmt: str = "{:+.2f}", d=d) -> str:
-            return fmt.format(statistics.fmean(d[name])) if d[name] else "–"
-
-        phase1 = statistics.fmean(d["diff"]) - statistics.fmean(d["vs_live"])
-        phase1 -= statistics.fmean(d["vs_phase1"])
-        emit(
-            f"| {regime} | {variant} | {mean('diff')} | {phase1:+.2f} | {mean('vs_phase1')} "
-            f"| {mean('vs_live')} | {mean('disagreement', '{:.3f}')} | {mean('overlap', '{:.2f}')} "
-            f"| {mean('line_mid')} |"
-        )
+        emit(f"| {regime} | {variant} | " + " | ".join(decomposition(d)) + " |")
     # choose on validation: the variant with the best mean paired difference over every cell of
     # the regime (all methods and sparsities), then show it, the default and the official on test
     by_variant: dict[tuple[str, str], list[float]] = defaultdict(list)

@@ -57,8 +57,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from data import Split
-from set_mlp import HIDDEN, SetMLP, fashion_flat
-from study import COUNTERS, _ms, _paired, _seeds, summarize
+from set_mlp import HIDDEN, SetMLP, fashion_flat, median_step_seconds
+from study import COUNTERS, _ms, _paired, _seeds, decomposition, summarize
 from torch import Tensor, nn
 
 from sparseopt import SparseOptimizer, SupTicketsScheduler, sparse_kernels
@@ -435,17 +435,8 @@ def report(path: str, out: str | None = None) -> str:
         for name in ("diff", "vs_live", "vs_phase1", "disagreement", "overlap", "line_mid"):
             pooled[k[3]][name].extend(row.get(name, []))
     for variant, d in sorted(pooled.items(), key=lambda kv: -statistics.fmean(kv[1]["diff"])):
-
-        def mean(name: str, fmt: str = "{:+.2f}", d=d) -> str:
-            return fmt.format(statistics.fmean(d[name])) if d[name] else "–"
-
-        phase1 = statistics.fmean(d["diff"]) - statistics.fmean(d["vs_live"])
-        phase1 -= statistics.fmean(d["vs_phase1"])
-        emit(
-            f"| {variant} | {VARIANTS[variant][0]} | {mean('diff')} | {phase1:+.2f} "
-            f"| {mean('vs_phase1')} | {mean('vs_live')} | {mean('disagreement', '{:.3f}')} "
-            f"| {mean('overlap', '{:.3f}')} | {mean('line_mid')} |"
-        )
+        cells = decomposition(d, overlap="{:.3f}")
+        emit(f"| {variant} | {VARIANTS[variant][0]} | " + " | ".join(cells) + " |")
     chosen_names = [r["chosen"] for r in records if r["variant"] == "recommended"]
     if chosen_names:
         counts = ", ".join(
@@ -511,16 +502,7 @@ def time_steps(config: dict[str, Any], steps: int = 40) -> dict[str, float]:
     for method in ("dense", "rigl", "set"):
         job = {"method": method, "sparsity": 0.95, "seed": 0, "config": config}
         model, opt, _ = build(job, 10**6)
-        times = []
-        for i in range(steps + 5):
-            t0 = time.perf_counter()
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if i >= 5:
-                times.append(time.perf_counter() - t0)
-        out[method] = statistics.median(times)
+        out[method] = median_step_seconds(model, opt, x, y, steps)
     return out
 
 
