@@ -195,6 +195,12 @@ def run(job: dict[str, Any], split: Split) -> dict[str, Any]:
             opt.step()
         seconds.append(time.perf_counter() - t0)
         val_curve.append(accuracy(model, split.x_val, split.y_val))
+        if len(val_curve) % 10 == 0 or len(val_curve) == epochs:  # progress of a long run
+            print(
+                f"  {job['method']} seed {job['seed']} epoch {len(val_curve)}/{epochs}: "
+                f"val {100 * val_curve[-1]:.2f}, {seconds[-1]:.1f} s",
+                flush=True,
+            )
     record = {
         **{k: job[k] for k in ("method", "seed", "hidden", "threads")},
         "config": config,
