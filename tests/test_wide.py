@@ -96,6 +96,43 @@ def test_set_mlp_loader_keeps_test_untouched_and_a_tiny_run_resumes(tmp_path):
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2
 
 
+def test_set_mlp_report_pairs_the_validation_curves_by_seed(tmp_path):
+    """The curve table is SET minus each method at the marked epochs (the mean of the 5 epochs
+    ending there), paired by seed, computed here by hand; a seed that only one method ran is left
+    out of that pair."""
+    config = {**set_mlp.PROTOCOL, "epochs": 5}
+
+    def rec(method, seed, curve):
+        return {"method": method, "seed": seed, "hidden": [8, 8, 8], "config": config,
+                "val": curve[-1], "val_best": max(curve), "val_curve": curve, "test": 0.5,
+                "seconds_per_epoch": 1.0}  # fmt: skip
+
+    records = [
+        rec("set", 0, [0.50, 0.60, 0.70, 0.80, 0.90]),
+        rec("set", 1, [0.40, 0.50, 0.60, 0.70, 0.80]),
+        rec("static", 0, [0.40, 0.60, 0.60, 0.80, 0.85]),
+        rec("static", 1, [0.30, 0.50, 0.60, 0.70, 0.70]),
+        rec("dense", 0, [0.60, 0.70, 0.80, 0.90, 0.95]),  # seed 0 only
+    ]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = set_mlp.report(str(path))
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:4]]
+        for line in text.splitlines()
+        if line.startswith("| 1 |") or line.startswith("| 5 |")
+    }
+    # epoch 1: SET - static = +10, +10 (two seeds); SET - dense = -10 (seed 0 only)
+    assert rows["1"] == ["10.00 ± 0.00 (2)", "-10.00 ± 0.00 (1)"]
+    # epoch 5, the mean of epochs 1-5: seed 0 70 - 65 = +5, seed 1 60 - 56 = +4 -> 4.50 ± 0.71;
+    # dense: 70 - 79 = -9
+    assert rows["5"] == ["4.50 ± 0.71 (2)", "-9.00 ± 0.00 (1)"]
+    assert "| 10 |" not in text  # only epochs the runs reached
+    # negative control: without a second method there is no curve table
+    path.write_text(json.dumps(records[0]) + "\n")
+    assert "over training" not in set_mlp.report(str(path))
+
+
 # --- the weight-scale diagnostic ------------------------------------------------------------------
 def hand_weight() -> torch.Tensor:
     """Four output channels of a (4, 2, 2) conv weight with known norms."""

@@ -297,7 +297,41 @@ def report(path: str) -> str:
                     lines.append(
                         f"| {other} | {split} | {_ms(d)} | {' '.join(f'{x:+.2f}' for x in d)} |"
                     )
+            lines.extend(curve_rows(methods, epochs))
     return "\n".join(lines)
+
+
+CURVE_EPOCHS = (1, 5, 10, 25, 50, 100, 150, 200)
+CURVE_WINDOW = 5
+
+
+def curve_rows(methods: dict[str, dict[int, dict]], epochs: int) -> list[str]:
+    """Validation accuracy over training: SET minus each other method, paired by seed, at the
+    epochs of ``CURVE_EPOCHS`` (and the last one) that the runs reached; each entry is the mean
+    over the ``CURVE_WINDOW`` epochs ending there (one epoch's accuracy moves by a few tenths)."""
+    marks = sorted({e for e in CURVE_EPOCHS if e <= epochs} | {epochs})
+    others = [m for m in ("static", "dense") if set(methods["set"]) & set(methods.get(m, {}))]
+    if not others:
+        return []
+    lines = [
+        "\nValidation over training, SET minus each method, paired by seed (mean ± std over "
+        f"seeds of the mean over the {CURVE_WINDOW} epochs ending at each mark):\n",
+        "| epoch | " + " | ".join(f"SET − {m}" for m in others) + " |",
+        "|---|" + "---|" * len(others),
+    ]
+    for e in marks:
+        cells = []
+        for m in others:
+            seeds = sorted(set(methods["set"]) & set(methods[m]))
+            window = slice(max(0, e - CURVE_WINDOW), e)
+            d = [
+                100 * statistics.fmean(methods["set"][s]["val_curve"][window])
+                - 100 * statistics.fmean(methods[m][s]["val_curve"][window])
+                for s in seeds
+            ]
+            cells.append(f"{_ms(d)} ({len(d)})")
+        lines.append(f"| {e} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
