@@ -96,6 +96,22 @@ def test_set_mlp_loader_keeps_test_untouched_and_a_tiny_run_resumes(tmp_path):
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2
 
 
+@needs_fashion
+def test_set_settle_stops_rewiring_for_the_last_tenth_and_matches_set_before(tmp_path):
+    """``set-settle`` is SET until its rewiring stops: 20 epochs, SET rewires after epochs 1-19,
+    set-settle after epochs 1-18 only; the runs are paired, so their validation curves agree
+    exactly through epoch 19 (trained on the same 18 rewirings)."""
+    args = ["--tiny", "--epochs", "20", "--seeds", "0", "--methods", "set", "set-settle"]
+    set_mlp.main([*args, "--out", str(tmp_path)])
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    by = {r["method"]: r for r in records}
+    assert by["set"]["updates"] == 19
+    assert by["set-settle"]["updates"] == 18
+    assert by["set"]["val_curve"][:19] == by["set-settle"]["val_curve"][:19]
+    # the report pairs them
+    assert "| set-settle − set | test |" in set_mlp.report(str(tmp_path / "results.jsonl"))
+
+
 def test_set_mlp_report_pairs_the_validation_curves_by_seed(tmp_path):
     """The curve table is SET minus each method at the marked epochs (the mean of the 5 epochs
     ending there), paired by seed, computed here by hand; a seed that only one method ran is left

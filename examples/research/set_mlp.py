@@ -62,7 +62,12 @@ PROTOCOL: dict[str, Any] = {
     "dropout": 0.3,
     "kernels": False,  # the hidden layers on sparseopt.sparse_kernels (the same masks, faster)
 }
-METHODS = ("dense", "static", "set")  # MLP, MLP-FixProb, SET-MLP in the paper's names
+# MLP, MLP-FixProb, SET-MLP in the paper's names; "set-settle" (a diagnostic, not the paper's) is
+# SET whose rewiring stops for the last SETTLE of the epochs, so that no connection is at most one
+# epoch old when the model is evaluated
+METHODS = ("dense", "static", "set", "set-settle")
+PAPER_METHODS = METHODS[:3]
+SETTLE = 0.1
 
 
 class SetMLP(nn.Module):
@@ -145,15 +150,17 @@ def build(
             g.pop("sparse", None)
         return model, inner
     epochs = config["epochs"]
+    # the last update after epoch E - settle, none in the last `settle` epochs (SET: one epoch)
+    settle = max(1, round(SETTLE * epochs)) if method == "set-settle" else 1
     opt = SparseOptimizer(
         inner,
-        method,
+        method.removesuffix("-settle"),
         epsilon_sparsity(model, config["epsilon"]),
         distribution="er",
         update_every=steps_per_epoch,
         prune_rate=config["zeta"],
         prune_schedule="constant",
-        stop_fraction=(epochs - 0.5) / epochs,  # the last update after epoch E-1, none after E
+        stop_fraction=(epochs - settle + 0.5) / epochs,
         total_steps=epochs * steps_per_epoch,
         model=model,
         seed=seed,
@@ -261,7 +268,8 @@ def _ms(values: list[float]) -> str:
 
 
 def report(path: str) -> str:
-    """Accuracy per method (mean ± std over seeds) and the paired differences SET minus others."""
+    """Accuracy per method (mean ± std over seeds), the paired differences of ``PAIRS`` at the end
+    and over training."""
     with open(path) as f:
         records = [json.loads(line) for line in f if line.strip()]
     by: dict[tuple, dict[str, dict[int, dict]]] = {}
@@ -285,48 +293,48 @@ def report(path: str) -> str:
                 f"| {_ms([100 * r['test'] for r in rs])} "
                 f"| {density} | {statistics.fmean(r['seconds_per_epoch'] for r in rs):.1f} |"
             )
-        if "set" in methods:
-            lines.append("\n| SET minus | split | mean ± std | per-seed differences |")
+        pairs = [(a, b) for a, b in PAIRS if set(methods.get(a, {})) & set(methods.get(b, {}))]
+        if pairs:
+            lines.append("\n| difference | split | mean ± std | per-seed differences |")
             lines.append("|---|---|---|---|")
-            for other in ("dense", "static"):
-                seeds = sorted(set(methods["set"]) & set(methods.get(other, {})))
-                if not seeds:
-                    continue
+            for a, b in pairs:
+                seeds = sorted(set(methods[a]) & set(methods[b]))
                 for split in ("val", "test"):
-                    d = [100 * (methods["set"][s][split] - methods[other][s][split]) for s in seeds]
+                    d = [100 * (methods[a][s][split] - methods[b][s][split]) for s in seeds]
                     lines.append(
-                        f"| {other} | {split} | {_ms(d)} | {' '.join(f'{x:+.2f}' for x in d)} |"
+                        f"| {a} − {b} | {split} | {_ms(d)} | {' '.join(f'{x:+.2f}' for x in d)} |"
                     )
-            lines.extend(curve_rows(methods, epochs))
+            lines.extend(curve_rows(methods, pairs, epochs))
     return "\n".join(lines)
 
 
+# the paired differences a report shows, where both methods ran a seed
+PAIRS = (("set", "static"), ("set", "dense"), ("set-settle", "set"), ("set-settle", "static"))
 CURVE_EPOCHS = (1, 5, 10, 25, 50, 100, 150, 200)
 CURVE_WINDOW = 5
 
 
-def curve_rows(methods: dict[str, dict[int, dict]], epochs: int) -> list[str]:
-    """Validation accuracy over training: SET minus each other method, paired by seed, at the
-    epochs of ``CURVE_EPOCHS`` (and the last one) that the runs reached; each entry is the mean
-    over the ``CURVE_WINDOW`` epochs ending there (one epoch's accuracy moves by a few tenths)."""
+def curve_rows(
+    methods: dict[str, dict[int, dict]], pairs: list[tuple[str, str]], epochs: int
+) -> list[str]:
+    """Validation accuracy over training: each pair's difference, paired by seed, at the epochs
+    of ``CURVE_EPOCHS`` (and the last one) that the runs reached; each entry is the mean over the
+    ``CURVE_WINDOW`` epochs ending there (one epoch's accuracy moves by a few tenths)."""
     marks = sorted({e for e in CURVE_EPOCHS if e <= epochs} | {epochs})
-    others = [m for m in ("static", "dense") if set(methods["set"]) & set(methods.get(m, {}))]
-    if not others:
-        return []
     lines = [
-        "\nValidation over training, SET minus each method, paired by seed (mean ± std over "
-        f"seeds of the mean over the {CURVE_WINDOW} epochs ending at each mark):\n",
-        "| epoch | " + " | ".join(f"SET − {m}" for m in others) + " |",
-        "|---|" + "---|" * len(others),
+        "\nValidation over training, paired by seed (mean ± std over seeds of the mean over the "
+        f"{CURVE_WINDOW} epochs ending at each mark; in brackets the number of seeds):\n",
+        "| epoch | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |",
+        "|---|" + "---|" * len(pairs),
     ]
     for e in marks:
+        window = slice(max(0, e - CURVE_WINDOW), e)
         cells = []
-        for m in others:
-            seeds = sorted(set(methods["set"]) & set(methods[m]))
-            window = slice(max(0, e - CURVE_WINDOW), e)
+        for a, b in pairs:
+            seeds = sorted(set(methods[a]) & set(methods[b]))
             d = [
-                100 * statistics.fmean(methods["set"][s]["val_curve"][window])
-                - 100 * statistics.fmean(methods[m][s]["val_curve"][window])
+                100 * statistics.fmean(methods[a][s]["val_curve"][window])
+                - 100 * statistics.fmean(methods[b][s]["val_curve"][window])
                 for s in seeds
             ]
             cells.append(f"{_ms(d)} ({len(d)})")
@@ -336,7 +344,7 @@ def curve_rows(methods: dict[str, dict[int, dict]], epochs: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(PAPER_METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=PROTOCOL["epochs"])
     p.add_argument("--epsilon", type=float, default=PROTOCOL["epsilon"])
