@@ -24,6 +24,9 @@ step (``stop_fraction``), so the last epoch ends without one.
     python examples/research/set_mlp.py --epochs 5 --seeds 0 1 2 --out runs/set_mlp-pilot
     python examples/research/set_mlp.py --report runs/set_mlp-pilot/results.jsonl
     python examples/research/set_mlp.py --tiny --out /tmp/s          # seconds (tests)
+    python examples/research/set_mlp.py --methods set-settle --kernels  # a diagnostic arm
+
+``set-settle`` (not the paper's) is SET whose rewiring stops for the last 10% of the epochs.
 
 ``--kernels`` runs the sparse arms' hidden layers on ``sparseopt.sparse_kernels`` (the same
 masks, 2.6 times faster an epoch here). Results are appended to ``OUT/results.jsonl``, one line
