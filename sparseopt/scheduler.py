@@ -598,8 +598,8 @@ class SupTicketsScheduler(LRScheduler):
         method where phase 1 keeps its schedule, -0.38 where the paper compresses it; on test
         +0.20, +0.24 and -0.30. ``select`` is what keeps a bad cell from ending below its own
         candidates. On the SET paper's wide MLP (``docs/study/wide-mlp.md``) validation chose
-        ``explore_rate=0.0`` with ``lr_high`` a fifth of the peak instead (+0.09 on test, this
-        preset -0.10).
+        ``explore_rate=0.0`` with ``lr_high`` a fifth of the peak instead (+0.10 on test over 13
+        pairs, this preset -0.09).
 
         Args:
             optimizer (SparseOptimizer): the sparse optimizer, with ``model=``.

@@ -66,7 +66,7 @@ PROTOCOL: dict[str, Any] = {
     "kernels": False,  # the hidden layers on sparseopt.sparse_kernels (the same masks, faster)
 }
 # MLP, MLP-FixProb, SET-MLP in the paper's names; "set-settle" (a diagnostic, not the paper's) is
-# SET whose rewiring stops for the last SETTLE of the epochs, so that no connection is at most one
+# SET whose rewiring stops for the last SETTLE of the epochs, so that no connection is only one
 # epoch old when the model is evaluated
 METHODS = ("dense", "static", "set", "set-settle")
 PAPER_METHODS = METHODS[:3]
@@ -270,6 +270,12 @@ def _ms(values: list[float]) -> str:
     return f"{statistics.fmean(values):.2f} ± {std:.2f}"
 
 
+# the paired differences a report shows, where both methods ran a seed
+PAIRS = (("set", "static"), ("set", "dense"), ("set-settle", "set"), ("set-settle", "static"))
+CURVE_EPOCHS = (1, 5, 10, 25, 50, 100, 150, 200)
+CURVE_WINDOW = 5
+
+
 def report(path: str) -> str:
     """Accuracy per method (mean ± std over seeds), the paired differences of ``PAIRS`` at the end
     and over training."""
@@ -296,12 +302,14 @@ def report(path: str) -> str:
                 f"| {_ms([100 * r['test'] for r in rs])} "
                 f"| {density} | {statistics.fmean(r['seconds_per_epoch'] for r in rs):.1f} |"
             )
-        pairs = [(a, b) for a, b in PAIRS if set(methods.get(a, {})) & set(methods.get(b, {}))]
+        pairs = {
+            (a, b): sorted(set(methods.get(a, {})) & set(methods.get(b, {}))) for a, b in PAIRS
+        }
+        pairs = {pair: seeds for pair, seeds in pairs.items() if seeds}
         if pairs:
             lines.append("\n| difference | split | mean ± std | per-seed differences |")
             lines.append("|---|---|---|---|")
-            for a, b in pairs:
-                seeds = sorted(set(methods[a]) & set(methods[b]))
+            for (a, b), seeds in pairs.items():
                 for split in ("val", "test"):
                     d = [100 * (methods[a][s][split] - methods[b][s][split]) for s in seeds]
                     lines.append(
@@ -311,18 +319,12 @@ def report(path: str) -> str:
     return "\n".join(lines)
 
 
-# the paired differences a report shows, where both methods ran a seed
-PAIRS = (("set", "static"), ("set", "dense"), ("set-settle", "set"), ("set-settle", "static"))
-CURVE_EPOCHS = (1, 5, 10, 25, 50, 100, 150, 200)
-CURVE_WINDOW = 5
-
-
 def curve_rows(
-    methods: dict[str, dict[int, dict]], pairs: list[tuple[str, str]], epochs: int
+    methods: dict[str, dict[int, dict]], pairs: dict[tuple[str, str], list[int]], epochs: int
 ) -> list[str]:
-    """Validation accuracy over training: each pair's difference, paired by seed, at the epochs
-    of ``CURVE_EPOCHS`` (and the last one) that the runs reached; each entry is the mean over the
-    ``CURVE_WINDOW`` epochs ending there (one epoch's accuracy moves by a few tenths)."""
+    """Validation accuracy over training: each pair's difference over its paired seeds, at the
+    epochs of ``CURVE_EPOCHS`` (and the last one) that the runs reached; each entry is the mean
+    over the ``CURVE_WINDOW`` epochs ending there (one epoch's accuracy moves by a few tenths)."""
     marks = sorted({e for e in CURVE_EPOCHS if e <= epochs} | {epochs})
     lines = [
         "\nValidation over training, paired by seed (mean ± std over seeds of the mean over the "
@@ -333,8 +335,7 @@ def curve_rows(
     for e in marks:
         window = slice(max(0, e - CURVE_WINDOW), e)
         cells = []
-        for a, b in pairs:
-            seeds = sorted(set(methods[a]) & set(methods[b]))
+        for (a, b), seeds in pairs.items():
             d = [
                 100 * statistics.fmean(methods[a][s]["val_curve"][window])
                 - 100 * statistics.fmean(methods[b][s]["val_curve"][window])
